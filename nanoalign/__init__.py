@@ -1,0 +1,1 @@
+"""nanoalign: minimal post-training of vision-language models in plain PyTorch."""
