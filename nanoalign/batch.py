@@ -1,0 +1,200 @@
+"""The multimodal batch builder: samples -> model inputs + a loss mask, through the model's own processor.
+
+Every row is built as   prompt tokens  +  completion tokens   and nothing else:
+
+  * the prompt (chat template with the generation prompt, images included) goes through the
+    checkpoint's processor, which expands each image placeholder into the right number of image
+    tokens and returns pixel_values / image_grid_thw / ... collated the family's own way. We never
+    expand image tokens by hand, so any transformers VLM whose processor does this works.
+  * completions (assistant turns) are text only and go through the tokenizer. In RL they are the
+    sampled token ids themselves, never re-tokenised text.
+
+Building rows by concatenation (as TRL does for DPO and GRPO) makes the loss mask exact by
+construction: a token counts iff it belongs to an assistant turn, up to and including the turn's
+stop token (<|im_end|> for Qwen). Prompt, image placeholder and pad tokens never count.
+
+A conversation with several assistant turns is prompt + (answer, follow-up prompt)*; all its images
+must sit before the first answer, because only the first prompt goes through the processor.
+Rows longer than max_length lose their tail text (counted in `num_truncated`); a row whose image
+tokens would be cut is refused with an error naming the sample, or with skip_overlong kept with an
+all-zero loss mask (counted in `num_skipped`), so every rank still runs the same forwards.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoalign.data import BadSampleError
+
+# Batch fields of their own; every other per-token processor output (e.g. mm_token_type_ids) goes
+# into mm_inputs next to the per-image ones (pixel_values, image_grid_thw, ...).
+ROW_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass
+class Batch:
+    """Model inputs for B right-padded rows, and which tokens count in the loss."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    mask: torch.Tensor  # (B, T) float, 1 on the tokens the loss counts
+    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
+    sample_ids: list[str] = field(default_factory=list)
+    num_truncated: int = 0  # rows whose tail text was cut at max_length
+    num_skipped: int = 0  # rows refused (image tokens past max_length) and given an all-zero mask
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.mm_inputs}
+
+    def to(self, device) -> "Batch":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.attention_mask), move(self.mask),
+            {k: move(v) for k, v in self.mm_inputs.items()}, self.sample_ids, self.num_truncated, self.num_skipped,
+        )  # fmt: skip
+
+
+def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _suffix(text: str, prefix: str, sample_id: str) -> str:
+    if not text.startswith(prefix):
+        raise BadSampleError(
+            f"{sample_id}: the chat template renders a conversation's prefix differently from the whole "
+            "conversation, so prompt and answer tokens cannot be told apart; use a template whose "
+            "rendering of the first k turns is a prefix of the rendering of k+1 turns"
+        )
+    return text[len(prefix) :]
+
+
+def conversation_segments(processor, messages: list[dict], sample_id: str, last_turn_only: bool):
+    """Split a conversation into the first prompt's text and the text segments that follow it.
+
+    Returns (prompt_text, [(segment_text, counts_in_loss)]) where segments alternate answer,
+    follow-up prompt, answer, ... Turns after the last assistant turn are dropped (nothing to learn).
+    """
+    answer_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answer_at or answer_at[0] == 0:
+        raise BadSampleError(f"{sample_id}: a conversation needs a user turn followed by an assistant turn")
+    image_turns = [i for i, m in enumerate(messages) if not isinstance(m["content"], str) and any(c.get("type") == "image" for c in m["content"])]
+    if image_turns and image_turns[-1] > answer_at[0]:
+        raise BadSampleError(f"{sample_id}: images after the first assistant turn are not supported; move them to the first user turn")
+    prompt_text = render(processor, messages[: answer_at[0]], add_generation_prompt=True)
+    segments, rendered = [], prompt_text
+    for k, i in enumerate(answer_at):
+        if k > 0:  # the user (and tool/system) turns between two answers, never counted
+            before = render(processor, messages[:i], add_generation_prompt=True)
+            segments.append((_suffix(before, rendered, sample_id), False))
+            rendered = before
+        through = render(processor, messages[: i + 1], add_generation_prompt=False)
+        segments.append((_suffix(through, rendered, sample_id), not last_turn_only or k == len(answer_at) - 1))
+        rendered = through
+    return prompt_text, segments
+
+
+def answer_mask(token_ids: list[int], stop_ids: set[int]) -> list[int]:
+    """1 for an answer's tokens up to and including its first stop token, 0 after it.
+
+    Templates add text after the end-of-turn token (Qwen: a newline); the model never generates it,
+    so it must not be trained on either.
+    """
+    mask, stopped = [], False
+    for tok in token_ids:
+        mask.append(0 if stopped else 1)
+        stopped = stopped or tok in stop_ids
+    return mask
+
+
+def process_prompts(processor, prompt_texts: list[str], images: list[list], padding_side: str = "right") -> dict:
+    """Run the processor on rendered prompts and their images: the only place images are processed.
+
+    Returns the processor's own batch (input_ids, attention_mask, pixel_values, ...), padded on
+    `padding_side` (left for generation, right for training rows).
+    """
+    kwargs = {"images": images} if any(images) else {}
+    return processor(
+        text=prompt_texts, padding=True, padding_side=padding_side, return_tensors="pt", add_special_tokens=False, **kwargs
+    )
+
+
+def _unpad_rows(enc: dict) -> list[dict[str, torch.Tensor]]:
+    """Per-row 1-D tensors for every per-token key of a processor batch, padding removed."""
+    ids = enc["input_ids"]
+    per_token = [k for k, v in enc.items() if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape]
+    keep = enc["attention_mask"].bool()
+    return [{k: enc[k][b][keep[b]] for k in per_token} for b in range(ids.shape[0])]
+
+
+def image_token_ids(processor) -> set[int]:
+    """Ids of the tokens that stand for image (or video) features; cutting any of them is an error."""
+    tok = processor.tokenizer
+    names = [getattr(processor, a, None) for a in ("image_token", "video_token")]
+    return {tok.convert_tokens_to_ids(n) for n in names if n} - {tok.unk_token_id, None}
+
+
+def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: list[list[int]], sample_ids: list[str],
+              max_length: int, pad_id: int, skip_overlong: bool = False) -> Batch:  # fmt: skip
+    """Rows = unpadded processor prompt b + tails[b], right-padded, with the loss mask tail_masks[b].
+
+    Per-token processor outputs (e.g. Qwen's mm_token_type_ids) are extended with 0 ("text") for
+    the tail; per-image outputs pass through unchanged, so pixel_values stay with their rows.
+    """
+    rows = _unpad_rows(prompt_enc)
+    image_ids = torch.tensor(sorted(image_token_ids(processor)))
+    num_truncated = num_skipped = 0
+    packed = []
+    for b, row in enumerate(rows):
+        tail = torch.tensor(tails[b], dtype=torch.long)
+        full = {k: torch.cat([v, tail if k == "input_ids" else torch.full_like(tail, 1 if k == "attention_mask" else 0)]) for k, v in row.items()}
+        mask = torch.cat([torch.zeros(len(row["input_ids"])), torch.tensor(tail_masks[b], dtype=torch.float)])
+        if len(mask) > max_length:
+            cut_images = torch.isin(full["input_ids"][max_length:], image_ids).sum().item()
+            if cut_images:
+                if not skip_overlong:
+                    raise BadSampleError(
+                        f"{sample_ids[b]}: {len(mask)} tokens, and {cut_images} image tokens lie past --max-length "
+                        f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
+                        "--skip-bad-samples to skip such samples."
+                    )
+                num_skipped += 1
+                mask = torch.zeros_like(mask)  # kept (so ranks stay in step) but contributes nothing
+            else:
+                num_truncated += 1
+            full = {k: v[:max_length] for k, v in full.items()}
+            mask = mask[:max_length]
+        packed.append((full, mask))
+    length = max(len(m) for _, m in packed)
+    out = {}
+    for key in packed[0][0]:
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.stack([torch.nn.functional.pad(r[key], (0, length - len(r[key])), value=fill) for r, _ in packed])
+    mask = torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for _, m in packed])
+    mm_inputs = {k: v for k, v in prompt_enc.items() if k not in out}
+    mm_inputs.update({k: v for k, v in out.items() if k not in ROW_KEYS})
+    return Batch(out["input_ids"], out["attention_mask"], mask, mm_inputs, list(sample_ids), num_truncated, num_skipped)
+
+
+def encode_conversations(processor, conversations: list[list[dict]], images: list[list], sample_ids: list[str], *,
+                         max_length: int, stop_ids: set[int], last_turn_only: bool = False,
+                         skip_overlong: bool = False) -> Batch:  # fmt: skip
+    """SFT / preference rows: each conversation's first prompt through the processor, the rest tokenised.
+
+    last_turn_only counts only the final assistant turn (preference completions); otherwise every
+    assistant turn counts (SFT).
+    """
+    tokenizer = processor.tokenizer
+    prompts, tails, tail_masks = [], [], []
+    for messages, sample_id in zip(conversations, sample_ids):
+        prompt_text, segments = conversation_segments(processor, messages, sample_id, last_turn_only)
+        prompts.append(prompt_text)
+        tail, tail_mask = [], []
+        for text, counts in segments:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            tail += ids
+            tail_mask += answer_mask(ids, stop_ids) if counts else [0] * len(ids)
+        tails.append(tail)
+        tail_masks.append(tail_mask)
+    enc = process_prompts(processor, prompts, images)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_rows(processor, enc, tails, tail_masks, sample_ids, max_length, pad_id, skip_overlong)

@@ -1,0 +1,75 @@
+"""Sharded checkpoints with exact resume, written with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory out_dir/checkpoints/step_NNNNNN holding
+  * the model and optimizer state, sharded: each rank writes its own shards (DCP), and a resume
+    with the same world size reads them back without ever gathering the full model;
+  * per rank: the LR scheduler, the loop's counters (step, samples drawn), and the RNG states.
+The data order is a pure function of (seed, samples drawn) (data.stream_indices), so the counters and
+RNG states are all a resumed run needs to continue exactly as an uninterrupted one would.
+
+`latest` is written last, atomically, after every rank has finished writing: a run killed while
+saving resumes from the previous complete checkpoint. The two newest checkpoints are kept.
+"""
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+KEEP = 2
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: dict, rank: int) -> Path:
+    """Save everything needed to resume after `step` optimizer steps. Every rank must call it."""
+    root = Path(out_dir) / "checkpoints"
+    path = root / f"step_{step:06d}"
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": _rng_state()}, path / f"rank{rank}.pt")
+    dist.barrier()  # every rank's files are complete before `latest` points at them
+    if rank == 0:
+        tmp = root / "latest.tmp"
+        tmp.write_text(path.name)
+        tmp.replace(root / "latest")
+        for old in sorted(root.glob("step_*"))[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
+def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters."""
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_path = path / f"rank{rank}.pt"
+    if not extra_path.exists():
+        raise ValueError(f"{path} has no state for rank {rank}: resume with the world size that saved it")
+    extra = torch.load(extra_path, weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    return extra["counters"]

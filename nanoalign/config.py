@@ -1,0 +1,206 @@
+"""One flat configuration for every algorithm, and the presets `--algo` starts from.
+
+Every field's docstring is its `--help` text (tyro reads them). Presets are plain functions that
+return a Config; train.py parses `--algo` first, then lets every other flag override the preset.
+Nothing here is resolved later: what you see in `--help` (and in the run's config.json) is what runs.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+Algo = Literal["sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo"]
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    algo: Algo = "sft"
+    """Training method: sft, dpo, mpo, grpo, gspo, rloo or online_dpo."""
+    model: str = "tiny"
+    """A local checkpoint directory, a hub id, or a built-in model: "tiny" (random tiny Qwen2.5-VL),
+    "tiny-llava", or "tiny-sft" (tiny, SFT-warmed on the shapes task; built on first use)."""
+    dataset: str = "shapes"
+    """"shapes" (the built-in synthetic task), a hub id, or a local data file/directory (json, jsonl,
+    parquet, csv) loaded with datasets.load_dataset."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str = "eval"
+    """Split used for evaluation ("" to skip evaluation)."""
+    columns: tuple[str, ...] = ()
+    """Column renames for datasets whose names differ from TRL's, as ours=theirs, e.g.
+    `--columns images=image messages=conversations`."""
+    num_shapes_samples: int = 20000
+    """Size of the built-in shapes train split (the eval split has num_eval_samples)."""
+    out_dir: str = "runs/sft"
+    """Where checkpoints, metrics.jsonl, plots and the exported model go."""
+    seed: int = 0
+    """Seed for weights of built-in models, data order and sampling."""
+
+    # --- optimisation ---
+    max_steps: int = 300
+    """Number of optimizer steps."""
+    batch_size: int = 8
+    """Rows per micro-batch per rank (SFT: conversations; DPO: pairs; RL: completions)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 20
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    max_length: int = 512
+    """Longest row (prompt + completion, image tokens included). Text past it is cut and counted; a
+    row whose image tokens would be cut is an error unless --skip-bad-samples."""
+    skip_bad_samples: bool = False
+    """Skip (and count in the logs) samples that cannot be used (unreadable image, image tokens past
+    max_length, malformed conversation) instead of stopping with an error."""
+
+    # --- model and sharding ---
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: auto = bf16 compute with fp32 master weights and reduction on GPU, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward to save memory."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed."""
+    logps_chunk_size: int = 1024
+    """Token positions per chunk when computing log-probs, so the full (B, T, V) fp32 log-softmax is
+    never materialised at once."""
+
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 1
+    """Print a log line every this many steps (metrics.jsonl gets every step)."""
+    eval_every: int = 100
+    """Evaluate every this many steps (0: only at the start and the end)."""
+    num_eval_samples: int = 128
+    """Held-out samples per evaluation."""
+    save_every: int = 100
+    """Save a sharded checkpoint every this many steps (0: only at the end)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in out_dir if there is one."""
+    export: bool = True
+    """At the end, write the model as Hugging Face safetensors to out_dir/final."""
+
+    # --- preference optimisation (dpo, mpo, online_dpo) ---
+    beta: float = 0.1
+    """DPO temperature beta (also the KL coefficient of grpo/gspo/rloo, set by their presets)."""
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    """Preference loss terms mixed by mpo.py: sigmoid, bco_pair, sft, ipo."""
+    loss_weights: tuple[float, ...] = (1.0,)
+    """Weight of each entry of loss_types."""
+    precompute_ref_logps: bool = False
+    """Compute the reference log-probs of the whole train set once before training instead of
+    keeping a reference model in memory."""
+
+    # --- online RL (grpo, gspo, rloo, online_dpo) ---
+    num_generations: int = 8
+    """Completions sampled per prompt (G)."""
+    max_completion_length: int = 32
+    """Most tokens generated per completion."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    steps_per_generation: int = 1
+    """Micro-batches each generation batch is split into (generation batch = batch_size x this)."""
+    num_iterations: int = 1
+    """Passes over each generation batch (>1 reuses it with kept old log-probs)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """How per-token losses are aggregated (see REFERENCE.md)."""
+    epsilon: float = 0.2
+    """Lower clipping range: ratios below 1 - epsilon are clipped."""
+    epsilon_high: float = 0.2
+    """Upper clipping range: ratios above 1 + epsilon_high are clipped."""
+    delta: float | None = None
+    """Upper bound on the unclipped ratio (two-sided clipping); None disables it."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token = GRPO ratios, sequence = GSPO ratios."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or nothing."""
+    mask_truncated_completions: bool = False
+    """Completions that hit max_completion_length without EOS get no loss (their reward still counts)."""
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")
+    """Reward functions: built-in names (accuracy, format, think_format) or module:function paths."""
+    reward_weights: tuple[float, ...] = (1.0, 0.2)
+    """Weight of each reward function."""
+    normalize_advantages: bool = False
+    """RLOO: normalise advantages over the batch."""
+    missing_eos_penalty: float | None = None
+    """Online DPO: subtract this from the score of a completion that does not end with EOS."""
+
+    # --- vLLM rollouts ---
+    vllm_mode: Literal["none", "server"] = "none"
+    """none = generate with the training model in-process; server = ask a running vLLM server."""
+    vllm_url: str = "http://127.0.0.1:8000"
+    """Base URL of the vLLM server (vllm_mode server)."""
+    vllm_sync_every: int = 1
+    """Push weights to vLLM every this many optimizer steps."""
+    vllm_timeout: float = 120.0
+    """Seconds to wait for one vLLM request before failing with an error."""
+    vllm_is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "sequence_mask"
+    )
+    """Importance-sampling correction for the mismatch between vLLM's and the trainer's log-probs."""
+    vllm_is_cap: float = 3.0
+    """Cap C of the importance-sampling correction."""
+
+
+def sft_preset() -> Config:
+    return Config(algo="sft", out_dir="runs/sft")
+
+
+def dpo_preset() -> Config:
+    return Config(
+        algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=150,
+        loss_types=("sigmoid",), loss_weights=(1.0,),
+    )  # fmt: skip
+
+
+def mpo_preset() -> Config:
+    # MPO recipe (arXiv 2411.10442; TRL docs): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft.
+    return dataclasses.replace(
+        dpo_preset(), algo="mpo", out_dir="runs/mpo", loss_types=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)
+    )
+
+
+def grpo_preset() -> Config:
+    return Config(
+        algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=1e-4, warmup_steps=5, max_steps=60,
+        batch_size=16, num_generations=8, beta=0.0, eval_every=20, save_every=20,
+    )  # fmt: skip
+
+
+def gspo_preset() -> Config:
+    # GSPO recipe (arXiv 2507.18071; REFERENCE.md): sequence ratios, tiny clip range, grpo aggregation.
+    return dataclasses.replace(
+        grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence",
+        epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4,
+    )  # fmt: skip
+
+
+def rloo_preset() -> Config:
+    return dataclasses.replace(grpo_preset(), algo="rloo", out_dir="runs/rloo", beta=0.05, num_generations=2)
+
+
+def online_dpo_preset() -> Config:
+    return dataclasses.replace(
+        grpo_preset(), algo="online_dpo", out_dir="runs/online_dpo", num_generations=2, temperature=0.9, beta=0.1
+    )
+
+
+PRESETS = {
+    "sft": sft_preset,
+    "dpo": dpo_preset,
+    "mpo": mpo_preset,
+    "grpo": grpo_preset,
+    "gspo": gspo_preset,
+    "rloo": rloo_preset,
+    "online_dpo": online_dpo_preset,
+}

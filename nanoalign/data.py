@@ -1,0 +1,226 @@
+"""Datasets in TRL's vision formats, checked and normalised one sample at a time, in a resumable order.
+
+Three formats, one per family of methods (the column names TRL uses; `--columns ours=theirs`
+renames others):
+
+    sft:        messages (+ images)                 or prompt + completion (+ images)
+    preference: prompt, chosen, rejected (+ images)
+    rl:         prompt (+ images) (+ any other column, e.g. solution, handed to reward functions)
+
+Messages are TRL's conversational layout: [{"role": ..., "content": str | [{"type": "image"} |
+{"type": "text", "text": ...}]}]. A string prompt becomes a user turn; a string completion an
+assistant turn; a user turn with images but no image placeholder gets them in front (as TRL does).
+Images may be PIL images, file paths, bytes or {"bytes", "path"} dicts, in an "images" list or a
+single "image" column; each is decoded here so a corrupt file fails with the sample's name.
+
+The sample order is a pure function of (seed, position): position p of the stream is sample
+perm_epoch[p % N] with epoch = p // N. Resuming therefore needs only the number of samples drawn.
+"""
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nanoalign.shapes import shapes_sample
+
+FORMAT_COLUMNS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"), "rl": ("prompt",)}
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be trained on; the message names it and says what to do."""
+
+
+class ShapesDataset:
+    """The built-in synthetic task as a map-style dataset (samples are drawn on access)."""
+
+    def __init__(self, split: str, fmt: str, num_samples: int):
+        self.split, self.fmt, self.num_samples = split, fmt, num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        return shapes_sample(self.split, index, self.fmt)
+
+
+def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = ()):
+    """Dataset `dataset`'s `split` as a map-style dataset of raw rows (images not yet decoded).
+
+    `num_samples` sizes the built-in shapes split; real datasets have their own size.
+    """
+    if dataset == "shapes":
+        return ShapesDataset(split, fmt, num_samples)
+    import datasets
+
+    path = Path(dataset)
+    if path.is_file():  # one local file is one split, whatever the split is called
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ValueError(f"--dataset {dataset}: unsupported file type; use one of {sorted(LOCAL_BUILDERS)}")
+        ds = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(dataset, split=split)
+    renames = {}
+    for spec in columns:
+        ours, sep, theirs = spec.partition("=")
+        if not sep or theirs not in ds.column_names:
+            raise ValueError(f"--columns {spec!r}: expected ours=theirs with theirs one of {ds.column_names}")
+        renames[theirs] = ours
+    ds = ds.rename_columns(renames)
+    # Decode images ourselves (see decode_image) so a corrupt file is reported with its sample.
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.Sequence | list) and isinstance(_inner(feature), datasets.Image):
+            ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
+    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in ds.column_names]
+    if missing and not (fmt == "sft" and {"prompt", "completion"} <= set(ds.column_names)):
+        raise ValueError(
+            f"--dataset {dataset} [{split}] lacks column(s) {missing} needed for {fmt} data (it has "
+            f"{ds.column_names}); rename with --columns ours=theirs"
+        )
+    return ds
+
+
+def _inner(feature):
+    return feature.feature if hasattr(feature, "feature") else feature[0]
+
+
+def decode_image(image, sample_id: str, position: int) -> Image.Image:
+    """One image as an RGB PIL image, fully decoded now (PIL decodes lazily, hiding corrupt files)."""
+    try:
+        if isinstance(image, Image.Image):
+            pil = image
+        elif isinstance(image, dict) and image.get("bytes"):
+            pil = Image.open(io.BytesIO(image["bytes"]))
+        elif isinstance(image, dict) and image.get("path"):
+            pil = Image.open(image["path"])
+        elif isinstance(image, (str, Path)):
+            pil = Image.open(image)
+        elif isinstance(image, bytes):
+            pil = Image.open(io.BytesIO(image))
+        else:
+            raise TypeError(f"unsupported image value of type {type(image).__name__}")
+        pil.load()
+        return pil.convert("RGB")
+    except Exception as err:  # any decoding failure becomes the same actionable error
+        where = image.get("path") if isinstance(image, dict) else image if isinstance(image, (str, Path)) else ""
+        raise BadSampleError(
+            f"{sample_id}: image {position} {where!r} cannot be read ({type(err).__name__}: {err}). "
+            "Fix or remove the sample, or pass --skip-bad-samples to skip such samples."
+        ) from err
+
+
+def _as_turns(value, role: str, field_name: str, sample_id: str) -> list[dict]:
+    """A string becomes one turn of `role`; a list of messages is checked and kept."""
+    if isinstance(value, str):
+        return [{"role": role, "content": [{"type": "text", "text": value}]}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise BadSampleError(f"{sample_id}: column {field_name!r} must be a string or a list of {{role, content}} messages")
+    return [dict(m) for m in value]
+
+
+def _num_placeholders(messages: list[dict]) -> int:
+    return sum(
+        1 for m in messages if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image"
+    )
+
+
+def _insert_placeholders(messages: list[dict], num_images: int, sample_id: str) -> list[dict]:
+    """Put image placeholders in front of the first user turn when the data has images but none."""
+    found = _num_placeholders(messages)
+    if found == 0 and num_images > 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        content = messages[first_user]["content"]
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        messages[first_user] = {**messages[first_user], "content": [{"type": "image"}] * num_images + content}
+    elif found != num_images:
+        raise BadSampleError(
+            f"{sample_id}: the messages hold {found} image placeholders but the sample has {num_images} images; "
+            "each image needs exactly one {'type': 'image'} entry"
+        )
+    return messages
+
+
+def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
+    """Check one raw row and normalise it: decoded RGB images, messages in conversational layout.
+
+    Returns {"sample_id", "images", and "messages" (sft) | "prompt", "chosen", "rejected"
+    (preference) | "prompt" plus the other columns (rl)}. Raises BadSampleError naming the sample.
+    """
+    images = raw.get("images", raw.get("image"))
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    sample = {"sample_id": sample_id, "images": [decode_image(im, sample_id, i) for i, im in enumerate(images)]}
+    if fmt == "sft":
+        if "messages" in raw:
+            messages = _as_turns(raw["messages"], "user", "messages", sample_id)
+        else:
+            messages = _as_turns(raw["prompt"], "user", "prompt", sample_id) + _as_turns(
+                raw["completion"], "assistant", "completion", sample_id
+            )
+        if not messages:
+            raise BadSampleError(f"{sample_id}: empty conversation; every SFT sample needs a user and an assistant turn")
+        if not any(m["role"] == "assistant" and _text(m) for m in messages):
+            raise BadSampleError(
+                f"{sample_id}: no assistant turn with text, so nothing to learn from; add the answer as a "
+                "{'role': 'assistant', ...} message"
+            )
+        if not any(m["role"] == "user" for m in messages):
+            raise BadSampleError(f"{sample_id}: no user turn; the conversation needs a prompt")
+        sample["messages"] = _insert_placeholders(messages, len(images), sample_id)
+    elif fmt == "preference":
+        sample["prompt"] = _insert_placeholders(_as_turns(raw["prompt"], "user", "prompt", sample_id), len(images), sample_id)
+        for key in ("chosen", "rejected"):
+            turns = _as_turns(raw[key], "assistant", key, sample_id)
+            if not turns or not _text(turns[-1]) or turns[-1]["role"] != "assistant":
+                raise BadSampleError(f"{sample_id}: {key!r} must end with a non-empty assistant turn")
+            sample[key] = turns
+    elif fmt == "rl":
+        sample["prompt"] = _insert_placeholders(_as_turns(raw["prompt"], "user", "prompt", sample_id), len(images), sample_id)
+        sample.update({k: v for k, v in raw.items() if k not in ("prompt", "images", "image")})
+    else:
+        raise ValueError(f"unknown data format {fmt!r}")
+    return sample
+
+
+def _text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content.strip()
+    return "".join(c.get("text", "") for c in content if c.get("type") == "text").strip()
+
+
+def stream_indices(start: int, count: int, num_samples: int, seed: int) -> list[int]:
+    """Dataset indices at positions [start, start + count) of the seeded, epoch-wise shuffled stream."""
+    indices, perm, perm_epoch = [], None, -1
+    for position in range(start, start + count):
+        epoch = position // num_samples
+        if epoch != perm_epoch:  # each epoch is its own permutation, reproducible from (seed, epoch)
+            perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            perm_epoch = epoch
+        indices.append(int(perm[position % num_samples]))
+    return indices
+
+
+def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: bool) -> tuple[list[dict], int]:
+    """Load and prepare dataset[indices]. Returns (samples, number of bad samples skipped).
+
+    With skip_bad, a bad sample is replaced by the next good index after it, so every rank still
+    gets the same number of samples (and the replacement is the same on a resumed run).
+    """
+    samples, num_skipped = [], 0
+    for index in indices:
+        for attempt in range(len(dataset)):
+            candidate = (index + attempt) % len(dataset)
+            try:
+                samples.append(prepare_sample(dataset[candidate], fmt, f"sample {candidate} of split {split!r}"))
+                break
+            except BadSampleError:
+                if not skip_bad:
+                    raise
+                num_skipped += 1
+        else:
+            raise BadSampleError(f"split {split!r}: no usable sample at all (every sample failed to load)")
+    return samples, num_skipped

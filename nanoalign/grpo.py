@@ -1,0 +1,304 @@
+"""GRPO and GSPO: group-relative advantages and the clipped policy-gradient loss.
+
+Objective, per completion i of a group of G sampled for one prompt, per counted token t:
+
+    R_i   = SUM_k w_k r_ik                                  (reward functions, NaN = not scorable)
+    A_i   = (R_i - mean_group(R)) / (std + 1e-4)            (std: group or batch, or no division)
+    GRPO: log w_t = l_t - l_old_t                           (token-level importance ratio)
+    GSPO: log w_i = SUM_t M (l_t - l_old_t) / max(SUM_t M, 1)   (length-normalised sequence ratio)
+    w2    = clamp(w, 1 - eps, 1 + eps_high);  w = min(w, delta) if delta is set
+    L_t   = -min(w A, w2 A) * rho_t + beta * (exp(l_ref - l) - (l_ref - l) - 1)
+    loss  = aggregate(L, M) by loss_type: grpo | bnpo | dr_grpo | dapo
+
+Papers:
+    GRPO     https://arxiv.org/abs/2402.03300 (DeepSeekMath, eq. 3 and section 4.1.2)
+    GSPO     https://arxiv.org/abs/2507.18071 (eq. 5-7)
+    DAPO     https://arxiv.org/abs/2503.14476 (clip-higher eps_high, token-level normalisation)
+    Dr. GRPO https://arxiv.org/abs/2503.20783 (constant normaliser, no std scaling)
+    delta    https://arxiv.org/abs/2505.07291 (INTELLECT-2, two-sided clipping)
+    k3 KL    http://joschu.net/blog/kl-approx.html
+The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16 (REFERENCE.md, "GRPO and GSPO").
+
+Simplified / decided here:
+    - pure functions only: no model, no gather across ranks. The caller gathers rewards across ranks
+      before `group_advantages`, and passes `num_items` for dapo (see `grpo_loss`).
+    - a completion whose rewards are all NaN is excluded from its group's statistics and gets
+      advantage 0 (TRL's nansum would count it as reward 0 in the group mean and std).
+    - masked positions of logps / old_logps / ref_logps are replaced by 0 before any exp(), so
+      garbage (even -inf) on padding can never leak a NaN into the loss or the gradient.
+    - GSPO clip metrics are a mean over sequences that have a counted token (TRL averages over all
+      sequences, fully masked ones included); for every other input they agree.
+"""
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+STD_EPS = 1e-4  # added to the std before dividing, as TRL does
+
+
+# -----------------------------------------------------------------------------
+# Rewards -> advantages
+
+
+def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """Sum K (already weighted) reward functions per completion: (N,) or (N, K) -> (N,).
+
+    NaN means "this reward function does not apply to this sample" and is skipped (nansum);
+    a row where every function returned NaN stays NaN so callers can tell "unscorable" from 0.
+    Shared by grpo.py, rloo.py and online_dpo.py.
+    """
+    if rewards.dim() == 1:
+        return rewards
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N,) or (N, K), got shape {tuple(rewards.shape)}")
+    all_nan = torch.isnan(rewards).all(dim=1)  # (N,)
+    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (REFERENCE "Rewards and advantages")
+    return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+
+
+def check_groups(num_rows: int, num_generations: int) -> None:
+    """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if num_rows % num_generations != 0:
+        raise ValueError(
+            f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "
+            "the generation batch must hold whole groups (make the batch size a multiple of num_generations)"
+        )
+
+
+def _nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Std with Bessel's correction (ddof=1) over the non-NaN entries along dim (kept); 0 where < 2 exist.
+
+    0 (not NaN) for 0 or 1 valid values: their centred value is 0 (or NaN -> 0 later), so dividing
+    by (0 + 1e-4) gives an exact 0 advantage instead of a NaN.
+    """
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim=dim, keepdim=True)
+    mean = torch.nansum(x, dim=dim, keepdim=True) / count.clamp(min=1)
+    sq = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
+    var = sq.sum(dim=dim, keepdim=True) / (count - 1).clamp(min=1)
+    return torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
+    """Group-relative advantages (REFERENCE "Rewards and advantages").
+
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable; N = num_prompts * num_generations,
+        the G completions of one prompt in consecutive rows, gathered across ranks by the caller.
+    scale_rewards: "group" (divide by the group std, ddof=1), "batch" (by the std of all non-NaN
+        rewards) or "none" (Dr. GRPO).
+    Returns advantages (N,), never NaN: unscorable rows, and groups with no valid reward, get 0.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
+    R = combine_rewards(rewards)  # (N,)
+    check_groups(R.numel(), num_generations)
+    grouped = R.view(-1, num_generations)  # (P, G)
+    # nanmean of an all-NaN group is NaN; its advantages become 0 below, which is what we want.
+    advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)  # (N,) A = R - mean_group(R)
+    if scale_rewards == "group":
+        std = _nan_std(grouped, dim=1).expand_as(grouped).reshape(-1)  # (N,)
+        advantages = advantages / (std + STD_EPS)  # A /= (std_group + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (_nan_std(R, dim=0) + STD_EPS)  # A /= (std_batch + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)  # NaN advantages -> 0
+
+
+# -----------------------------------------------------------------------------
+# Ratios and the clipped surrogate (shared with rloo.py)
+
+
+def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, delta=None) -> torch.Tensor:
+    """-min(w A, clamp(w, 1-eps, 1+eps_high) A), elementwise; ratio and advantages broadcast.
+
+    delta (INTELLECT-2) caps only the unclipped branch, as TRL does: it bounds how much a single
+    very off-policy token with A < 0 can push, which plain PPO clipping does not.
+    """
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # w2 = clamp(w, 1-eps, 1+eps_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)  # w = min(w, delta)
+    return -torch.min(ratio * advantages, clipped * advantages)  # L = -min(w A, w2 A)
+
+
+def clip_fractions(ratio, advantages, weights, epsilon: float, epsilon_high: float) -> dict:
+    """Weighted fraction of entries whose clipped branch is active (the ratio gets no gradient).
+
+    ratio, advantages, weights broadcast to one shape; weights are 1 on entries that count, 0 else.
+    """
+    low = ((ratio < 1 - epsilon) & (advantages < 0)).to(weights.dtype)
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(weights.dtype)
+    region = torch.clamp(low + high, max=1.0)  # low and high are disjoint; clamp only guards the invariant
+    weights = torch.broadcast_to(weights, low.shape)
+    denom = weights.sum().clamp(min=1)
+
+    def frac(x):
+        return ((x * weights).sum() / denom).detach()
+
+    return {
+        "clip_ratio/low_mean": frac(low),
+        "clip_ratio/high_mean": frac(high),
+        "clip_ratio/region_mean": frac(region),
+    }
+
+
+def check_token_inputs(logps, old_logps, advantages, mask) -> None:
+    """Shared by grpo_loss and rloo_loss: (B, T) log-probs and mask, (B,) advantages."""
+    if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
+        raise ValueError(
+            f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} "
+            "must all be (B, T)"
+        )
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with B={logps.shape[0]}")
+
+
+def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float, cap_min=None) -> torch.Tensor:
+    """Importance weight rho correcting for the sampler (vLLM) not being exactly the trained policy.
+
+    REFERENCE "Correction for the sampler's own log-probs": d_t = (l_old_t - l_vllm_t) M;
+    token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
+    *_truncate: rho = min(rho, cap). *_mask: rho = 0 outside [cap_min, cap]; TRL v1.x only masks
+    rho > cap, so the default cap_min=None means no lower bound (rho >= 0 always).
+    Returned detached: it is a fixed per-sample weight, never something to differentiate.
+    The caller multiplies the per-token policy loss by it (`grpo_loss(..., sampler_weights=rho)`).
+    """
+    if mode not in SAMPLER_CORRECTION_MODES:
+        raise ValueError(f"sampler correction mode={mode!r} is not one of {SAMPLER_CORRECTION_MODES}")
+    if cap <= 0:
+        raise ValueError(f"sampler correction cap must be > 0, got {cap}")
+    if cap_min is not None and not mode.endswith("_mask"):
+        raise ValueError(f"cap_min only applies to the *_mask modes, got mode={mode!r}; drop it or use a mask mode")
+    if cap_min is not None and cap_min >= cap:
+        raise ValueError(f"cap_min={cap_min} must be smaller than cap={cap}")
+    if old_logps.shape != sampler_logps.shape or old_logps.shape != mask.shape:
+        raise ValueError(
+            f"old_logps {tuple(old_logps.shape)}, sampler_logps {tuple(sampler_logps.shape)} and mask "
+            f"{tuple(mask.shape)} must all be (B, T)"
+        )
+    with torch.no_grad():
+        counted = mask.bool()
+        # where, not a product: the sampler may report NaN/-inf on padding, and NaN * 0 is NaN.
+        d = torch.where(counted, old_logps - sampler_logps, torch.zeros_like(old_logps))  # (B, T) d_t
+        if mode.startswith("sequence"):
+            d = d.sum(dim=-1, keepdim=True)  # (B, 1) SUM_t d_t
+        rho = torch.exp(d)  # rho = exp(d)
+        if mode.endswith("_truncate"):
+            rho = torch.clamp(rho, max=cap)  # truncated importance sampling: min(rho, C)
+        else:
+            outside = rho > cap
+            if cap_min is not None:
+                outside = outside | (rho < cap_min)
+            rho = rho.masked_fill(outside, 0.0)  # masked importance sampling: 0 outside [C_min, C]
+    return rho
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def grpo_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    *,
+    loss_type: str,
+    epsilon: float,
+    epsilon_high: float,
+    delta,
+    beta: float,
+    importance_sampling_level: str,
+    max_completion_length,
+    num_items,
+    sampler_weights=None,
+):
+    """Clipped GRPO / GSPO loss on one micro-batch. Returns (loss, metrics).
+
+    logps, old_logps, ref_logps, mask: (B, T) per-token log-probs of the completion tokens and the
+        0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
+        generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
+    advantages: (B,) from `group_advantages`.
+    loss_type: grpo | bnpo | dr_grpo | dapo (REFERENCE "Aggregation").
+    max_completion_length: the dr_grpo constant; num_items: the dapo normaliser, which the caller
+        must pass as (active tokens of the whole generation batch summed over all ranks) / world_size,
+        so that averaging gradients over ranks gives REFERENCE's SUM M L / (active tokens) * world_size.
+    sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy
+        term only, not the KL term.
+    This does NOT divide by the gradient-accumulation steps (TRL does for grpo/bnpo/dr_grpo): the
+    caller divides, so the same function serves every accumulation setting.
+    Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level={importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS} "
+            "('token' = GRPO, 'sequence' = GSPO)"
+        )
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length; pass max_completion_length > 0")
+    if loss_type == "dapo" and (num_items is None or float(num_items) <= 0):
+        raise ValueError(
+            "loss_type='dapo' needs num_items > 0: the active tokens of the whole generation batch over all "
+            f"ranks divided by world size; got {num_items}"
+        )
+    check_token_inputs(logps, old_logps, advantages, mask)
+    if beta > 0 and ref_logps.shape != logps.shape:
+        raise ValueError(f"ref_logps {tuple(ref_logps.shape)} must match logps {tuple(logps.shape)}")
+    if sampler_weights is not None and sampler_weights.shape not in (logps.shape, logps.shape[:1] + (1,)):
+        raise ValueError(f"sampler_weights {tuple(sampler_weights.shape)} must be (B, T) or (B, 1)")
+
+    counted = mask.bool()
+    mask = mask.to(logps.dtype)
+    zeros = torch.zeros_like(logps)
+    # Padding may hold anything (-inf included); torch.where gives those positions an exact 0
+    # gradient without ever evaluating exp() on them.
+    logps = torch.where(counted, logps, zeros)
+    old_logps = torch.where(counted, old_logps, zeros)
+    log_ratio = logps - old_logps  # (B, T) l_t - l_old_t
+    lengths = mask.sum(dim=-1)  # (B,) SUM_t M
+    if importance_sampling_level == "token":
+        log_w = log_ratio  # (B, T) GRPO: log w_t = l_t - l_old_t
+    else:
+        # GSPO eq. 7: length-normalised sequence log-ratio, broadcast to every token, gradient kept.
+        log_w = ((log_ratio * mask).sum(dim=-1) / lengths.clamp(min=1)).unsqueeze(-1)  # (B, 1)
+    w = torch.exp(log_w)  # (B, T) or (B, 1)
+    A = advantages.unsqueeze(-1)  # (B, 1)
+    per_token_loss = clipped_surrogate(w, A, epsilon, epsilon_high, delta).expand_as(logps)  # (B, T)
+    if sampler_weights is not None:
+        per_token_loss = per_token_loss * sampler_weights.detach()  # policy term * rho, not the KL
+
+    metrics = {}
+    if beta > 0:
+        ref_logps = torch.where(counted, ref_logps, zeros)
+        ref_diff = ref_logps - logps  # (B, T) l_ref - l
+        kl = torch.exp(ref_diff) - ref_diff - 1  # (B, T) k3: exp(l_ref - l) - (l_ref - l) - 1
+        per_token_loss = per_token_loss + beta * kl  # L_t += beta * KL_t
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+    masked_loss = per_token_loss * mask  # (B, T) M L
+    if loss_type == "grpo":
+        loss = (masked_loss.sum(dim=-1) / lengths.clamp(min=1)).mean()  # mean_i[SUM_t M L / max(SUM_t M, 1)]
+    elif loss_type == "bnpo":
+        loss = masked_loss.sum() / mask.sum().clamp(min=1)  # SUM M L / max(SUM M, 1)
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)  # SUM M L / (B * max_len)
+    else:
+        loss = masked_loss.sum() / num_items  # dapo: SUM M L / (global active tokens / world_size)
+
+    # TRL measures clipping on the delta-capped ratio; the same unless delta < 1 + eps_high.
+    w_capped = (w if delta is None else torch.clamp(w, max=delta)).detach()
+    if importance_sampling_level == "token":
+        metrics.update(clip_fractions(w_capped, A, mask, epsilon, epsilon_high))
+    else:
+        # One ratio per sequence: count each sequence with a counted token once.
+        has_tokens = (lengths > 0).to(mask.dtype).unsqueeze(-1)  # (B, 1)
+        metrics.update(clip_fractions(w_capped, A, has_tokens, epsilon, epsilon_high))
+    return loss, metrics

@@ -1,0 +1,61 @@
+"""Logging: one fixed-format line per step on rank 0, the same dict appended to metrics.jsonl, and plots.
+
+Tests and tools read metrics.jsonl, never stdout. NaN (e.g. a reward no sample could score) is
+written as null so the file stays valid JSON.
+"""
+
+import json
+import math
+from pathlib import Path
+
+# Shown in the step line, in this order, when present; everything else goes only to metrics.jsonl.
+HEADLINE = ("loss", "reward", "eval/loss", "eval/accuracy", "rewards/accuracies", "grad_norm", "lr")
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    def __init__(self, out_dir, rank: int, log_every: int = 1):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.rank, self.log_every = rank, log_every
+
+    def log(self, step: int, metrics: dict, force_print: bool = False) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if force_print or step % self.log_every == 0:
+            shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics)
+            print(f"step {step:5d} | {shown}", flush=True)
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(jsonl_path, png_path) -> list[str]:
+    """Plot loss, reward and eval curves from metrics.jsonl into one PNG. Returns the keys plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(jsonl_path)
+    wanted = ["loss", "eval/loss", "reward", "eval/accuracy", "rewards/accuracies", "rewards/margins"]
+    keys = [k for k in wanted if any(r.get(k) is not None for r in records)]
+    if not keys:
+        return []
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return keys

@@ -1,0 +1,202 @@
+"""The policy: a Hugging Face VLM, its FSDP2 sharding plan, and chunked per-token log-probs.
+
+Loading uses the checkpoint's own *ForConditionalGeneration class (AutoModelForImageTextToText), so
+a local tiny model and Qwen2.5-VL-3B take the same path. Sharding is written out in `shard_policy`:
+each vision block, each decoder layer, then the root (embeddings, the tied lm_head, norms, the
+vision patch embedding and merger), as torchtitan does it.
+
+Every loss needs l_t = log p(token_t | tokens_<t) for the completion tokens. Computing logits for a
+whole batch at once costs B*T*V floats (1024 tokens x 150k vocabulary x 4 bytes = 600 MB per row);
+`chunked_logps` runs lm_head + log-softmax over chunks of positions and recomputes each chunk's
+softmax in backward, so at most one chunk of logits is ever alive.
+
+`Policy` wraps the HF model so that the log-prob computation runs inside the FSDP root's forward,
+where lm_head's full weight is gathered. Generation goes through `gathered_for_generation`.
+"""
+
+import contextlib
+import re
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+def load_hf_model(model_dir: str, *, freeze_vision: bool = False):
+    """The checkpoint's own *ForConditionalGeneration class, weights in fp32 (FSDP2 keeps fp32 masters)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    if freeze_vision:
+        vision_module(model).requires_grad_(False)
+    return model
+
+
+def load_processor(model_dir: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+def vision_module(hf_model) -> nn.Module:
+    """The vision tower: `visual` (Qwen2/2.5-VL), `vision_tower` (LLaVA, Gemma 3), `vision_model` (Idefics3)."""
+    for name in ("visual", "vision_tower", "vision_model"):
+        module = getattr(hf_model.model, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(hf_model).__name__}: cannot find its vision tower (looked for visual, vision_tower, vision_model)")
+
+
+def vision_blocks(hf_model) -> list[nn.Module]:
+    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList)."""
+    lists = [m for m in vision_module(hf_model).modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def decoder_layers(hf_model) -> list[nn.Module]:
+    return list(hf_model.model.language_model.layers)
+
+
+class Policy(nn.Module):
+    """A VLM whose forward returns per-token log-probs instead of logits.
+
+    forward(...) -> (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]],
+    the log-prob of token t given tokens < t, with logps[:, 0] = 0 (nothing predicts the first
+    token). entropy (same shape, detached) is returned when asked for, else None.
+    """
+
+    def __init__(self, hf_model, logps_chunk_size: int = 1024):
+        super().__init__()
+        self.hf = hf_model
+        self.logps_chunk_size = logps_chunk_size
+
+    def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False, **mm_inputs):
+        # The base model (vision tower + decoder, no lm_head) gives the final normed hidden states.
+        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm_inputs)
+        hidden = hidden.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        weight = self.hf.get_output_embeddings().weight  # (V, H), gathered: we are inside the root forward
+        logps, entropy = chunked_logps(hidden, weight, input_ids[:, 1:], temperature, self.logps_chunk_size, with_entropy)
+        zero = logps.new_zeros(logps.shape[0], 1)
+        return torch.cat([zero, logps], 1), torch.cat([zero, entropy], 1) if with_entropy else None
+
+    def generate(self, **kwargs):
+        """HF generate; registered with FSDP so the root's hooks run as they do for forward."""
+        return self.hf.generate(**kwargs)
+
+
+class _ChunkedLogps(torch.autograd.Function):
+    """log_softmax(h W^T / temp)[target] over chunks of rows; backward recomputes each chunk's softmax.
+
+    d l_t / d z = onehot(target) - softmax(z), so the gradients are
+        dh = (g * (onehot - p)) W / temp        dW = (g * (onehot - p))^T h / temp
+    and only one (chunk, V) block of probabilities exists at a time, in forward and in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        entropy = torch.zeros_like(logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).float() / temperature  # (C, V), upcast like TRL's selective_log_softmax
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
+            if with_entropy:  # H = lse - sum_v p_v z_v
+                entropy[rows] = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = (hidden[rows] @ weight.T).float() / ctx.temperature  # (C, V)
+            dlogits = -torch.softmax(logits, dim=-1)  # (C, V): onehot - p, times the incoming gradient
+            dlogits.scatter_add_(1, targets[rows, None], torch.ones_like(dlogits[:, :1]))
+            dlogits *= grad_logps[rows, None] / ctx.temperature
+            if grad_hidden is not None:
+                grad_hidden[rows] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += dlogits.T @ hidden[rows].float()
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature.
+
+    hidden (B, T, H), weight (V, H), targets (B, T) -> logps (B, T) fp32, entropy (B, T) fp32.
+    Peak extra memory is chunk_size x V fp32 values, whatever B x T is.
+    """
+    B, T, H = hidden.shape
+    logps, entropy = _ChunkedLogps.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature, chunk_size, with_entropy)
+    return logps.view(B, T), entropy.view(B, T)
+
+
+def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: bool = False) -> Policy:
+    """Apply FSDP2: each vision block, each decoder layer, then the root. Returns the sharded policy.
+
+    The root group holds everything not in a block: token embeddings and lm_head (tied or not, they
+    are used at the two ends of the forward, so grouping them with the root gathers them once),
+    the final norm, and the vision patch embedding and merger.
+    On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the optimizer always
+    sees the fp32 shards.
+    """
+    if activation_checkpointing:  # HF's per-layer checkpointing; must be set before wrapping
+        policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in vision_blocks(policy.hf):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for layer in decoder_layers(policy.hf):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    register_fsdp_forward_method(policy, "generate")
+    return policy
+
+
+@contextlib.contextmanager
+def gathered_for_generation(policy: Policy):
+    """Gather every FSDP unit's full weights once and keep them for the whole block.
+
+    HF generate calls forward once per new token, and ranks finish at different lengths. With the
+    weights sharded every call would all-gather, and a rank that stopped early would leave the others
+    waiting forever. Gathered, generation runs without any collective; afterwards we reshard.
+    Use it as `with gathered_for_generation(policy): policy.generate(...)`.
+    """
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy.set_reshard_after_forward(False)  # recurse=True: every unit keeps its gathered weights
+    for unit in units:
+        unit.unshard()
+    try:
+        yield policy
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in units:  # restore the defaults: root keeps its weights (used at once by backward), others reshard
+            unit.set_reshard_after_forward(unit is not policy, recurse=False)
+
+
+def hf_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on every rank, CPU, with HF checkpoint names (no wrapper prefix).
+
+    Every rank must call it (the gather is a collective); tensors are materialised one at a time.
+    """
+    state = {}
+    for name, tensor in policy.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        state[re.sub(r"^hf\.", "", name)] = tensor.detach().cpu()
+    return state
+
+
+def export_hf(policy: Policy, processor, out_dir, rank: int) -> None:
+    """Write a Hugging Face checkpoint (safetensors + config + processor) that from_pretrained loads."""
+    state = hf_state_dict(policy)  # collective: all ranks
+    if rank == 0:
+        policy.hf.save_pretrained(out_dir, state_dict=state)
+        processor.save_pretrained(out_dir)

@@ -1,0 +1,426 @@
+"""Reward functions for the online methods (GRPO, GSPO, RLOO, Online DPO) and the helper that scores a batch.
+
+A reward function follows TRL's protocol:
+
+    fn(completions: list[str], **columns) -> list[float | None]
+
+`completions` are the decoded completion texts; `columns` are the dataset columns for the same rows, as
+lists (e.g. `solution=[...]`), plus `prompts=[...]` (the prompt texts). None means "this sample cannot
+be scored by this function" (not applicable, bad gold answer, the checker failed); the algorithms
+treat it as NaN and use nan-aware sums (REFERENCE.md, "GRPO and GSPO").
+
+What is here:
+- format_reward, think_format_reward: regex checks of the "<think>...</think> answer" layout.
+- accuracy_reward: math-verify on the gold `solution` column vs the completion, with a wall-clock
+  timeout per sample that works off the main thread.
+- RewardStats: why samples got None in one call (bad gold / error / timeout). A reward function that
+  declares a `reward_stats` keyword gets a fresh one from score_completions on every call, so the
+  counts are per step and nothing accumulates in a global.
+- load_reward_funcs: "--reward-funcs" specs (built-in names or "package.module:function") -> callables.
+- score_completions: calls every function once on the batch -> ((N, K) weighted rewards, metrics).
+
+Launch-side usage (what the trainer does each generation step):
+
+    funcs = load_reward_funcs(["accuracy", "format"])
+    rewards, metrics = score_completions(funcs, [1.0, 0.5], completions, {"solution": sols, "prompts": ps})
+    # rewards: (N, K) weighted, NaN = None; grpo.combine_rewards sums it to R_i = SUM_k w_k r_ik
+
+Simplified compared with TRL / open-r1:
+- Completions are plain strings; no conversational (list-of-messages) completions.
+- No async reward functions and no reward models; a reward model can be wrapped as a plain function.
+- accuracy_reward uses one math-verify configuration (LaTeX extraction, first match) for gold and
+  answer; TRL tunes the answer-side normalization separately.
+- A timed-out math-verify call cannot be killed (Python threads cannot be interrupted); it is
+  abandoned in a daemon thread and finishes in the background. Fine for rare pathological inputs;
+  if timeouts are frequent, the fix is a process pool, which we leave out for readability.
+- Metrics are per rank; the trainer averages them across ranks if it wants global numbers.
+"""
+
+import functools
+import importlib
+import inspect
+import logging
+import math
+import numbers
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from math_verify import LatexExtractionConfig, parse, verify
+from sympy import Basic, MatrixBase
+
+logger = logging.getLogger(__name__)
+
+RewardFunc = Callable[..., list[float | None]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counters
+
+
+@dataclass
+class RewardStats:
+    """Why samples of one reward-function call were scored None. Filled by the reward function.
+
+    score_completions creates a fresh RewardStats for every call of a function that declares a
+    `reward_stats` keyword argument and turns the counts into per-step rates
+    (rewards/<name>/bad_gold_rate, .../error_rate, .../timeout_rate). Each counted sample is also a None
+    in the returned scores, so these rates add up to that function's failure_rate.
+    """
+
+    num_bad_gold: int = 0  # the gold answer could not be parsed into a math expression
+    num_errors: int = 0  # parsing or verifying raised an exception
+    num_timeouts: int = 0  # parsing + verifying one sample took longer than the timeout
+
+    def add(self, other: "RewardStats") -> None:
+        """Add another call's counts into this one (e.g. to accumulate over an epoch)."""
+        self.num_bad_gold += other.num_bad_gold
+        self.num_errors += other.num_errors
+        self.num_timeouts += other.num_timeouts
+
+    def rates(self, num_samples: int) -> dict[str, float]:
+        """Counts as fractions of the batch, keyed by the metric suffix."""
+        return {
+            "bad_gold_rate": self.num_bad_gold / num_samples,
+            "error_rate": self.num_errors / num_samples,
+            "timeout_rate": self.num_timeouts / num_samples,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Format rewards
+
+# TRL's think_format_reward pattern: the text starts with "<think>", the think block is closed by the
+# first "</think>", and no second "<think>" follows anywhere (the lookahead). Group 1 is the reasoning,
+# group 2 everything after the first "</think>" (the answer).
+_THINK_BLOCK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>(.*)$", re.DOTALL)
+# A \boxed{...} whose content is not empty or blank: "\boxed{3}", "\boxed{\frac{1}{2}}", not "\boxed{}".
+_BOXED = re.compile(r"\\boxed\{\s*[^\s}].*\}", re.DOTALL)
+
+
+def _check_texts(completions: list, fn_name: str) -> None:
+    # The built-ins run regexes/parsers on the text; a list of chat messages (TRL's conversational
+    # format) would fail deep inside re with an unhelpful TypeError, so say what is expected here.
+    for i, c in enumerate(completions):
+        if not isinstance(c, str):
+            raise ValueError(
+                f"{fn_name}: completion {i} is a {type(c).__name__}, expected the decoded completion "
+                f"text (str). Decode completions before scoring them."
+            )
+
+
+def think_format_reward(completions: list[str], **columns: list) -> list[float | None]:
+    """1.0 if the completion starts with one "<think>...</think>" block (TRL semantics), else 0.0."""
+    _check_texts(completions, "think_format_reward")
+    return [1.0 if _THINK_BLOCK.match(c) else 0.0 for c in completions]
+
+
+def format_reward(completions: list[str], **columns: list) -> list[float | None]:
+    """1.0 if the completion is "<think>...</think>" then an answer containing a non-empty \\boxed{...}.
+
+    A \\boxed{} inside the think block does not count, and the answer may not close a second think block.
+    Example accepted: "<think>There are 3 shapes.</think> The answer is \\boxed{3}."
+    """
+    _check_texts(completions, "format_reward")
+    scores: list[float | None] = []
+    for c in completions:
+        m = _THINK_BLOCK.match(c)
+        ok = m is not None and "</think>" not in m.group(2) and _BOXED.search(m.group(2)) is not None
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accuracy reward (math-verify)
+
+# One extraction config for gold and answer: LaTeX only ($...$, \(...\), \[...\], \boxed{...}),
+# stop at the first match (math-verify tries the highest-priority, rightmost match first).
+_EXTRACTION = [LatexExtractionConfig()]
+
+
+def _gold_as_latex(gold: Any, index: int) -> str:
+    """The gold answer as LaTeX that math-verify's LaTeX extraction can find."""
+    if isinstance(gold, numbers.Real) and not isinstance(gold, bool):
+        gold = str(gold)  # datasets often store numeric answers as numbers
+    if not isinstance(gold, str):
+        raise ValueError(
+            f"accuracy_reward: solution {index} is a {type(gold).__name__} ({gold!r}); expected the gold "
+            f"answer as a string such as '3' or '$3$'. Fix the 'solution' column of the dataset."
+        )
+    # LaTeX extraction only looks inside math delimiters, so a bare "3" would parse to nothing:
+    # wrap plain answers in $...$ so plain numbers work.
+    if not any(d in gold for d in ("$", "\\boxed", "\\(", "\\[")):
+        gold = f"${gold}$"
+    return gold
+
+
+def _verify_one(completion: str, gold_latex: str) -> float | None:
+    """1.0 / 0.0 for one sample, or None if the gold has no math expression. May raise; may hang."""
+    # parsing_timeout=None / timeout_seconds=None turn off math-verify's signal.alarm timeouts, which
+    # only work on the main thread; _run_with_timeout enforces the time limit instead.
+    # raise_on_error=True: an internal failure raises (counted as an error) instead of being turned
+    # into an empty parse / False, i.e. a silent 0.0. Malformed LaTeX does not raise: it parses to a
+    # plain-string fallback.
+    gold = parse(gold_latex, extraction_config=_EXTRACTION, extraction_mode="first_match",
+                 parsing_timeout=None, raise_on_error=True)
+    # An unparseable gold yields [] or only the raw-string fallback ("\frac{" -> ['\\frac{']), which
+    # would be compared by string equality. Neither is a real gold answer: not scorable.
+    # (TRL returns 1.0 here; REFERENCE.md asks for None + a counter.)
+    if not any(isinstance(g, (Basic, MatrixBase)) for g in gold):
+        return None
+    answer = parse(completion, extraction_config=_EXTRACTION, extraction_mode="first_match",
+                   parsing_timeout=None, raise_on_error=True)
+    # A completion with no answer parses to [] and verifies False: a wrong answer (0.0), not a failure.
+    return float(verify(gold, answer, timeout_seconds=None, raise_on_error=True))
+
+
+def _run_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any]:
+    """Run fn() with a wall-clock limit -> ("ok", value) | ("error", exception) | ("timeout", None).
+
+    A daemon thread per call rather than a ThreadPoolExecutor: executor threads are joined at
+    interpreter exit, so one sympy call that never returns would hang the trainer on shutdown, and a
+    hung worker would also block every sample queued behind it. Starting a thread costs ~0.1 ms.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except Exception as e:  # handed back to the caller, which counts it and logs it
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name="nanoalign-verify")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return "timeout", None  # abandoned: it finishes (or not) in the background
+    if "error" in box:
+        return "error", box["error"]
+    return "ok", box["value"]
+
+
+def verify_answers(
+    completions: list[str], solutions: list[Any], timeout_s: float = 5.0
+) -> tuple[list[float | None], RewardStats]:
+    """Score each completion against its gold answer with math-verify -> (scores, stats).
+
+    1.0 correct, 0.0 wrong or no answer found, None when the sample cannot be scored: the gold does not
+    parse (stats.num_bad_gold), parse/verify raised (stats.num_errors), or parse + verify of the sample
+    took more than timeout_s seconds of wall clock (stats.num_timeouts). Safe to call off the main thread.
+    """
+    _check_texts(completions, "accuracy_reward")
+    if len(solutions) != len(completions):
+        raise ValueError(
+            f"accuracy_reward: got {len(completions)} completions but {len(solutions)} solutions; "
+            f"the 'solution' column must have one gold answer per completion."
+        )
+    if not timeout_s > 0:
+        raise ValueError(f"accuracy_reward: timeout_s must be > 0 seconds, got {timeout_s}.")
+
+    stats = RewardStats()
+    scores: list[float | None] = []
+    first_problem: str | None = None  # for the log line: which sample, what went wrong
+    for i, (completion, solution) in enumerate(zip(completions, solutions)):
+        gold_latex = _gold_as_latex(solution, i)
+        status, value = _run_with_timeout(functools.partial(_verify_one, completion, gold_latex), timeout_s)
+        if status == "ok" and value is None:
+            stats.num_bad_gold += 1
+            first_problem = first_problem or f"sample {i}: gold {solution!r} does not parse"
+        elif status == "error":
+            stats.num_errors += 1
+            first_problem = first_problem or f"sample {i}: {type(value).__name__}: {value}"
+        elif status == "timeout":
+            stats.num_timeouts += 1
+            first_problem = first_problem or f"sample {i}: timed out after {timeout_s}s"
+        scores.append(value if status == "ok" else None)
+
+    if first_problem is not None:
+        logger.warning(
+            "accuracy_reward: %d of %d samples scored None (bad gold %d, errors %d, timeouts %d); "
+            "first: %s", sum(s is None for s in scores), len(scores),
+            stats.num_bad_gold, stats.num_errors, stats.num_timeouts, first_problem,
+        )
+    return scores, stats
+
+
+def accuracy_reward(
+    completions: list[str],
+    solution: list[Any] | None = None,
+    *,
+    reward_stats: RewardStats | None = None,
+    timeout_s: float = 5.0,
+    **columns: list,
+) -> list[float | None]:
+    """1.0 if the completion's first LaTeX answer equals the gold `solution` (math-verify), else 0.0.
+
+    None for samples that cannot be scored (see verify_answers); their causes are added to
+    `reward_stats` when given. Gold may be "3", "$3$" or "\\boxed{3}"; a bare answer is wrapped in $...$.
+    """
+    if solution is None:
+        raise ValueError(
+            f"accuracy_reward needs a 'solution' column with the gold answers; the batch has columns "
+            f"{sorted(columns)}. Add it to the dataset or drop 'accuracy' from --reward-funcs."
+        )
+    scores, stats = verify_answers(completions, solution, timeout_s)
+    if reward_stats is not None:
+        reward_stats.add(stats)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and scoring
+
+BUILTIN_REWARD_FUNCS: dict[str, RewardFunc] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "think_format": think_format_reward,
+}
+
+
+def load_reward_funcs(specs: list[str]) -> list[RewardFunc]:
+    """--reward-funcs specs -> callables. A spec is a built-in name or "package.module:function"."""
+    funcs = []
+    for spec in specs:
+        if spec in BUILTIN_REWARD_FUNCS:
+            funcs.append(BUILTIN_REWARD_FUNCS[spec])
+            continue
+        module_name, sep, attr = spec.partition(":")
+        if not sep or not module_name or not attr:
+            raise ValueError(
+                f"--reward-funcs: unknown reward function {spec!r}. Use a built-in name "
+                f"({', '.join(BUILTIN_REWARD_FUNCS)}) or an import path 'package.module:function'."
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # ImportError, or an error raised while the module runs: cannot load
+            raise ValueError(
+                f"--reward-funcs: cannot import module {module_name!r} for spec {spec!r} "
+                f"({type(e).__name__}: {e}). Check that it is installed or on PYTHONPATH."
+            ) from e
+        if not hasattr(module, attr):
+            raise ValueError(
+                f"--reward-funcs: module {module_name!r} has no attribute {attr!r} (spec {spec!r})."
+            )
+        fn = getattr(module, attr)
+        if not callable(fn):
+            raise ValueError(
+                f"--reward-funcs: {spec!r} is a {type(fn).__name__}, not a callable. Point it at a "
+                f"function fn(completions, **columns) -> list[float | None]."
+            )
+        funcs.append(fn)
+    return funcs
+
+
+def reward_name(fn: RewardFunc) -> str:
+    """Metric name of a reward function: its __name__ without a trailing "_reward"."""
+    name = getattr(fn, "__name__", type(fn).__name__)  # callable objects have no __name__
+    return name.removesuffix("_reward")
+
+
+def _check_scores(scores: Any, name: str, num_samples: int) -> list[float]:
+    """Validate one function's output -> floats with NaN for None."""
+    if not isinstance(scores, (list, tuple)):
+        raise ValueError(
+            f"reward function {name!r} returned a {type(scores).__name__}; expected a list of "
+            f"{num_samples} values (float or None)."
+        )
+    if len(scores) != num_samples:
+        raise ValueError(
+            f"reward function {name!r} returned {len(scores)} values for {num_samples} completions; "
+            f"expected exactly one value (float or None) per completion."
+        )
+    out = []
+    for i, s in enumerate(scores):
+        if s is None:
+            out.append(math.nan)
+        elif isinstance(s, numbers.Real) and math.isfinite(s):
+            out.append(float(s))
+        elif isinstance(s, numbers.Real):  # nan/inf: a silent NaN would look like None, so make it explicit
+            raise ValueError(
+                f"reward function {name!r} returned {s} for sample {i}; return None for samples it "
+                f"cannot score."
+            )
+        else:
+            raise ValueError(
+                f"reward function {name!r} returned a {type(s).__name__} ({s!r}) for sample {i}; "
+                f"expected a float or None."
+            )
+    return out
+
+
+def _accepts_reward_stats(fn: RewardFunc) -> bool:
+    try:
+        return "reward_stats" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins / C callables without a signature: treat as plain
+        return False
+
+
+def score_completions(
+    reward_funcs: list[RewardFunc],
+    weights: list[float],
+    completions: list[str],
+    columns: dict[str, list],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Call each reward function once on the batch -> (rewards, metrics).
+
+    rewards: (N, K) float32, rewards[i, k] = weights[k] * r_ik, NaN where function k returned None.
+    metrics, for each function name (see reward_name):
+      rewards/<name>/mean          nan-aware mean of the unweighted rewards (NaN if all None)
+      rewards/<name>/std           nan-aware std (Bessel) of the unweighted rewards (NaN if < 2 values)
+      rewards/<name>/failure_rate  fraction of samples scored None, for any reason (not applicable,
+                                   bad gold, error, timeout)
+      and, for functions that declare a `reward_stats` keyword (e.g. accuracy_reward), the breakdown
+      rewards/<name>/{bad_gold,error,timeout}_rate from a fresh RewardStats for this call.
+    """
+    if len(weights) != len(reward_funcs):
+        raise ValueError(
+            f"--reward-weights has {len(weights)} values but there are {len(reward_funcs)} reward "
+            f"functions; give one weight per entry of --reward-funcs."
+        )
+    if not reward_funcs:
+        raise ValueError("no reward functions given; set --reward-funcs (e.g. accuracy format).")
+    num_samples = len(completions)
+    if num_samples == 0:
+        raise ValueError("score_completions got an empty batch of completions.")
+    for key, values in columns.items():
+        if key in ("completions", "reward_stats"):
+            raise ValueError(f"dataset column {key!r} clashes with a reward-function argument; rename it.")
+        if len(values) != num_samples:
+            raise ValueError(
+                f"column {key!r} has {len(values)} values for {num_samples} completions; every column "
+                f"must have one value per completion."
+            )
+    names = [reward_name(fn) for fn in reward_funcs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward functions share a name ({names}); their metrics would collide.")
+
+    per_func: list[list[float]] = []  # K lists of N unweighted rewards, NaN for None
+    metrics: dict[str, float] = {}
+    for fn, name in zip(reward_funcs, names):
+        stats = RewardStats() if _accepts_reward_stats(fn) else None
+        kwargs = dict(columns, reward_stats=stats) if stats is not None else columns
+        try:
+            scores = fn(completions, **kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"reward function {name!r} raised {type(e).__name__} on a batch of {num_samples} "
+                f"completions (columns: {sorted(columns)}). Fix it, or make it return None for the "
+                f"samples it cannot score instead of raising."
+            ) from e
+        values = _check_scores(scores, name, num_samples)
+        per_func.append(values)
+
+        r = torch.tensor(values, dtype=torch.float64)  # (N,)
+        valid = r[~r.isnan()]
+        metrics[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else math.nan
+        metrics[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else math.nan
+        metrics[f"rewards/{name}/failure_rate"] = (len(r) - len(valid)) / num_samples
+        if stats is not None:
+            for key, rate in stats.rates(num_samples).items():
+                metrics[f"rewards/{name}/{key}"] = rate
+
+    rewards = torch.tensor(per_func, dtype=torch.float32).T  # (N, K), unweighted
+    rewards = rewards * torch.tensor(weights, dtype=torch.float32)  # (N, K); NaN * w stays NaN
+    return rewards, metrics

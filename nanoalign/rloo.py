@@ -1,0 +1,91 @@
+"""RLOO: REINFORCE with a leave-one-out baseline and a clipped sequence-level ratio.
+
+For the G completions of one prompt (G >= 2):
+
+    R_i   = SUM_k w_k r_ik - beta * SUM_t M (l_old_t - l_ref_t)      (KL folded into the reward)
+    A_i   = R_i - (SUM_{j in group} R_j - R_i) / (G - 1)              (mean of the *other* completions)
+    rho_i = exp(SUM_t M l_t - SUM_t M l_old_t)                       (sequence-level ratio, not normalised)
+    L_i   = -min(rho_i A_i, clamp(rho_i, 1 - eps, 1 + eps_high) A_i);  loss = mean_i L_i
+
+Papers:
+    RLOO for LLMs https://arxiv.org/abs/2402.14740 (Ahmadian et al., eq. 6)
+    leave-one-out baseline https://openreview.net/forum?id=r1lgTGL5DE (Kool et al., "Buy 4 REINFORCE samples")
+The numbers follow Hugging Face TRL's RLOOTrainer v1.9-v1.16 (REFERENCE.md, "RLOO").
+
+Simplified / decided here:
+    - pure functions; the caller gathers rewards and KL across ranks before `rloo_advantages`.
+    - NaN (unscorable) completions get advantage 0 and are left out of their group's baseline, which
+      becomes the mean of the other *scorable* completions; a scorable completion with no scorable
+      sibling has no baseline and gets advantage 0. (TRL's nansum would score them as 0.)
+    - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
+"""
+
+import torch
+
+from nanoalign.grpo import (
+    STD_EPS,
+    check_groups,
+    check_token_inputs,
+    clip_fractions,
+    clipped_surrogate,
+    combine_rewards,
+)
+
+
+def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
+    """Leave-one-out advantages (REFERENCE "RLOO"). Returns (N,), never NaN.
+
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations
+        consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
+    normalize: (A - mean) / (std + 1e-4) over the batch (TRL's normalize_advantages).
+    """
+    if num_generations < 2:
+        raise ValueError(
+            f"RLOO needs num_generations >= 2 (each completion's baseline is the mean of the others), "
+            f"got {num_generations}"
+        )
+    R = combine_rewards(rewards)  # (N,)
+    check_groups(R.numel(), num_generations)
+    if beta != 0:
+        if kl is None or kl.shape != R.shape:
+            raise ValueError(f"beta={beta} != 0 needs kl, one (N,)={tuple(R.shape)} KL sum per completion")
+        R = R - beta * kl  # R_i -= beta * SUM_t M (l_old - l_ref)
+
+    grouped = R.view(-1, num_generations)  # (P, G)
+    valid = ~torch.isnan(grouped)  # (P, G)
+    group_sum = torch.nansum(grouped, dim=1, keepdim=True)  # (P, 1) SUM over scorable completions
+    num_others = valid.sum(dim=1, keepdim=True) - 1  # (P, 1) scorable siblings of a scorable row
+    baseline = (group_sum - grouped) / num_others.clamp(min=1)  # (P, G) (SUM_j R_j - R_i) / (G - 1)
+    advantages = grouped - baseline  # A_i = R_i - baseline_i
+    defined = valid & (num_others >= 1)  # (P, G) rows that have both a reward and a baseline
+    advantages = torch.where(defined, advantages, torch.zeros_like(advantages)).view(-1)  # (N,)
+    defined = defined.view(-1)
+
+    if normalize and defined.any():
+        A = advantages[defined]
+        # torch.std of one element is NaN (ddof=1); 0 keeps a lone advantage at (A - A)/1e-4 = 0.
+        std = A.std() if A.numel() > 1 else torch.zeros((), dtype=A.dtype)
+        normalized = (advantages - A.mean()) / (std + STD_EPS)  # (A - mean) / (std + 1e-4)
+        advantages = torch.where(defined, normalized, torch.zeros_like(advantages))
+    return advantages
+
+
+def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_high: float):
+    """Clipped RLOO loss with one importance ratio per sequence. Returns (loss, metrics).
+
+    logps, old_logps, mask: (B, T); advantages: (B,) from `rloo_advantages`.
+    loss = mean_i L_i over the B sequences (not divided by gradient-accumulation steps; the caller does).
+    Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean over sequences with a counted token.
+    """
+    check_token_inputs(logps, old_logps, advantages, mask)
+    counted = mask.bool()
+    mask = mask.to(logps.dtype)
+    zeros = torch.zeros_like(logps)
+    # where, not a product: padding may hold -inf, and -inf * 0 is NaN in both value and gradient.
+    log_ratio = torch.where(counted, logps - old_logps, zeros)  # (B, T) M (l_t - l_old_t)
+    rho = torch.exp(log_ratio.sum(dim=-1))  # (B,) rho_i = exp(SUM_t M l_t - SUM_t M l_old_t)
+    per_sequence_loss = clipped_surrogate(rho, advantages, epsilon, epsilon_high)  # (B,) L_i
+    loss = per_sequence_loss.mean()  # mean_i L_i
+    has_tokens = (mask.sum(dim=-1) > 0).to(mask.dtype)  # (B,)
+    metrics = clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
+    return loss, metrics

@@ -1,0 +1,96 @@
+"""Sampling completions with images from the model being trained (in-process rollouts), and accuracy evals.
+
+Each prompt is repeated G times, processed (images included) and left-padded, then HF `generate`
+samples one completion per row. Under FSDP2 the call is wrapped in `gathered_for_generation`:
+weights are gathered once, so ranks generating different lengths never wait on each other.
+
+We keep the sampled token ids themselves (cut after the first stop token): the trainer scores
+exactly these ids, never a re-tokenisation of the decoded text. A completion that reaches
+max_new_tokens without a stop token is marked has_eos = False (REFERENCE: completions/clipped_ratio,
+mask_truncated_completions).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from nanoalign.batch import process_prompts, render
+from nanoalign.model import gathered_for_generation
+from nanoalign.rewards import verify_answers
+
+
+@dataclass
+class Rollout:
+    prompt_enc: dict  # the processor batch (left-padded) the completions were sampled from, one row per completion
+    completion_ids: list[list[int]]  # sampled ids, up to and including the stop token
+    has_eos: list[bool]  # False when max_new_tokens was reached first
+    texts: list[str]  # decoded completions, for the reward functions
+
+
+def generation_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, stop_ids, pad_id) -> GenerationConfig:
+    """Plain sampling: every knob a checkpoint's generation_config.json may set (top_k, repetition
+    penalty, ...) is reset, so the sampled distribution is softmax(z / temperature) as the losses assume."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_p=top_p if not greedy else None,
+        top_k=None,
+        min_p=None,
+        repetition_penalty=None,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=pad_id,
+    )
+
+
+def split_completions(new_tokens: torch.Tensor, stop_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Cut each generated row after its first stop token. new_tokens: (N, L) -> ids per row, has_eos."""
+    completion_ids, has_eos = [], []
+    for row in new_tokens.tolist():
+        stop = next((i for i, tok in enumerate(row) if tok in stop_ids), None)
+        completion_ids.append(row if stop is None else row[: stop + 1])
+        has_eos.append(stop is not None)
+    return completion_ids, has_eos
+
+
+@torch.no_grad()
+def sample_completions(model, processor, prompts: list[list[dict]], images: list[list], *, num_generations: int,
+                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                       stop_ids: set[int], pad_id: int, device) -> Rollout:  # fmt: skip
+    """G completions for each prompt, rows ordered prompt-major: [p0 g0, p0 g1, ..., p1 g0, ...].
+
+    `model` is either the FSDP2-sharded Policy (its weights are gathered for the call) or any plain
+    HF model with .generate (e.g. an exported checkpoint).
+    """
+    texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(num_generations)]
+    row_images = [imgs for imgs in images for _ in range(num_generations)]
+    enc = process_prompts(processor, texts, row_images, padding_side="left")
+    config = generation_config(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id
+    )
+    gathered = gathered_for_generation(model) if hasattr(model, "hf") else contextlib.nullcontext()
+    with gathered:
+        out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
+    completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
+    decoded = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(enc, completion_ids, has_eos, decoded)
+
+
+def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device) -> tuple[float, float]:
+    """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
+
+    Returns (number correct, number of samples) for this rank's share; an unscorable sample counts
+    as not correct.
+    """
+    correct = 0.0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        rollout = sample_completions(
+            model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
+            max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
+        )  # fmt: skip
+        scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
+        correct += sum(1.0 for s in scores if s == 1.0)
+    return correct, float(len(samples))

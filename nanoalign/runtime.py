@@ -1,0 +1,89 @@
+"""Process group, device, and the handles every algorithm module is given (`Run`).
+
+The same code runs under `torchrun --nproc_per_node N` and as a plain `python train.py`: without
+torchrun we start a one-process group, so FSDP2 and every collective behave identically.
+Backend: NCCL on GPUs, gloo on CPUs.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from nanoalign.config import Config
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or create) the default process group. Returns (rank, world_size, device)."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:  # launched by torchrun: it set RANK, WORLD_SIZE, MASTER_ADDR/PORT
+            dist.init_process_group(backend)
+        else:  # a single process: an in-memory store is all a world of one needs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cpu")
+
+
+def device_mesh(world_size: int, device: torch.device):
+    return init_device_mesh(device.type, (world_size,))
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over ranks in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (same shape on every rank) in rank order."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def mean_over_ranks(metrics: dict[str, float], device) -> dict[str, float]:
+    """Average each metric over ranks (every rank must pass the same keys, in any order)."""
+    keys = sorted(metrics)
+    sums = all_reduce_sum([float(metrics[k]) for k in keys], device)
+    return {k: s / dist.get_world_size() for k, s in zip(keys, sums)}
+
+
+@dataclass
+class Run:
+    """What an algorithm module needs from the loop: config, model handles, where it runs."""
+
+    cfg: Config
+    processor: object
+    policy: torch.nn.Module  # the FSDP2-sharded nanoalign.model.Policy being trained
+    ref_policy: torch.nn.Module | None  # frozen, sharded the same way; None when the algorithm needs none
+    rank: int
+    world_size: int
+    device: torch.device
+    stop_ids: set[int]  # token ids that end an assistant turn (EOS of the tokenizer and generation config)
+    pad_id: int
+    reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
+
+
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that did not fail themselves, so every rank stops together."""
+
+
+def agree_on_failure(error: Exception | None, device) -> None:
+    """Collective: if any rank caught an error, every rank raises (the failing rank its own error).
+
+    Call it where ranks may fail independently (a bad sample, a raising reward function) and before
+    the next collective, so one failing rank never leaves the others waiting in an all-reduce.
+    """
+    (num_failed,) = all_reduce_sum([1.0 if error is not None else 0.0], device)
+    if error is not None:
+        raise error
+    if num_failed:
+        raise OtherRankFailed(f"{int(num_failed)} other rank(s) failed; their error is printed above")

@@ -1,0 +1,98 @@
+"""Supervised fine-tuning: maximise the likelihood of the assistant turns.
+
+    L = - SUM_{rows, t} M_t l_t  /  N          l_t = log p(token_t | tokens_<t, images)
+
+M_t = 1 on assistant tokens only (prompt, image placeholder and pad tokens never count, see
+batch.py) and N = the number of counted tokens in the whole optimizer step: every micro-batch on
+every rank. Normalising by that global count (not per micro-batch) makes gradient accumulation and
+data parallelism give exactly the gradient of one big batch (REFERENCE.md, "SFT").
+
+Differences from TRL: TRL's VLM SFT trains on image tokens and refuses assistant-only loss for
+VLMs; here only assistant tokens count.
+
+This file is also an algorithm module for train.py: DATA_FORMAT, needs_reference,
+samples_per_round, prepare, loss, evaluate.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoalign.batch import Batch, encode_conversations
+from nanoalign.data import BadSampleError
+from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum
+
+DATA_FORMAT = "sft"
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Summed NLL of the counted tokens divided by `num_tokens` (the step's global token count).
+
+    logps, mask: (B, T). Returns (loss, metrics) with metrics["nll_sum"] / ["num_tokens"] for this
+    micro-batch, so callers can compute exact token means over any set of micro-batches.
+    """
+    nll_sum = -(logps * mask).sum()
+    return nll_sum / num_tokens, {"nll_sum": nll_sum.detach(), "num_tokens": mask.sum().detach()}
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    num_step_tokens: float  # counted tokens over all micro-batches of the step, all ranks
+
+
+def needs_reference(cfg) -> bool:
+    return False
+
+
+def samples_per_round(cfg) -> int:
+    """Samples each rank draws per optimizer step."""
+    return cfg.batch_size * cfg.grad_accum_steps
+
+
+def encode(samples: list[dict], run: Run) -> Batch:
+    return encode_conversations(
+        run.processor, [s["messages"] for s in samples], [s["images"] for s in samples],
+        [s["sample_id"] for s in samples], max_length=run.cfg.max_length, stop_ids=run.stop_ids,
+        skip_overlong=run.cfg.skip_bad_samples,
+    )  # fmt: skip
+
+
+def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
+    """Encode one optimizer step's samples into grad_accum_steps micro-batches."""
+    size = run.cfg.batch_size
+    error, batches = None, []
+    try:
+        batches = [encode(samples[i : i + size], run) for i in range(0, len(samples), size)]
+    except BadSampleError as err:
+        error = err
+    agree_on_failure(error, run.device)
+    # One all-reduce per step gives every rank the global token count (REFERENCE: SFT normalisation).
+    (num_tokens,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
+    if num_tokens == 0:
+        raise ValueError(
+            "no assistant token to train on in this step: every row was skipped or truncated away; "
+            "raise --max-length or check the data"
+        )
+    stats = {"truncated_rows": sum(b.num_truncated for b in batches), "skipped_rows": sum(b.num_skipped for b in batches)}
+    return [MicroBatch(b.to(run.device), num_tokens) for b in batches], stats
+
+
+def loss(micro: MicroBatch, run: Run) -> tuple[torch.Tensor, dict]:
+    logps, _ = run.policy(**micro.batch.model_inputs())
+    # x world_size: FSDP averages gradients over ranks, and we want the sum over ranks / N.
+    value, stats = sft_loss(logps, micro.batch.mask, micro.num_step_tokens / run.world_size)
+    return value, {"num_tokens": float(stats["num_tokens"])}
+
+
+@torch.no_grad()
+def evaluate(samples: list[dict], run: Run) -> dict:
+    """Token-mean NLL of the held-out assistant turns (this rank's share; train.py sums over ranks)."""
+    nll_sum = num_tokens = 0.0
+    for i in range(0, len(samples), run.cfg.batch_size):
+        batch = encode(samples[i : i + run.cfg.batch_size], run).to(run.device)
+        logps, _ = run.policy(**batch.model_inputs())
+        _, stats = sft_loss(logps, batch.mask, 1.0)
+        nll_sum, num_tokens = nll_sum + float(stats["nll_sum"]), num_tokens + float(stats["num_tokens"])
+    (nll_sum, num_tokens) = all_reduce_sum([nll_sum, num_tokens], run.device)
+    return {"eval/loss": nll_sum / max(num_tokens, 1.0)}

@@ -1,0 +1,268 @@
+"""nanoalign's training loop: one file, every algorithm, FSDP2 in plain sight.
+
+    torchrun --nproc_per_node 2 train.py --algo sft          # built-in tiny VLM + synthetic shapes task
+    torchrun --nproc_per_node 2 train.py --algo gspo         # RL from the SFT-warmed tiny model
+    python train.py --algo dpo --model DIR --dataset DIR     # one process works too
+    python train.py --help                                   # every flag, from nanoalign/config.py
+
+The loop reads top to bottom: set up the process group, model, reference model, optimizer and data;
+then for each optimizer step ask the algorithm module for micro-batches (`prepare`: for SFT/DPO the
+step's encoded samples, for RL a generation batch: rollouts, rewards, advantages) and for each
+micro-batch's loss (`loss`), backward, clip, step, log, evaluate, checkpoint. The loop never
+branches on the algorithm's name; each algorithm is one module with the same six names:
+
+    DATA_FORMAT                  "sft" | "preference" | "rl": which columns its samples carry
+    needs_reference(cfg)         whether a frozen reference model is loaded
+    samples_per_round(cfg)       samples each rank draws per prepare() call
+    prepare(samples, run)        -> (micro_batches, metrics); may span several optimizer steps (RL)
+    loss(micro_batch, run)       -> (loss to backward, metrics)
+    evaluate(samples, run)       -> held-out metrics
+
+Non-goals: no Trainer class, no callbacks, no config nesting, no tensor/pipeline parallelism.
+"""
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+from nanoalign import grpo, mpo, online_dpo, rloo, sft
+from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoalign.config import PRESETS, Config
+from nanoalign.data import BadSampleError, fetch_samples, load_split, stream_indices
+from nanoalign.metrics import MetricsLog, plot_metrics
+from nanoalign.model import Policy, export_hf, load_hf_model, load_processor, shard_policy
+from nanoalign.rewards import load_reward_funcs
+from nanoalign.rollout import accuracy
+from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum, device_mesh, init_distributed, mean_over_ranks
+from nanoalign.tiny import BUILDERS, cache_dir, ensure_tiny, TINY_VERSION
+
+ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
+
+
+def parse_config(argv: list[str]) -> Config:
+    """`--algo` picks the preset (nanoalign/config.py); every other flag overrides the preset's value."""
+    algo = "sft"
+    for i, arg in enumerate(argv):
+        if arg == "--algo" and i + 1 < len(argv):
+            algo = argv[i + 1]
+        elif arg.startswith("--algo="):
+            algo = arg.split("=", 1)[1]
+    if algo not in PRESETS:
+        raise SystemExit(f"--algo {algo!r} is not one of {sorted(PRESETS)}")
+    return tyro.cli(Config, default=PRESETS[algo](), args=argv)
+
+
+def warm_start_config(seed: int) -> Config:
+    """The SFT run that produces the built-in "tiny-sft" model (cached like the other built-ins).
+
+    Deliberately short: the model should be right only part of the time, leaving RL room to improve.
+    """
+    return dataclasses.replace(
+        PRESETS["sft"](), out_dir=str(cache_dir() / f"tiny-sft-{TINY_VERSION}"), max_steps=120, seed=seed,
+        eval_every=0, save_every=0,
+    )  # fmt: skip
+
+
+def resolve_model(cfg: Config, rank: int) -> str:
+    """A directory to load from: built-in models are built (once, by one rank) and cached."""
+    if cfg.model == "tiny-sft":
+        warm = warm_start_config(cfg.seed)
+        if not (Path(warm.out_dir) / "final" / "config.json").exists():
+            if rank == 0:
+                print(f"building the SFT-warmed tiny model in {warm.out_dir} (first use only)", flush=True)
+            train(warm)
+        return str(Path(warm.out_dir) / "final")
+    if cfg.model in BUILDERS:
+        if rank == 0:  # on a shared filesystem one rank builds; the others wait at the barrier
+            ensure_tiny(cfg.model)
+        dist.barrier()
+        return str(ensure_tiny(cfg.model))
+    return cfg.model  # a local directory or a hub id
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
+    """Load the checkpoint and shard it with FSDP2 (nanoalign/model.py: vision blocks, layers, root)."""
+    hf_model = load_hf_model(model_dir, freeze_vision=cfg.freeze_vision)
+    if not trainable:  # the frozen reference: same sharding, never updated, no activation checkpoints
+        hf_model.requires_grad_(False).eval()
+    policy = Policy(hf_model, cfg.logps_chunk_size)
+    return shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
+
+
+def eval_samples(dataset, fmt: str, cfg: Config, run: Run) -> list[dict]:
+    """This rank's equal share of the first num_eval_samples held-out samples (equal, so every rank
+    runs the same number of forwards)."""
+    per_rank = min(cfg.num_eval_samples, len(dataset)) // run.world_size
+    indices = list(range(run.rank * per_rank, (run.rank + 1) * per_rank))
+    samples, _ = fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples)
+    return samples
+
+
+def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], model=None) -> dict:
+    """Held-out metrics: the algorithm's own (e.g. eval loss) and greedy-decoding accuracy."""
+    metrics = algo.evaluate(algo_eval, run) if algo_eval else {}
+    if accuracy_eval:
+        correct, total = accuracy(
+            model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
+            max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
+        )  # fmt: skip
+        correct, total = all_reduce_sum([correct, total], run.device)
+        metrics["eval/accuracy"] = correct / total
+    return metrics
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured. Returns the last step's metrics (with the final eval)."""
+    # ---------------------------------------------------------------- setup: processes, model, data
+    rank, world_size, device = init_distributed()
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # different rollouts on different ranks
+    model_dir = resolve_model(cfg, rank)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    algo = ALGOS[cfg.algo]
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    mesh = device_mesh(world_size, device)
+
+    processor = load_processor(model_dir)
+    policy = build_policy(model_dir, cfg, mesh, bf16, trainable=True)
+    ref_policy = build_policy(model_dir, cfg, mesh, bf16, trainable=False) if algo.needs_reference(cfg) else None
+    tokenizer = processor.tokenizer
+    eos = policy.hf.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
+    if algo.DATA_FORMAT == "rl":
+        run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+    train_data = load_split(cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns)
+    algo_eval, accuracy_eval = [], []
+    if cfg.eval_split:
+        algo_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns), algo.DATA_FORMAT, cfg, run)
+        if cfg.dataset == "shapes" or "solution" in (algo_eval[0] if algo_eval else {}):  # answers to check
+            accuracy_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples, cfg.columns), "rl", cfg, run)
+
+    # ---------------------------------------------------------------- resume
+    step, num_drawn = 0, 0  # optimizer steps done; samples drawn from the data stream (all ranks)
+    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        counters = load_checkpoint(ckpt, policy, optimizer, scheduler, rank)
+        step, num_drawn = counters["step"], counters["num_drawn"]
+        if rank == 0:
+            print(f"resumed from {ckpt} (step {step})", flush=True)
+    else:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True) if rank == 0 else None
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    log = MetricsLog(out_dir, rank, cfg.log_every)
+    if step == 0 and cfg.eval_split:
+        first_eval = evaluate(algo, run, algo_eval, accuracy_eval)
+        log.log(0, first_eval, force_print=True)
+
+    # ---------------------------------------------------------------- the loop
+    per_rank = algo.samples_per_round(cfg)
+    buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
+    metrics: dict = {}
+    progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        round_metrics = {}
+        if not buffer:
+            # Every rank reads its own slice of the same seeded stream (data.stream_indices).
+            start = num_drawn + rank * per_rank
+            indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
+            error, samples, num_skipped = None, [], 0
+            try:
+                samples, num_skipped = fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples)
+            except BadSampleError as err:
+                error = err
+            agree_on_failure(error, device)  # a bad sample stops every rank, at a step boundary
+            num_drawn += per_rank * world_size
+            buffer, round_metrics = algo.prepare(samples, run)
+            round_metrics["skipped_samples"] = num_skipped
+        micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
+
+        step_metrics: dict[str, float] = {}
+        loss_sum = 0.0
+        for micro in micro_batches:
+            loss, micro_metrics = algo.loss(micro, run)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for key, value in micro_metrics.items():  # mean over micro-batches
+                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):  # same value on every rank: the norm is all-reduced
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"step {step + 1}: the loss or gradients are not finite (grad norm {grad_norm}); no update was "
+                f"applied and the last checkpoint in {out_dir / 'checkpoints'} is intact. Lower --lr or "
+                "--max-grad-norm, or check the batch's samples: "
+                + ", ".join(s for m in micro_batches for s in getattr(getattr(m, "batch", None), "sample_ids", []))[:500]
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        # ------------------------------------------------------------ log, evaluate, checkpoint
+        metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum}, device)
+        metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], step_time=time.perf_counter() - t0)
+        if cfg.eval_split and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))
+        log.log(step, metrics, force_print=step == cfg.max_steps)
+        at_boundary = not buffer  # RL: only between generation batches, so a resume needs no rollout state
+        if at_boundary and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps):
+            save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
+    progress.close()
+
+    # ---------------------------------------------------------------- export, final check, plot
+    if cfg.export:
+        export_hf(policy, processor, out_dir / "final", rank)
+        dist.barrier()
+        if accuracy_eval:  # reload what was written and check it answers better than chance
+            exported = load_hf_model(str(out_dir / "final")).to(device).eval()
+            final = evaluate(algo, run, [], accuracy_eval, model=exported)
+            metrics["final/exported_accuracy"] = final["eval/accuracy"]
+            if rank == 0:
+                print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
+    if rank == 0:
+        if first_eval_accuracy := _first(out_dir, "eval/accuracy"):
+            print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
+        plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
+    return metrics
+
+
+def _first(out_dir: Path, key: str) -> float | None:
+    """The first logged value of `key` in this run's metrics.jsonl."""
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        if (value := json.loads(line).get(key)) is not None:
+            return value
+    return None
+
+
+if __name__ == "__main__":
+    train(parse_config(sys.argv[1:]))
+    dist.destroy_process_group()
