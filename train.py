@@ -156,10 +156,11 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    train_data = load_split(cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns)
+    train_data = run.train_data = load_split(cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns)
     algo_eval, accuracy_eval = [], []
     if cfg.eval_split:
-        algo_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns), algo.DATA_FORMAT, cfg, run)
+        run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns)
+        algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run)
         if cfg.dataset == "shapes" or "solution" in (algo_eval[0] if algo_eval else {}):  # answers to check
             accuracy_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples, cfg.columns), "rl", cfg, run)
 
@@ -168,6 +169,7 @@ def train(cfg: Config) -> dict:
     if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         counters = load_checkpoint(ckpt, policy, optimizer, scheduler, rank)
         step, num_drawn = counters["step"], counters["num_drawn"]
+        run.step = step
         if rank == 0:
             print(f"resumed from {ckpt} (step {step})", flush=True)
     else:
@@ -224,6 +226,7 @@ def train(cfg: Config) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        run.step = step
         progress.update(1)
 
         # ------------------------------------------------------------ log, evaluate, checkpoint

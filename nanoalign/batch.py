@@ -157,12 +157,16 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
                         f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
                         "--skip-bad-samples to skip such samples."
                     )
+                # Kept (so ranks stay in step) but contributes nothing. Cutting it at max_length would
+                # leave fewer image tokens than its pixel_values have features and break the forward,
+                # so it keeps its whole prompt (all its image tokens) and drops only its answer.
                 num_skipped += 1
-                mask = torch.zeros_like(mask)  # kept (so ranks stay in step) but contributes nothing
+                keep = len(row["input_ids"])  # > max_length: the cut image tokens are in the prompt
             else:
                 num_truncated += 1
-            full = {k: v[:max_length] for k, v in full.items()}
-            mask = mask[:max_length]
+                keep = max_length
+            full = {k: v[:keep] for k, v in full.items()}
+            mask = mask[:keep] if keep == max_length else torch.zeros(keep)
         packed.append((full, mask))
     length = max(len(m) for _, m in packed)
     out = {}

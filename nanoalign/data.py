@@ -215,7 +215,8 @@ def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: b
         for attempt in range(len(dataset)):
             candidate = (index + attempt) % len(dataset)
             try:
-                samples.append(prepare_sample(dataset[candidate], fmt, f"sample {candidate} of split {split!r}"))
+                sample = prepare_sample(dataset[candidate], fmt, f"sample {candidate} of split {split!r}")
+                samples.append({**sample, "index": candidate, "split": split})
                 break
             except BadSampleError:
                 if not skip_bad:

@@ -23,8 +23,16 @@ Simplified / decided here:
     - the sft term is passed in (chosen_nll), because only the caller has the per-token logits.
 """
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoalign.batch import Batch, encode_conversations
+from nanoalign.data import BadSampleError, fetch_samples
+from nanoalign.runtime import agree_on_failure, all_gather_rows, all_reduce_sum, mean_over_ranks
 
 LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")
 
@@ -122,3 +130,144 @@ def mpo_loss(
     metrics["logps/chosen"] = policy_chosen_logps.detach().mean()
     metrics["logps/rejected"] = policy_rejected_logps.detach().mean()
     return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# The algorithm module train.py drives (--algo dpo / --algo mpo)
+#
+# A micro-batch holds B pairs as 2B rows, [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]: one
+# forward scores both answers of every prompt, each row with its own copy of the prompt's images.
+
+DATA_FORMAT = "preference"
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch  # 2B rows: B chosen, then the B rejected answers of the same prompts
+    ref_logps: torch.Tensor  # (2B,) frozen reference's completion log-prob sums, same row order
+    num_step_pairs: float  # pairs in the whole optimizer step, all ranks
+    num_step_chosen_tokens: float  # counted chosen tokens in the whole optimizer step, all ranks
+
+
+def needs_reference(cfg) -> bool:
+    return not cfg.precompute_ref_logps  # precomputed: the table replaces the second model
+
+
+def samples_per_round(cfg) -> int:
+    return cfg.batch_size * cfg.grad_accum_steps
+
+
+def encode_pairs(samples: list[dict], run) -> Batch:
+    """2B rows: prompt + chosen answer for every sample, then prompt + rejected answer."""
+    return encode_conversations(
+        run.processor,
+        [s["prompt"] + s["chosen"] for s in samples] + [s["prompt"] + s["rejected"] for s in samples],
+        [s["images"] for s in samples] * 2,
+        [f"{s['sample_id']} (chosen)" for s in samples] + [f"{s['sample_id']} (rejected)" for s in samples],
+        max_length=run.cfg.max_length, stop_ids=run.stop_ids, last_turn_only=True,
+        skip_overlong=run.cfg.skip_bad_samples,
+    )  # fmt: skip
+
+
+def completion_logps(policy, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums over completion tokens, SUM_t M l_t (B,), and the per-token logps (B, T)."""
+    logps, _ = policy(**batch.model_inputs())
+    return (logps * batch.mask).sum(1), logps
+
+
+@torch.no_grad()
+def reference_logps(samples: list[dict], batch: Batch, run) -> torch.Tensor:
+    """(2B,) reference sums: from the frozen reference model, or from the precomputed table."""
+    if run.ref_policy is not None:
+        return completion_logps(run.ref_policy, batch)[0]
+    table = precomputed_reference(run)
+    rows = torch.stack([table[s["split"]][s["index"]] for s in samples])  # (B, 2): chosen, rejected
+    return torch.cat([rows[:, 0], rows[:, 1]]).to(run.device)
+
+
+def precomputed_reference(run) -> dict[str, torch.Tensor]:
+    """{split: (N, 2) chosen/rejected reference sums}, computed once before the first update and saved.
+
+    Before any optimizer step the policy IS the reference, so we score every train and eval pair
+    with it, all ranks splitting the work, and save the table in out_dir: later epochs and resumed
+    runs read it back instead of keeping a second model in memory (--precompute-ref-logps).
+    """
+    if run.ref_logps_table is not None:
+        return run.ref_logps_table
+    path = Path(run.cfg.out_dir) / "ref_logps.pt"
+    if path.exists():
+        run.ref_logps_table = torch.load(path)
+        return run.ref_logps_table
+    if run.step > 0:
+        raise ValueError(f"{path} is missing, and after training started the reference can no longer be recomputed; "
+                         "restart the run from scratch (or drop --precompute-ref-logps)")  # fmt: skip
+    table = {}
+    for split, dataset in ((run.cfg.train_split, run.train_data), (run.cfg.eval_split, run.eval_data)):
+        if dataset is None:
+            continue
+        per_rank = -(-len(dataset) // run.world_size)  # ceil: the last rank pads with repeats
+        mine = [min(i, len(dataset) - 1) for i in range(run.rank * per_rank, (run.rank + 1) * per_rank)]
+        sums = []
+        for start in tqdm(range(0, per_rank, run.cfg.batch_size), desc=f"reference log-probs ({split})", disable=run.rank != 0):
+            samples, _ = fetch_samples(dataset, mine[start : start + run.cfg.batch_size], DATA_FORMAT, split, run.cfg.skip_bad_samples)
+            pair_sums = completion_logps(run.policy, encode_pairs(samples, run).to(run.device))[0]  # (2b,)
+            sums.append(torch.stack(pair_sums.chunk(2), dim=1))  # (b, 2)
+        table[split] = all_gather_rows(torch.cat(sums))[: len(dataset)].cpu()  # rank-major = index order
+    if run.rank == 0:
+        torch.save(table, path)
+    run.ref_logps_table = table
+    return table
+
+
+def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+    """Encode one optimizer step's pairs into micro-batches and score them with the reference."""
+    size = run.cfg.batch_size
+    error, batches = None, []
+    try:
+        batches = [encode_pairs(samples[i : i + size], run).to(run.device) for i in range(0, len(samples), size)]
+    except BadSampleError as err:
+        error = err
+    agree_on_failure(error, run.device)
+    refs = [reference_logps(samples[i : i + size], b, run) for i, b in zip(range(0, len(samples), size), batches)]
+    chosen_tokens = sum(float(b.mask.chunk(2)[0].sum()) for b in batches)
+    num_pairs, num_chosen_tokens = all_reduce_sum([float(len(samples)), chosen_tokens], run.device)
+    micro = [MicroBatch(b, r, num_pairs, num_chosen_tokens) for b, r in zip(batches, refs)]
+    stats = {"truncated_rows": sum(b.num_truncated for b in batches), "skipped_rows": sum(b.num_skipped for b in batches)}
+    return micro, stats
+
+
+def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
+    sums, logps = completion_logps(policy, micro.batch)
+    chosen, rejected = sums.chunk(2)  # (B,) each
+    ref_chosen, ref_rejected = micro.ref_logps.chunk(2)
+    lengths = micro.batch.mask.sum(1).chunk(2)
+    num_pairs = chosen.shape[0]
+    # Normalise by the whole step (all micro-batches, all ranks), as SFT does, so accumulation and
+    # data parallelism give the big-batch gradient. mpo_loss averages the pair terms over this
+    # micro-batch, so we scale its result by share = B / P_step; its sft term then needs
+    # chosen_nll = (NLL sum / T_step) / share to come out as the step's token mean.
+    share = num_pairs / micro.num_step_pairs
+    nll_sum = -(logps.chunk(2)[0] * micro.batch.mask.chunk(2)[0]).sum()
+    chosen_nll = nll_sum / micro.num_step_chosen_tokens / share
+    value, metrics = mpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, chosen_nll, run.cfg.beta, run.cfg.loss_types, run.cfg.loss_weights,
+        chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+    )  # fmt: skip
+    return value * share, {k: float(v) for k, v in metrics.items()}
+
+
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    value, metrics = _pair_loss(micro, run.policy, run)
+    return value * run.world_size, metrics  # x world_size: FSDP averages gradients over ranks
+
+
+@torch.no_grad()
+def evaluate(samples: list[dict], run) -> dict:
+    """Implicit-reward metrics on held-out pairs (rewards/accuracies is the headline)."""
+    micro, _ = prepare(samples, run)  # one "step" over the held-out pairs
+    totals: dict[str, float] = {}
+    for m in micro:
+        _, metrics = _pair_loss(m, run.policy, run)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value / len(micro)
+    return mean_over_ranks({f"eval/{k}": v for k, v in totals.items()}, run.device)

@@ -69,7 +69,11 @@ class Run:
     device: torch.device
     stop_ids: set[int]  # token ids that end an assistant turn (EOS of the tokenizer and generation config)
     pad_id: int
+    step: int = 0  # optimizer steps done so far (the loop keeps it current)
+    train_data: object = None  # map-style datasets of raw rows (nanoalign/data.py)
+    eval_data: object = None
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
+    ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
 
 
 class OtherRankFailed(RuntimeError):

@@ -1,0 +1,137 @@
+"""A gloo weight-transfer engine for vLLM, so a trainer can push weights into a vLLM server on CPUs.
+
+vLLM's built-in weight-transfer engines are "nccl" (separate GPUs) and "ipc" (CUDA IPC, same GPU);
+neither runs without a GPU. vLLM lets a package add its own engine: at start-up every vLLM process
+calls the functions listed under the `vllm.general_plugins` entry point, and ours (`register`, see
+pyproject.toml) registers the class below as backend "gloo". Start the server with
+`--weight-transfer-config '{"backend":"gloo"}'` (`python -m nanoalign.serve` does this on a CPU).
+
+This file runs INSIDE the vLLM server's worker processes; the trainer's half of the protocol is
+`WeightSync` in nanoalign/vllm_client.py. The protocol is the one vLLM's NCCL engine speaks, on gloo:
+
+  init      the trainer (rank 0) opens a TCPStore and sends /init_weight_transfer_engine with its
+            address; each vLLM worker joins a private gloo group as rank 1 + worker index.
+  start     vLLM's layerwise-reload helpers prepare the model to receive checkpoint-format weights.
+  update    /update_weights announces (names, dtypes, shapes). Both sides cut that list into the same
+            buckets (`plan_buckets`), and each bucket is one flat buffer broadcast from rank 0,
+            which this side splits back into HF-named tensors for the model's own `load_weights`.
+  finish    vLLM's helpers run the model's post-load processing (e.g. CPU weight repacking).
+
+Simplifications: one buffer in flight on each side (the next bucket's receive is posted before the
+current one is loaded, nothing more); no tensor/pipeline-parallel sharding on the trainer side (every
+worker receives the whole model and its `load_weights` keeps its own shard).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+from nanoalign.vllm_client import gloo_group, plan_buckets
+
+BACKEND = "gloo"
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    """The body of /init_weight_transfer_engine, written by `WeightSync` on the trainer."""
+
+    master_address: str  # the trainer's TCPStore, reachable from this server
+    master_port: int
+    rank_offset: int  # ranks before the first vLLM worker: 1 (the trainer)
+    world_size: int  # trainer + every vLLM worker
+    bucket_bytes: int  # both sides must cut buckets at the same places
+    timeout_s: float  # a broadcast that waits longer fails instead of hanging
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    """The body of /update_weights: what will arrive, in order (the same fields as vLLM's NCCL engine)."""
+
+    names: list[str]  # HF checkpoint names, e.g. model.language_model.layers.0.self_attn.q_proj.weight
+    dtype_names: list[str]  # "float32", "bfloat16", ...
+    shapes: list[list[int]]
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model):
+        super().__init__(config, vllm_config, device, model)
+        self.group = None  # the gloo group with the trainer, once /init_weight_transfer_engine ran
+        self.bucket_bytes = 0
+        self.load_error: str | None = None  # the first tensor this model could not load, reported at finish
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        # A unique rank per worker across data-parallel replicas, computed as vLLM's NCCL engine does.
+        parallel = self.parallel_config
+        rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
+        # A new trainer may connect after an old one went away: the old group is simply replaced.
+        self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s)
+        self.bucket_bytes = init_info.bucket_bytes
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        self.load_error = None
+        initialize_layerwise_reload(self.model)
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer: /update_weights before /init_weight_transfer_engine")
+        dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        buckets = plan_buckets(update_info.dtype_names, update_info.shapes, self.bucket_bytes)
+
+        def post(bucket: list[int]):  # allocate a bucket's flat buffer and post its (async) receive
+            numel = sum(torch.Size(update_info.shapes[i]).numel() for i in bucket)
+            flat = torch.empty(numel, dtype=dtypes[bucket[0]])  # (sum of numels,) one dtype per bucket
+            return flat, self.group.broadcast(flat, 0)
+
+        pending = post(buckets[0]) if buckets else None
+        for k, bucket in enumerate(buckets):
+            flat, work = pending
+            work.wait()  # gives up after the group's timeout (the trainer's --vllm-timeout)
+            # Post the next receive before loading this bucket, so the trainer can send while we load.
+            pending = post(buckets[k + 1]) if k + 1 < len(buckets) else None
+            sizes = [torch.Size(update_info.shapes[i]).numel() for i in bucket]
+            # A fresh buffer per bucket: layerwise reload keeps references to these views until
+            # the layer they belong to is complete, so a reused buffer would be overwritten.
+            named = [(update_info.names[i], t.view(update_info.shapes[i])) for i, t in zip(bucket, flat.split(sizes))]
+            if self.load_error is not None:
+                continue  # keep draining: the trainer broadcasts every bucket whatever happens here
+            try:
+                self.model.load_weights(named)
+            except Exception as err:  # noqa: BLE001 -- any failure is reported at finish, see below
+                # Raising here would leave the trainer blocked in a broadcast nobody receives (until
+                # the timeout) and vLLM's model half-reloaded. Instead we receive the rest, let
+                # finish restore the untouched layers, and raise there with the name that failed.
+                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named[:3])
+                self.load_error = f"{type(err).__name__}: {err} (while loading {shapes}{', ...' if len(named) > 3 else ''})"
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        if self.load_error is not None:
+            error, self.load_error = self.load_error, None
+            raise ValueError(
+                f"the served model could not load the weights the trainer sent: {error}. Is this server "
+                f"serving the same model architecture as the trainer's --model? Restart it with that model."
+            )
+
+    def shutdown(self) -> None:
+        self.group = None  # dropping the last reference closes the gloo sockets
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: make backend "gloo" available in this vLLM process.
+
+    vLLM calls general plugins once per process; a second call in the same process (e.g. two
+    in-process vLLM engines) finds the name taken, which is fine: it is our own class.
+    """
+    try:
+        WeightTransferEngineFactory.register_engine(BACKEND, GlooWeightTransferEngine)
+    except ValueError:  # already registered in this process
+        pass
