@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from nanoalign import grpo, mpo, online_dpo, rloo, sft
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -130,6 +131,7 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
 
 def train(cfg: Config) -> dict:
     """Run training as configured. Returns the last step's metrics (with the final eval)."""
+    hf_logging.disable_progress_bar()  # per-file loading bars would bury the step lines
     # ---------------------------------------------------------------- setup: processes, model, data
     rank, world_size, device = init_distributed()
     random.seed(cfg.seed + rank)
@@ -156,13 +158,19 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    train_data = run.train_data = load_split(cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns)
+    train_data = run.train_data = load_split(
+        cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns, cfg.shapes_overcount
+    )
     algo_eval, accuracy_eval = [], []
     if cfg.eval_split:
         run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns)
         algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run)
-        if cfg.dataset == "shapes" or "solution" in (algo_eval[0] if algo_eval else {}):  # answers to check
-            accuracy_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples, cfg.columns), "rl", cfg, run)
+        if algo.DATA_FORMAT == "rl":
+            accuracy_eval = algo_eval
+        elif cfg.dataset == "shapes":  # the built-in task has gold answers in every format
+            accuracy_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples), "rl", cfg, run)
+        if accuracy_eval and "solution" not in accuracy_eval[0]:
+            accuracy_eval = []  # no gold answers to check generations against
 
     # ---------------------------------------------------------------- resume
     step, num_drawn = 0, 0  # optimizer steps done; samples drawn from the data stream (all ranks)
@@ -171,9 +179,10 @@ def train(cfg: Config) -> dict:
         step, num_drawn = counters["step"], counters["num_drawn"]
         run.step = step
         if rank == 0:
+            truncate_metrics(out_dir / "metrics.jsonl", step)
             print(f"resumed from {ckpt} (step {step})", flush=True)
-    else:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True) if rank == 0 else None
+    elif rank == 0:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = MetricsLog(out_dir, rank, cfg.log_every)
@@ -222,6 +231,7 @@ def train(cfg: Config) -> dict:
                 "--max-grad-norm, or check the batch's samples: "
                 + ", ".join(s for m in micro_batches for s in getattr(getattr(m, "batch", None), "sample_ids", []))[:500]
             )
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,7 +241,7 @@ def train(cfg: Config) -> dict:
 
         # ------------------------------------------------------------ log, evaluate, checkpoint
         metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum}, device)
-        metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], step_time=time.perf_counter() - t0)
+        metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
         if cfg.eval_split and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))
         log.log(step, metrics, force_print=step == cfg.max_steps)
@@ -251,14 +261,30 @@ def train(cfg: Config) -> dict:
             if rank == 0:
                 print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
     if rank == 0:
-        if first_eval_accuracy := _first(out_dir, "eval/accuracy"):
+        if first_eval_accuracy := first_logged(out_dir, "eval/accuracy"):
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
     return metrics
 
 
-def _first(out_dir: Path, key: str) -> float | None:
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint (and a half-written last line), so
+    the resumed run's records follow on without duplicates."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line the kill cut short
+        if record["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def first_logged(out_dir: Path, key: str) -> float | None:
     """The first logged value of `key` in this run's metrics.jsonl."""
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         if (value := json.loads(line).get(key)) is not None:

@@ -17,7 +17,8 @@ A conversation with several assistant turns is prompt + (answer, follow-up promp
 must sit before the first answer, because only the first prompt goes through the processor.
 Rows longer than max_length lose their tail text (counted in `num_truncated`); a row whose image
 tokens would be cut is refused with an error naming the sample, or with skip_overlong kept with an
-all-zero loss mask (counted in `num_skipped`), so every rank still runs the same forwards.
+all-zero loss mask (counted in `num_skipped`), so every rank still runs the same forwards; such a row
+keeps its whole prompt (every image token), so it is the one row that may exceed max_length.
 """
 
 from dataclasses import dataclass, field
@@ -162,11 +163,12 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
                 # so it keeps its whole prompt (all its image tokens) and drops only its answer.
                 num_skipped += 1
                 keep = len(row["input_ids"])  # > max_length: the cut image tokens are in the prompt
+                mask = torch.zeros(keep)
             else:
                 num_truncated += 1
                 keep = max_length
+                mask = mask[:keep]
             full = {k: v[:keep] for k, v in full.items()}
-            mask = mask[:keep] if keep == max_length else torch.zeros(keep)
         packed.append((full, mask))
     length = max(len(m) for _, m in packed)
     out = {}

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 KEEP = 2
 
@@ -49,7 +54,9 @@ def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: 
         tmp = root / "latest.tmp"
         tmp.write_text(path.name)
         tmp.replace(root / "latest")
-        for old in sorted(root.glob("step_*"))[:-KEEP]:
+        # Only checkpoints up to this one: a --no-resume rerun in the same out_dir may find later
+        # steps of the abandoned run, and sorting them in would delete the checkpoint just written.
+        for old in sorted(p for p in root.glob("step_*") if p.name <= path.name)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
@@ -63,9 +70,18 @@ def latest_checkpoint(out_dir) -> Path | None:
 def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters."""
     model_state, optim_state = get_state_dict(policy, optimizer)
+    # get_state_dict gives a fresh optimizer state for every parameter, but AdamW keeps none for a
+    # parameter that never had a gradient (e.g. LLaVA's vision post_layernorm, unused when features
+    # come from hidden_states), so the checkpoint has none either: ask only for what was saved.
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata  # flattened "optim.state.<fqn>.<key>"
+    optim_state["state"] = {
+        fqn: s for fqn, s in optim_state["state"].items() if all(f"optim.state.{fqn}.{k}" in saved for k in s)
+    }
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(policy, state["model"])  # strict: every weight must be in the checkpoint
+    # strict=False only lets those stateless parameters stay without state, as in the run that saved it.
+    set_optimizer_state_dict(policy, optimizer, state["optim"], options=StateDictOptions(strict=False))
     extra_path = path / f"rank{rank}.pt"
     if not extra_path.exists():
         raise ValueError(f"{path} has no state for rank {rank}: resume with the world size that saved it")

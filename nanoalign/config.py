@@ -32,6 +32,9 @@ class Config:
     `--columns images=image messages=conversations`."""
     num_shapes_samples: int = 20000
     """Size of the built-in shapes train split (the eval split has num_eval_samples)."""
+    shapes_overcount: float = 0.0
+    """Fraction of "how many" answers in the shapes SFT train data that are one too many (a biased
+    teacher; the built-in tiny-sft warm start uses 0.6 so that RL has a mistake to fix)."""
     out_dir: str = "runs/sft"
     """Where checkpoints, metrics.jsonl, plots and the exported model go."""
     seed: int = 0

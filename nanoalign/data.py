@@ -36,23 +36,23 @@ class BadSampleError(ValueError):
 class ShapesDataset:
     """The built-in synthetic task as a map-style dataset (samples are drawn on access)."""
 
-    def __init__(self, split: str, fmt: str, num_samples: int):
-        self.split, self.fmt, self.num_samples = split, fmt, num_samples
+    def __init__(self, split: str, fmt: str, num_samples: int, overcount: float = 0.0):
+        self.split, self.fmt, self.num_samples, self.overcount = split, fmt, num_samples, overcount
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        return shapes_sample(self.split, index, self.fmt)
+        return shapes_sample(self.split, index, self.fmt, overcount=self.overcount)
 
 
-def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = ()):
+def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = (), overcount: float = 0.0):
     """Dataset `dataset`'s `split` as a map-style dataset of raw rows (images not yet decoded).
 
-    `num_samples` sizes the built-in shapes split; real datasets have their own size.
+    `num_samples` and `overcount` shape the built-in shapes split; real datasets have their own size.
     """
     if dataset == "shapes":
-        return ShapesDataset(split, fmt, num_samples)
+        return ShapesDataset(split, fmt, num_samples, overcount)
     import datasets
 
     path = Path(dataset)
@@ -119,7 +119,12 @@ def _as_turns(value, role: str, field_name: str, sample_id: str) -> list[dict]:
         return [{"role": role, "content": [{"type": "text", "text": value}]}]
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         raise BadSampleError(f"{sample_id}: column {field_name!r} must be a string or a list of {{role, content}} messages")
-    return [dict(m) for m in value]
+    # Arrow-backed datasets give every content item the union of all items' keys, filled with None
+    # ({"type": "text", "text": "hi", "image": None}); chat templates test `'image' in item`, so drop them.
+    return [
+        {**m, "content": m["content"] if isinstance(m["content"], str) else [{k: v for k, v in c.items() if v is not None} for c in m["content"]]}
+        for m in value
+    ]
 
 
 def _num_placeholders(messages: list[dict]) -> int:

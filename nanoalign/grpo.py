@@ -30,7 +30,13 @@ Simplified / decided here:
       sequences, fully masked ones included); for every other input they agree.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+from nanoalign.batch import Batch
+from nanoalign.rollout import completion_batch, completion_metrics, rollout_chunks, score_rollouts, token_logps
+from nanoalign.runtime import all_gather_rows, all_reduce_sum
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -302,3 +308,113 @@ def grpo_loss(
         has_tokens = (lengths > 0).to(mask.dtype).unsqueeze(-1)  # (B, 1)
         metrics.update(clip_fractions(w_capped, A, has_tokens, epsilon, epsilon_high))
     return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# The algorithm module train.py drives (--algo grpo / --algo gspo)
+#
+# One prepare() = one generation batch: each rank samples G completions for its prompts, rewards
+# are gathered over ranks for the advantages, and the rows are cut into steps_per_generation
+# micro-batches (repeated num_iterations times) that the loop consumes grad_accum_steps at a time.
+
+DATA_FORMAT = "rl"
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch  # prompt + completion rows; mask = completion tokens
+    advantages: torch.Tensor  # (B,)
+    old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
+    ref_logps: torch.Tensor | None  # (B, T) frozen reference, when beta > 0
+    num_items: float  # dapo normaliser: active tokens of the generation batch, all ranks, / world_size
+    sampler_weights: torch.Tensor | None = None  # (B, T) or (B, 1) vLLM importance-sampling correction
+
+
+def needs_reference(cfg) -> bool:
+    return cfg.beta > 0
+
+
+def samples_per_round(cfg) -> int:
+    """Prompts each rank draws per generation batch: batch_size x steps_per_generation rows / G."""
+    rows = cfg.batch_size * cfg.steps_per_generation
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --num-generations {cfg.num_generations}: "
+            "a micro-batch holds whole groups"
+        )
+    if cfg.steps_per_generation % cfg.grad_accum_steps and cfg.grad_accum_steps % cfg.steps_per_generation:
+        raise ValueError("--steps-per-generation and --grad-accum-steps must divide one another")
+    return rows // cfg.num_generations
+
+
+def keeps_old_logps(cfg) -> bool:
+    """Old log-probs must be stored when the policy moves between sampling and a micro-batch's loss."""
+    return cfg.num_iterations > 1 or cfg.steps_per_generation > cfg.grad_accum_steps
+
+
+def generation_round(samples: list[dict], run) -> tuple[list[Batch], torch.Tensor, torch.Tensor, dict]:
+    """Sample, score and batch one generation round (shared by GRPO/GSPO and RLOO).
+
+    Returns the micro-batches (rows in prompt-major order), this rank's (N, K) weighted rewards,
+    all ranks' rewards gathered (N * world_size, K), and the round's metrics.
+    """
+    cfg = run.cfg
+    rollouts = rollout_chunks(samples, run, cfg.num_generations)
+    rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
+    all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
+    batches = [completion_batch(r, run, cfg.mask_truncated_completions) for r in rollouts]
+    total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
+    group_std = _nan_std(total, dim=1)  # (P_global, 1)
+    metrics.update(completion_metrics(rollouts))
+    metrics.update({
+        "reward": float(torch.nanmean(total)),
+        "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
+        "frac_reward_zero_std": float((group_std < 1e-8).float().mean()),
+    })  # fmt: skip
+    return batches, rewards, all_rewards, metrics
+
+
+def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+    cfg = run.cfg
+    batches, rewards, all_rewards, metrics = generation_round(samples, run)
+    advantages = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
+    start = run.rank * rewards.shape[0]
+    mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)  # this rank's rows
+    (active,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
+    micro = [
+        MicroBatch(
+            batch=b,
+            advantages=adv,
+            old_logps=token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) else None,
+            ref_logps=token_logps(run.ref_policy, b, cfg.temperature) if cfg.beta > 0 else None,
+            num_items=active / run.world_size,
+        )
+        for b, adv in zip(batches, mine)
+    ]
+    return micro * cfg.num_iterations, metrics
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    cfg = run.cfg
+    logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True)
+    # num_iterations = 1 and one step per generation: old = sg(l), ratio 1 in value, gradient kept.
+    old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
+    value, metrics = grpo_loss(
+        logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
+        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
+        importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
+        num_items=micro.num_items, sampler_weights=micro.sampler_weights,
+    )  # fmt: skip
+    if cfg.loss_type != "dapo":  # dapo is already normalised by the whole batch's token count
+        value = value / cfg.grad_accum_steps
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
+    return value, metrics
+
+
+def evaluate(samples: list[dict], run) -> dict:
+    return {}  # held-out accuracy (greedy decoding, math-verify) is measured by train.py for every algorithm

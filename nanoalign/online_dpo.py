@@ -18,10 +18,16 @@ Simplified / decided here:
       (TRL's nansum would score NaN as 0.)
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from nanoalign import grpo
+from nanoalign.batch import Batch
 from nanoalign.grpo import combine_rewards
 from nanoalign.mpo import mpo_loss
+from nanoalign.rollout import completion_batch, completion_metrics, rollout_chunks, score_rollouts, token_logps
+from nanoalign.runtime import all_reduce_sum
 
 
 def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
@@ -79,3 +85,83 @@ def online_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         ["sigmoid"],
         [1.0],
     )
+
+
+# -----------------------------------------------------------------------------
+# The algorithm module train.py drives (--algo online_dpo). Rollouts and rewards are the RL ones
+# (nanoalign/rollout.py) with G = 2; the loss is mpo.py's sigmoid DPO loss.
+
+DATA_FORMAT = "rl"
+PAIR_METRICS = ("loss/sigmoid", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch  # 2 rows per prompt, adjacent, as sampled
+    chosen: torch.Tensor  # (P_valid,) row index of each rankable pair's chosen completion
+    rejected: torch.Tensor  # (P_valid,)
+    ref_logps: torch.Tensor  # (2P,) reference completion log-prob sums (no temperature)
+    pairs_per_micro_batch: float  # mean valid pairs per micro-batch over the round, all ranks
+
+
+def needs_reference(cfg) -> bool:
+    return True
+
+
+def samples_per_round(cfg) -> int:
+    if cfg.num_generations != 2:
+        raise ValueError(f"online DPO compares 2 completions per prompt; set --num-generations 2 (got {cfg.num_generations})")
+    return grpo.samples_per_round(cfg)
+
+
+def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+    cfg = run.cfg
+    rollouts = rollout_chunks(samples, run, 2)
+    rewards, metrics = score_rollouts(rollouts, samples, run, 2)
+    metrics.update(completion_metrics(rollouts))
+    micro, scores, num_skipped = [], {"chosen": [], "rejected": []}, 0
+    for rollout, chunk_rewards in zip(rollouts, rewards.split(cfg.batch_size)):
+        has_eos = torch.tensor(rollout.has_eos, device=run.device)
+        chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
+        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=run.device)
+        valid = pair_metrics["valid"] & ~empty  # unrankable (all rewards None) or both answers empty: skipped
+        num_skipped += int((~valid).sum())
+        totals = combine_rewards(chunk_rewards)  # (2P,)
+        scores["chosen"] += totals[chosen[valid]].tolist()
+        scores["rejected"] += totals[rejected[valid]].tolist()
+        batch = completion_batch(rollout, run, mask_truncated=False)
+        ref = (token_logps(run.ref_policy, batch) * batch.mask).sum(1)  # REFERENCE: no temperature
+        micro.append(MicroBatch(batch, chosen[valid], rejected[valid], ref, 0.0))
+    num_valid, num_micro = all_reduce_sum([float(sum(len(m.chosen) for m in micro)), float(len(micro))], run.device)
+    for m in micro:
+        m.pairs_per_micro_batch = num_valid / num_micro
+    if num_skipped and run.rank == 0:
+        print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were both empty or unscorable", flush=True)
+    chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
+    metrics.update({
+        "skipped_pairs": float(num_skipped),
+        "frac_ties": float((chosen_scores == rejected_scores).float().mean()) if len(chosen_scores) else 0.0,
+        "scores/chosen": float(chosen_scores.nanmean()) if len(chosen_scores) else float("nan"),
+        "scores/rejected": float(rejected_scores.nanmean()) if len(rejected_scores) else float("nan"),
+        "reward": float(combine_rewards(rewards).nanmean()),
+    })  # fmt: skip
+    metrics["scores/margin"] = metrics["scores/chosen"] - metrics["scores/rejected"]
+    return micro, metrics
+
+
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    logps, _ = run.policy(**micro.batch.model_inputs())
+    sums = (logps * micro.batch.mask).sum(1)  # (2P,) SUM_t M l_t
+    if len(micro.chosen) == 0:  # nothing rankable here; still backward so FSDP's gradient reduction runs
+        return sums.sum() * 0.0, dict.fromkeys(PAIR_METRICS, float("nan"))  # same keys on every rank
+    value, metrics = online_dpo_loss(
+        sums[micro.chosen], sums[micro.rejected], micro.ref_logps[micro.chosen], micro.ref_logps[micro.rejected], run.cfg.beta
+    )
+    # mean over this micro-batch's pairs -> share of the round's average micro-batch, as in mpo.py
+    weight = len(micro.chosen) / micro.pairs_per_micro_batch
+    return value * weight / run.cfg.grad_accum_steps, {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate(samples: list[dict], run) -> dict:
+    return {}  # held-out accuracy is measured by train.py for every algorithm

@@ -52,6 +52,9 @@ from math_verify import LatexExtractionConfig, parse, verify
 from sympy import Basic, MatrixBase
 
 logger = logging.getLogger(__name__)
+# We turn math-verify's signal-based timeouts off on purpose (see _verify_one) and enforce our own;
+# it warns about that on every call, which would flood the training log.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 RewardFunc = Callable[..., list[float | None]]
 

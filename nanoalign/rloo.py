@@ -20,8 +20,14 @@ Simplified / decided here:
     - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from nanoalign import grpo
+from nanoalign.batch import Batch
+from nanoalign.rollout import token_logps
+from nanoalign.runtime import all_gather_rows
 from nanoalign.grpo import (
     STD_EPS,
     check_groups,
@@ -89,3 +95,57 @@ def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_hig
     has_tokens = (mask.sum(dim=-1) > 0).to(mask.dtype)  # (B,)
     metrics = clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
     return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# The algorithm module train.py drives (--algo rloo). Rollouts, rewards and batching are GRPO's
+# (grpo.generation_round); only the advantages (leave-one-out, KL in the reward) and the loss differ.
+
+DATA_FORMAT = "rl"
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    advantages: torch.Tensor  # (B,)
+    old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = current policy, detached
+
+
+def needs_reference(cfg) -> bool:
+    return cfg.beta != 0
+
+
+def samples_per_round(cfg) -> int:
+    return grpo.samples_per_round(cfg)
+
+
+def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+    cfg = run.cfg
+    batches, rewards, all_rewards, metrics = grpo.generation_round(samples, run)
+    keep_old = cfg.beta != 0 or grpo.keeps_old_logps(cfg)
+    old = [token_logps(run.policy, b, cfg.temperature) if keep_old else None for b in batches]
+    kl = None
+    if cfg.beta != 0:  # KL goes into the reward: R_i -= beta * SUM_t M (l_old - l_ref)  (REFERENCE "RLOO")
+        ref = [token_logps(run.ref_policy, b, cfg.temperature) for b in batches]
+        local_kl = torch.cat([((o - r) * b.mask).sum(1) for o, r, b in zip(old, ref, batches)])  # (N,)
+        kl = all_gather_rows(local_kl).cpu()
+        metrics["kl"] = float(kl.mean())
+    advantages = rloo_advantages(all_rewards.cpu(), cfg.num_generations, kl=kl, beta=cfg.beta, normalize=cfg.normalize_advantages)
+    start = run.rank * rewards.shape[0]
+    mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)
+    micro = [MicroBatch(b, adv, o) for b, adv, o in zip(batches, mine, old)]
+    return micro * cfg.num_iterations, metrics
+
+
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    cfg = run.cfg
+    logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True)
+    old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
+    value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["entropy"] = grpo.masked_mean(entropy, micro.batch.mask)
+    return value / cfg.grad_accum_steps, metrics
+
+
+def evaluate(samples: list[dict], run) -> dict:
+    return {}  # held-out accuracy is measured by train.py for every algorithm

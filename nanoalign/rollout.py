@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from nanoalign.batch import process_prompts, render
-from nanoalign.model import gathered_for_generation
-from nanoalign.rewards import verify_answers
+from nanoalign.batch import Batch, pack_rows, process_prompts, render
+from nanoalign.model import Policy, gathered_for_generation
+from nanoalign.rewards import score_completions, verify_answers
+from nanoalign.runtime import agree_on_failure
 
 
 @dataclass
@@ -61,8 +62,8 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
                        stop_ids: set[int], pad_id: int, device) -> Rollout:  # fmt: skip
     """G completions for each prompt, rows ordered prompt-major: [p0 g0, p0 g1, ..., p1 g0, ...].
 
-    `model` is either the FSDP2-sharded Policy (its weights are gathered for the call) or any plain
-    HF model with .generate (e.g. an exported checkpoint).
+    `model` is a plain HF model or the FSDP2-sharded Policy; call the latter inside
+    `generating(model)`, which gathers its weights once for any number of calls.
     """
     texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(num_generations)]
     row_images = [imgs for imgs in images for _ in range(num_generations)]
@@ -70,12 +71,16 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
     config = generation_config(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id
     )
-    gathered = gathered_for_generation(model) if hasattr(model, "hf") else contextlib.nullcontext()
-    with gathered:
-        out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
+    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
     completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
     decoded = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(enc, completion_ids, has_eos, decoded)
+
+
+def generating(model):
+    """Context for generation: gathers an FSDP2 Policy's weights once (see model.gathered_for_generation);
+    nothing to do for a plain HF model."""
+    return gathered_for_generation(model) if isinstance(model, Policy) else contextlib.nullcontext()
 
 
 def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device) -> tuple[float, float]:
@@ -85,12 +90,80 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
     as not correct.
     """
     correct = 0.0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        rollout = sample_completions(
-            model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
-            max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
-        )  # fmt: skip
-        scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
-        correct += sum(1.0 for s in scores if s == 1.0)
+    with generating(model):
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            rollout = sample_completions(
+                model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
+                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
+            )  # fmt: skip
+            scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
+            correct += sum(1.0 for s in scores if s == 1.0)
     return correct, float(len(samples))
+
+
+# -----------------------------------------------------------------------------
+# What GRPO / GSPO, RLOO and Online DPO share: rollouts in micro-batch chunks, scoring, training rows
+
+NOT_REWARD_COLUMNS = ("prompt", "images", "sample_id", "index", "split")
+
+
+def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollout]:
+    """G completions for every prompt, as one Rollout per micro-batch of run.cfg.batch_size rows.
+
+    Each chunk holds whole groups (batch_size / G prompts), so a micro-batch's rows share one
+    processor batch and its image tensors. Every rank makes the same number of calls.
+    """
+    prompts_per_chunk = run.cfg.batch_size // num_generations
+    cfg = run.cfg
+    with generating(run.policy):
+        return [
+            sample_completions(
+                run.policy, run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
+            )  # fmt: skip
+            for chunk in (samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk))
+        ]
+
+
+def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_generations: int) -> tuple[torch.Tensor, dict]:
+    """(N, K) weighted rewards (NaN = unscorable) for this rank's completions, and reward metrics.
+
+    Reward functions get the completions plus the samples' other columns (e.g. `solution`), each
+    repeated G times, and the prompts. A function that raises stops every rank with its message.
+    """
+    texts = [t for r in rollouts for t in r.texts]
+    columns = {k: [s[k] for s in samples for _ in range(num_generations)] for k in samples[0] if k not in NOT_REWARD_COLUMNS}
+    columns["prompts"] = [s["prompt"] for s in samples for _ in range(num_generations)]
+    error, rewards, metrics = None, None, {}
+    try:
+        rewards, metrics = score_completions(run.reward_funcs, list(run.cfg.reward_weights), texts, columns)
+    except (RuntimeError, ValueError) as err:
+        error = err
+    agree_on_failure(error, run.device)
+    return rewards.to(run.device), metrics
+
+
+def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
+    """Training rows prompt + sampled completion; the loss mask covers the completion tokens.
+
+    With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
+    (REFERENCE: mask_truncated_completions); its reward still counts in the group statistics.
+    """
+    masks = [[0 if (mask_truncated and not eos) else 1] * len(ids) for ids, eos in zip(rollout.completion_ids, rollout.has_eos)]
+    sample_ids = [f"completion {i}" for i in range(len(masks))]
+    return pack_rows(run.processor, rollout.prompt_enc, rollout.completion_ids, masks, sample_ids, run.cfg.max_length, run.pad_id).to(run.device)
+
+
+@torch.no_grad()
+def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) per-token log-probs without gradient: old (sampling-time) or reference log-probs."""
+    return policy(**batch.model_inputs(), temperature=temperature)[0]
+
+
+def completion_metrics(rollouts: list[Rollout]) -> dict:
+    """completions/mean_length and completions/clipped_ratio (no EOS) over this rank's completions."""
+    lengths = [len(ids) for r in rollouts for ids in r.completion_ids]
+    eos = [e for r in rollouts for e in r.has_eos]
+    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}

@@ -109,12 +109,19 @@ def assistant_turn(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def shapes_sample(split: str, index: int, fmt: str, image_size: int = 112, images_per_sample: int = 1) -> dict:
-    """Sample `index` of `split` in dataset format `fmt` ("sft", "preference" or "rl")."""
+def shapes_sample(split: str, index: int, fmt: str, image_size: int = 112, images_per_sample: int = 1, overcount: float = 0.0) -> dict:
+    """Sample `index` of `split` in dataset format `fmt` ("sft", "preference" or "rl").
+
+    overcount: fraction of "how many" answers in the SFT demonstrations that are one too many, a
+    teacher with a systematic bias (the built-in RL warm start is trained on such a teacher, so RL
+    and preference methods have something to correct that imitation cannot see).
+    """
     ex = make_example(split, index, image_size, images_per_sample)
     prompt = [user_turn(ex["question"], len(ex["images"]))]
     correct = completion_text(ex["kind"], ex["answer"])
     if fmt == "sft":
+        if ex["kind"] == "count" and random.Random(f"overcount-{split}-{index}").random() < overcount:
+            correct = completion_text("count", ex["answer"] + 1)
         return {"messages": prompt + [assistant_turn(correct)], "images": ex["images"]}
     if fmt == "preference":
         # The rejected answer is a wrong number in the same layout: only the image tells them apart.

@@ -1,0 +1,78 @@
+"""Shared fixtures: one temporary model cache for the whole session, the tiny models built into it once.
+
+NANOALIGN_CACHE is set before any test runs, so nanoalign.tiny.ensure_tiny, train() called in this
+process and `python train.py` subprocesses (they inherit the environment) all find the same cache
+and never touch ~/.cache/nanoalign.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from nanoalign.shapes import draw_shapes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nanoalign_cache(tmp_path_factory):
+    """A fresh, empty model cache for the session (the env var is restored afterwards)."""
+    cache = tmp_path_factory.mktemp("nanoalign_cache")
+    old = os.environ.get("NANOALIGN_CACHE")
+    os.environ["NANOALIGN_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("NANOALIGN_CACHE", None)
+    else:
+        os.environ["NANOALIGN_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(nanoalign_cache):
+    """{"tiny": dir, "tiny-llava": dir}: both built-in models, built once (about 3 s)."""
+    from nanoalign.tiny import ensure_tiny
+
+    return {name: ensure_tiny(name) for name in ("tiny", "tiny-llava")}
+
+
+@pytest.fixture(scope="session")
+def dist_world():
+    """The one-process gloo group train() would create (created once; train() reuses it)."""
+    from nanoalign.runtime import init_distributed
+
+    return init_distributed()
+
+
+@pytest.fixture(scope="session")
+def load_family(tiny_dirs):
+    """load_family(name) -> (processor, fresh fp32 HF model, stop ids) for "tiny" or "tiny-llava".
+
+    The stop ids are derived exactly as train.py does (tokenizer EOS + generation-config EOS).
+    """
+    from nanoalign.model import load_hf_model, load_processor
+
+    def load(name: str):
+        processor = load_processor(str(tiny_dirs[name]))
+        model = load_hf_model(str(tiny_dirs[name])).eval()
+        eos = model.generation_config.eos_token_id
+        stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        return processor, model, stop_ids
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """make_image(seed, (width, height)) -> a deterministic RGB shapes picture of that size."""
+
+    def make(seed: int, size: tuple[int, int] = (112, 112)) -> Image.Image:
+        image = draw_shapes(random.Random(seed), 2, max(size), max(size) / 8)
+        return image.resize(size) if image.size != size else image
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,84 @@
+"""Helper for tests/test_sft_train.py: one SFT optimizer step's loss and full gradients, any world size.
+
+    torchrun --standalone --nproc_per_node 2 tests/sft_parity_worker.py MODEL_DIR OUT.pt 2:1 1:2
+
+Each BATCH_SIZE:GRAD_ACCUM spec runs one step from the same initial weights on the same global batch
+(`parity_samples`, 4 conversations): rank r takes the r-th contiguous share (rank 0 samples [0, 1],
+rank 1 [2, 3] with 2 ranks), sft.prepare splits it into grad_accum micro-batches and computes the
+step's global token count, sft.loss gives each micro-batch's loss, exactly as train.py uses them.
+Rank 0 saves {spec: {"loss", "grads", "num_tokens"}} with the full (gathered) gradients. The test
+also imports `sft_step` to compute the one-process reference in its own process.
+"""
+
+import sys
+
+import torch
+
+from nanoalign import sft
+from nanoalign.config import Config
+from nanoalign.data import prepare_sample
+from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy
+from nanoalign.runtime import Run, device_mesh, init_distributed, mean_over_ranks
+from nanoalign.shapes import shapes_sample
+
+# Answers of clearly different lengths, so the rows (and any split of them) have different numbers
+# of counted tokens: a per-micro-batch or per-rank token mean would then NOT equal the global one.
+ANSWERS = [
+    "4",
+    "I count 2 shapes.",
+    "<think>The shape has 5 sides.</think> The answer is \\boxed{5}.",
+    "<think>I count 3 shapes.</think> The answer is \\boxed{3}. There are three circles in the image, all of one size.",
+]
+
+
+def parity_samples() -> list[dict]:
+    """4 prepared SFT samples: shapes images (the last one 168x84, so image token counts differ too)."""
+    samples = []
+    for i, answer in enumerate(ANSWERS):
+        raw = shapes_sample("train", i, "sft")
+        raw["messages"][-1] = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        if i == 3:
+            raw["images"] = [raw["images"][0].resize((168, 84))]
+        samples.append(prepare_sample(raw, "sft", f"parity sample {i}"))
+    return samples
+
+
+def sft_step(model_dir: str, batch_size: int, grad_accum: int) -> dict:
+    """One step's (loss as train.py logs it, full gradients, global token count) on this rank's share."""
+    rank, world_size, device = init_distributed()
+    cfg = Config(batch_size=batch_size, grad_accum_steps=grad_accum, max_length=512)
+    processor = load_processor(model_dir)
+    hf_model = load_hf_model(model_dir)
+    eos = hf_model.generation_config.eos_token_id
+    stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    policy = shard_policy(Policy(hf_model, logps_chunk_size=32), device_mesh(world_size, device), bf16=False)
+    run = Run(cfg, processor, policy, None, rank, world_size, device, stop_ids, processor.tokenizer.pad_token_id)
+
+    per_rank = sft.samples_per_round(cfg)
+    samples = parity_samples()
+    assert per_rank * world_size == len(samples), "the specs must cover the 4 parity samples exactly"
+    micro_batches, _ = sft.prepare(samples[rank * per_rank : (rank + 1) * per_rank], run)
+    assert len(micro_batches) == grad_accum
+    loss_sum = 0.0
+    for micro in micro_batches:
+        loss, _ = sft.loss(micro, run)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    loss_mean = mean_over_ranks({"loss": loss_sum}, device)["loss"]  # what train.py logs
+    grads = {name: p.grad.full_tensor().detach().clone() for name, p in policy.named_parameters()}  # collective
+    return {"loss": loss_mean, "grads": grads, "num_tokens": micro_batches[0].num_step_tokens,
+            "rank_tokens": [float(m.batch.mask.sum()) for m in micro_batches]}  # fmt: skip
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    model_dir, out_path, *specs = sys.argv[1:]
+    results = {}
+    for spec in specs:
+        batch_size, grad_accum = map(int, spec.split(":"))
+        results[spec] = sft_step(model_dir, batch_size, grad_accum)
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()

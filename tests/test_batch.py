@@ -1,0 +1,239 @@
+"""Tests for nanoalign/batch.py on both tiny families (Qwen2.5-VL and LLaVA): the loss mask counts
+assistant tokens and nothing else, image tokens match the vision tower's features row by row, each
+row gets its own images, and over-long rows are cut, refused or skipped as documented."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from nanoalign.batch import encode_conversations, render
+from nanoalign.data import BadSampleError
+from nanoalign.model import Policy
+
+FAMILIES = ("tiny", "tiny-llava")
+END_OF_TURN = {"tiny": "<|im_end|>", "tiny-llava": "</s>"}
+
+
+def user(text, num_images=0):
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def samples(make_image):
+    """A: one 112x112 image, one answer.  B: a 112x112 and a 168x84 image, two answers (multi-turn).
+    C: one 112x112 image, a very short conversation."""
+    return {
+        "A": ([user("How many shapes are in the image?", 1), assistant("<think>I count 2 shapes.</think> The answer is \\boxed{2}.")],
+              [make_image(1)]),
+        "B": ([user("How many shapes are in these 2 images in total?", 2), assistant("The answer is \\boxed{4}."),
+               user("How many sides does the shape have?"), assistant("The shape has 4 sides.")],
+              [make_image(2), make_image(3, (168, 84))]),
+        "C": ([user("How many?", 1), assistant("2")], [make_image(4)]),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, load_family):
+    processor, model, stop_ids = load_family(request.param)
+    return request.param, processor, model, stop_ids
+
+
+def encode(family, samples, names, max_length=512, skip_overlong=False):
+    _, processor, _, stop_ids = family
+    return encode_conversations(
+        processor, [samples[n][0] for n in names], [samples[n][1] for n in names], [f"sample {n}" for n in names],
+        max_length=max_length, stop_ids=stop_ids, skip_overlong=skip_overlong,
+    )  # fmt: skip
+
+
+def image_token_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+def prompt_length(processor, messages, images) -> int:
+    """Tokens of the first prompt alone (chat template + generation prompt, image tokens expanded)."""
+    text = render(processor, messages[:1], add_generation_prompt=True)
+    enc = processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
+    return enc["input_ids"].shape[1]
+
+
+def image_features_per_image(name, model, mm_inputs) -> list[int]:
+    """How many feature vectors the vision tower returns for each image of the batch, in order."""
+    with torch.no_grad():
+        if name == "tiny":
+            out = model.model.get_image_features(pixel_values=mm_inputs["pixel_values"], image_grid_thw=mm_inputs["image_grid_thw"])
+        else:
+            out = model.model.get_image_features(pixel_values=mm_inputs["pixel_values"])
+    return [len(f) for f in out.pooler_output]
+
+
+def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive 1s."""
+    out, start = [], None
+    for t, m in enumerate(mask_row.tolist() + [0.0]):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            out.append((start, t))
+            start = None
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the loss mask
+
+
+def test_loss_mask_counts_assistant_tokens_only(family, samples):
+    name, processor, model, _ = family
+    tok = processor.tokenizer
+    eot = END_OF_TURN[name]
+    batch = encode(family, samples, ["A", "B"])
+    assert batch.num_truncated == 0 and batch.num_skipped == 0
+    assert batch.mask.shape == batch.input_ids.shape == batch.attention_mask.shape
+    assert set(batch.mask.unique().tolist()) <= {0.0, 1.0}
+
+    # Image tokens, padding: never counted. (Row A is shorter than B, so it has padding to check.)
+    is_image = batch.input_ids == image_token_id(processor)
+    assert is_image.any(1).all()
+    assert batch.mask[is_image].sum() == 0
+    padding = batch.attention_mask == 0
+    assert padding[0].any(), "row A should be padded (shorter than B)"
+    assert batch.mask[padding].sum() == 0
+    assert (batch.input_ids[padding] == tok.pad_token_id).all()
+
+    for row, key in enumerate(["A", "B"]):
+        messages, images = samples[key]
+        # Every prompt token (system, user text, image placeholders, generation prompt) has mask 0,
+        # and the first answer token right after the prompt has mask 1.
+        num_prompt = prompt_length(processor, messages, images)
+        assert batch.mask[row, :num_prompt].sum() == 0
+        assert batch.mask[row, num_prompt] == 1
+        # The counted tokens decode to exactly the assistant texts, each followed by its end-of-turn token.
+        answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+        counted = batch.input_ids[row][batch.mask[row].bool()]
+        assert tok.decode(counted) == "".join(a + eot for a in answers)
+        # One run of counted tokens per assistant turn (B: 2), each ending on the end-of-turn token.
+        spans = runs(batch.mask[row])
+        assert len(spans) == len(answers)
+        for (start, end), answer in zip(spans, answers):
+            assert tok.decode(batch.input_ids[row, start:end]) == answer + eot
+        # Between B's two answers: the follow-up user turn is in the row but not counted.
+        if len(spans) == 2:
+            gap = tok.decode(batch.input_ids[row, spans[0][1] : spans[1][0]])
+            assert "How many sides does the shape have?" in gap
+
+    if name == "tiny":  # Qwen's template writes "<|im_end|>\n": the newline is in the row, never counted
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        ends = ((batch.input_ids == im_end) & (batch.mask == 1)).nonzero().tolist()
+        assert len(ends) == 3  # A: 1 answer, B: 2 answers
+        for row, t in ends:
+            assert tok.decode(batch.input_ids[row, t + 1]) == "\n"
+            assert batch.mask[row, t + 1] == 0
+
+
+def test_image_tokens_match_vision_features_per_sample(family, samples):
+    name, processor, model, _ = family
+    batch = encode(family, samples, ["A", "B"])
+    per_image = image_features_per_image(name, model, batch.mm_inputs)
+    # Images are in batch order: A's one, then B's two.
+    if name == "tiny":
+        # Qwen: 14 px patches merged 2x2. 112x112 -> 8x8 patches / 4 = 16; 168x84 -> 12x6 / 4 = 18.
+        assert per_image == [16, 16, 18]
+        assert batch.mm_inputs["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8], [1, 6, 12]]
+    else:
+        # LLaVA: every image resized/cropped to 56x56, 14 px patches, CLS dropped: (56/14)^2 = 16.
+        assert per_image == [16, 16, 16]
+    per_sample = [per_image[0], per_image[1] + per_image[2]]
+    num_image_tokens = (batch.input_ids == image_token_id(processor)).sum(1).tolist()
+    assert num_image_tokens == per_sample
+
+    # A forward pass runs on the built batch (the model itself checks tokens against features).
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    assert logits.shape[:2] == batch.input_ids.shape and torch.isfinite(logits).all()
+
+
+def test_rows_get_their_own_images(family, samples):
+    # Row B's log-probs in a batch [A, B] equal B's alone; row A (padded in [A, B]) equals A alone.
+    # Any mix-up of images (or of per-token extras like Qwen's mm_token_type_ids) across rows, or
+    # padding leaking into a row, would change them.
+    _, _, model, _ = family
+    policy = Policy(model, logps_chunk_size=7)
+    both = encode(family, samples, ["A", "B"])
+    with torch.no_grad():
+        logps_both, _ = policy(**both.model_inputs())
+        for row, key in enumerate(["A", "B"]):
+            alone = encode(family, samples, [key])
+            logps_alone, _ = policy(**alone.model_inputs())
+            length = alone.input_ids.shape[1]
+            assert torch.equal(both.input_ids[row, :length], alone.input_ids[0])
+            assert torch.equal(both.mask[row, :length], alone.mask[0])
+            assert_close(logps_both[row, :length], logps_alone[0], atol=1e-5, rtol=0)
+    # Sanity: the images matter, so the check above can fail. With A's image in place of B's first
+    # image (same size), B's answer log-probs change.
+    swapped = dict(samples, B=(samples["B"][0], [samples["A"][1][0], samples["B"][1][1]]))
+    with torch.no_grad():
+        logps_swapped, _ = policy(**encode(family, swapped, ["B"]).model_inputs())
+        logps_b, _ = policy(**encode(family, samples, ["B"]).model_inputs())
+    assert (logps_swapped - logps_b).abs().max() > 1e-4
+
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+def test_cut_image_tokens_raise_naming_sample(family, samples):
+    _, processor, _, _ = family
+    full = encode(family, samples, ["A"])
+    image_positions = (full.input_ids[0] == image_token_id(processor)).nonzero().flatten()
+    max_length = int(image_positions[-1])  # the last image token lands just past max_length
+    with pytest.raises(BadSampleError) as err:
+        encode(family, samples, ["A"], max_length=max_length)
+    message = str(err.value)
+    assert message.startswith("sample A: ")
+    assert "--max-length" in message and "1 image tokens" in message and "--skip-bad-samples" in message
+
+
+def test_skip_overlong_keeps_row_with_zero_mask(family, samples):
+    name, processor, model, _ = family
+    alone_c = encode(family, samples, ["C"])
+    max_length = alone_c.input_ids.shape[1]  # C fits exactly
+    full_b = encode(family, samples, ["B"])
+    last_image = int((full_b.input_ids[0] == image_token_id(processor)).nonzero().max())
+    assert last_image >= max_length, "B's image tokens must overflow for the test to mean anything"
+
+    batch = encode(family, samples, ["B", "C"], max_length=max_length, skip_overlong=True)
+    assert batch.num_skipped == 1 and batch.num_truncated == 0
+    assert batch.mask[0].sum() == 0  # B kept, counts nothing
+    assert torch.equal(batch.mask[1, :max_length], alone_c.mask[0])  # C untouched
+    assert batch.sample_ids == ["sample B", "sample C"]
+    # The kept row still holds all its image tokens, so the forward (which checks them against the
+    # vision features of B's two images) runs; C's log-probs are unaffected by B's presence.
+    per_image = image_features_per_image(name, model, batch.mm_inputs)
+    assert (batch.input_ids[0] == image_token_id(processor)).sum() == per_image[0] + per_image[1]
+    with torch.no_grad():
+        logps, _ = Policy(model)(**batch.model_inputs())
+        logps_c, _ = Policy(model)(**alone_c.model_inputs())
+    assert torch.isfinite(logps).all()
+    assert_close(logps[1, :max_length], logps_c[0], atol=1e-5, rtol=0)
+
+
+def test_answer_overflow_is_truncated_and_counted(family, samples):
+    name, processor, model, _ = family
+    messages, images = samples["A"]
+    full = encode(family, samples, ["A"])
+    num_prompt = prompt_length(processor, messages, images)
+    max_length = num_prompt + 2  # room for two answer tokens
+    assert full.input_ids.shape[1] > max_length
+    batch = encode(family, samples, ["A"], max_length=max_length)
+    assert batch.num_truncated == 1 and batch.num_skipped == 0
+    assert batch.input_ids.shape == (1, max_length)
+    assert torch.equal(batch.input_ids[0], full.input_ids[0, :max_length])  # a prefix of the full row
+    assert batch.mask[0].tolist() == [0.0] * num_prompt + [1.0, 1.0]
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    assert torch.isfinite(logits).all()

@@ -1,0 +1,221 @@
+"""Tests for nanoalign/data.py: bad samples fail loudly with their name, skipping is deterministic,
+local datasets load with column renames, and the sample order is resumable."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from nanoalign.data import BadSampleError, fetch_samples, load_split, prepare_sample, stream_indices
+
+
+def user(text="How many shapes?", num_images=1):
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+
+def assistant(text="There are 2."):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def image_path(tmp_path, make_image):
+    path = tmp_path / "good.png"
+    make_image(0).save(path)
+    return path
+
+
+def good(image_path, answer="There are 2."):
+    return {"messages": [user(), assistant(answer)], "images": [str(image_path)]}
+
+
+# -----------------------------------------------------------------------------
+# bad samples: each raises BadSampleError naming the sample
+
+
+def test_corrupt_image_names_sample(tmp_path, image_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png at all" * 3)  # PNG magic, garbage after
+    data = [good(image_path), {"messages": [user(), assistant()], "images": [str(corrupt)]}]
+    with pytest.raises(BadSampleError) as err:
+        fetch_samples(data, [0, 1], "sft", "train", skip_bad=False)
+    assert "sample 1 of split 'train'" in str(err.value)
+    assert "corrupt.png" in str(err.value) and "--skip-bad-samples" in str(err.value)
+
+
+def test_missing_image_names_sample(tmp_path):
+    missing = tmp_path / "nowhere" / "missing.png"
+    with pytest.raises(BadSampleError, match=r"^row-7: image 0 .*missing\.png.*cannot be read"):
+        prepare_sample({"messages": [user(), assistant()], "images": [str(missing)]}, "sft", "row-7")
+
+
+def test_truncated_image_file_is_caught_at_decode(tmp_path, image_path):
+    # A file whose header is fine but whose data is cut: PIL's lazy open would accept it; load() must not.
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image_path.read_bytes()[:200])
+    with pytest.raises(BadSampleError, match="row-3"):
+        prepare_sample({"messages": [user(), assistant()], "images": [str(cut)]}, "sft", "row-3")
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([], "empty conversation"),
+        ([user()], "no assistant turn"),
+        ([user(), assistant("   ")], "no assistant turn"),  # whitespace only: nothing to learn
+        ([assistant()], "no user turn"),
+        (["hello", "world"], "must be a string or a list"),  # not {role, content} dicts
+    ],
+)
+def test_malformed_conversation_names_sample(messages, reason, image_path):
+    images = [str(image_path)] if any(isinstance(m, dict) and m["role"] == "user" for m in messages) else []
+    with pytest.raises(BadSampleError) as err:
+        prepare_sample({"messages": messages, "images": images}, "sft", "sample 5 of split 'train'")
+    assert str(err.value).startswith("sample 5 of split 'train': ")
+    assert reason in str(err.value)
+
+
+def test_placeholder_count_mismatch_names_sample(image_path):
+    # Two placeholders for one image: which image goes where is ambiguous, so refuse.
+    with pytest.raises(BadSampleError, match=r"row-1: the messages hold 2 image placeholders but the sample has 1"):
+        prepare_sample({"messages": [user(num_images=2), assistant()], "images": [str(image_path)]}, "sft", "row-1")
+
+
+# -----------------------------------------------------------------------------
+# skipping and order
+
+
+def test_skip_bad_replaces_with_next_good_deterministically(tmp_path, image_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"garbage")
+    bad = {"messages": [user(), assistant()], "images": [str(corrupt)]}
+    data = [good(image_path, "zero"), bad, bad, good(image_path, "three"), good(image_path, "four")]
+    # index 1 is bad, so is 2: replaced by the next good one, 3. Index 4 is fine. Two samples tried and skipped.
+    samples, num_skipped = fetch_samples(data, [1, 4], "sft", "train", skip_bad=True)
+    assert [s["sample_id"] for s in samples] == ["sample 3 of split 'train'", "sample 4 of split 'train'"]
+    assert [s["messages"][-1]["content"][0]["text"] for s in samples] == ["three", "four"]
+    assert num_skipped == 2
+    # Same call, same answer (a resumed run must get the same replacement).
+    again, again_skipped = fetch_samples(data, [1, 4], "sft", "train", skip_bad=True)
+    assert [s["sample_id"] for s in again] == [s["sample_id"] for s in samples] and again_skipped == 2
+    # Wrap-around: after the last index comes index 0.
+    data_end_bad = [good(image_path, "zero"), bad]
+    samples, num_skipped = fetch_samples(data_end_bad, [1], "sft", "train", skip_bad=True)
+    assert samples[0]["sample_id"] == "sample 0 of split 'train'" and num_skipped == 1
+    # Without skip_bad the first bad sample stops everything, naming itself.
+    with pytest.raises(BadSampleError, match="sample 1 of split 'train'"):
+        fetch_samples(data, [1, 4], "sft", "train", skip_bad=False)
+    # Nothing usable at all: an error, not an endless loop.
+    with pytest.raises(BadSampleError, match="no usable sample"):
+        fetch_samples([bad, bad], [0], "sft", "train", skip_bad=True)
+
+
+def test_stream_indices_are_resumable_epoch_permutations():
+    n = 7
+    stream = stream_indices(0, 3 * n, n, seed=5)
+    for epoch in range(3):  # every epoch visits every sample exactly once
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n : 2 * n] or stream[n : 2 * n] != stream[2 * n :]  # epochs reshuffle
+    # Any window equals the same slice of the whole stream: resuming needs only the position.
+    assert stream_indices(5, 11, n, seed=5) == stream[5:16]
+    assert stream_indices(0, n, n, seed=6) != stream[:n]  # the seed matters
+
+
+# -----------------------------------------------------------------------------
+# local datasets
+
+
+def test_local_jsonl_with_column_renames(tmp_path, make_image):
+    # A local jsonl whose columns are called "conversation" and "pictures" instead of messages/images.
+    rows = []
+    for i, size in enumerate([(112, 112), (168, 84)]):
+        path = tmp_path / f"img{i}.png"
+        make_image(i, size).save(path)
+        conversation = [user(f"question {i}"), assistant(f"answer {i}")]
+        rows.append({"conversation": conversation, "pictures": [str(path)], "extra": i})
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    ds = load_split(str(data_file), "train", "sft", 0, ("messages=conversation", "images=pictures"))
+    assert len(ds) == 2 and {"messages", "images"} <= set(ds.column_names)
+    samples, num_skipped = fetch_samples(ds, [1, 0], "sft", "train", skip_bad=False)
+    assert num_skipped == 0
+    assert [s["sample_id"] for s in samples] == ["sample 1 of split 'train'", "sample 0 of split 'train'"]
+    assert [im.size for s in samples for im in s["images"]] == [(168, 84), (112, 112)]
+    assert all(im.mode == "RGB" and isinstance(im, Image.Image) for s in samples for im in s["images"])
+    first = samples[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert first[0]["content"][0]["type"] == "image" and first[0]["content"][1]["text"] == "question 1"
+    assert first[1]["content"][0]["text"] == "answer 1"
+
+    # Without the rename the required column is missing: the error says which flag fixes it.
+    with pytest.raises(ValueError, match="--columns"):
+        load_split(str(data_file), "train", "sft", 0)
+    with pytest.raises(ValueError, match="--columns 'messages=nope'"):
+        load_split(str(data_file), "train", "sft", 0, ("messages=nope",))
+
+
+def test_placeholders_inserted_when_messages_have_none(tmp_path, make_image):
+    # TRL convention: a sample with images but no {"type": "image"} entry gets them in front of the
+    # first user turn. String contents (as plain-text datasets have them) are converted.
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"p{i}.png")
+        make_image(i).save(paths[-1])
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "How many shapes in total?"},
+            {"role": "assistant", "content": "3"},
+        ],
+        "images": [str(p) for p in paths],
+    }
+    data_file = tmp_path / "plain.jsonl"
+    data_file.write_text(json.dumps(row) + "\n")
+    ds = load_split(str(data_file), "train", "sft", 0)
+    (sample,), _ = fetch_samples(ds, [0], "sft", "train", skip_bad=False)
+    messages = sample["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}  # untouched: not a user turn
+    assert messages[1]["content"] == [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "How many shapes in total?"}
+    ]  # fmt: skip
+    assert messages[2] == {"role": "assistant", "content": "3"}
+    assert len(sample["images"]) == 2
+    # Preparing an in-memory row does not modify it (a map-style dataset may hand out the same dict
+    # again, which would then get a second set of placeholders and fail the count check).
+    direct = prepare_sample(row, "sft", "row-0")
+    assert direct["messages"] == messages
+    assert row["messages"][1]["content"] == "How many shapes in total?"
+    assert prepare_sample(row, "sft", "row-0")["messages"] == messages
+
+
+def test_prompt_completion_columns_and_single_image_column(image_path):
+    # sft data may come as prompt + completion strings, with one image in an "image" column.
+    sample = prepare_sample({"prompt": "How many?", "completion": "Two.", "image": str(image_path)}, "sft", "s")
+    assert [m["role"] for m in sample["messages"]] == ["user", "assistant"]
+    assert sample["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "How many?"}]
+    assert len(sample["images"]) == 1
+
+
+def test_parquet_with_image_features_decodes_lazily_and_names_corrupt_rows(tmp_path, make_image):
+    # Hub-style data: images stored as bytes in an Image feature. load_split turns decoding off so
+    # that a corrupt image fails in decode_image, with its sample's name, not deep inside datasets.
+    import datasets
+
+    good_image = make_image(0, (84, 56))
+    rows = [{"messages": [user(), assistant(str(i))], "images": [good_image]} for i in range(3)]
+    rows[1]["images"] = [{"bytes": b"not an image", "path": None}]
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.List(datasets.Image()),
+    })  # fmt: skip
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+    ds = load_split(str(path), "train", "sft", 0)
+    assert ds.features["images"].feature.decode is False
+    samples, num_skipped = fetch_samples(ds, [0, 2], "sft", "train", skip_bad=False)
+    assert [im.size for s in samples for im in s["images"]] == [(84, 56), (84, 56)] and num_skipped == 0
+    with pytest.raises(BadSampleError, match=r"^sample 1 of split 'train': image 0 .*cannot be read"):
+        fetch_samples(ds, [1], "sft", "train", skip_bad=False)
+    samples, num_skipped = fetch_samples(ds, [1], "sft", "train", skip_bad=True)
+    assert samples[0]["sample_id"] == "sample 2 of split 'train'" and num_skipped == 1

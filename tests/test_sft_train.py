@@ -1,0 +1,301 @@
+"""Tests for nanoalign/sft.py and the training loop (train.py) on the tiny Qwen2.5-VL:
+
+  * data parallel and gradient accumulation give the gradient of one big batch (2-process FSDP
+    over gloo vs 1 process; the step's global token count is what makes them agree);
+  * a run killed after a checkpoint resumes exactly where the uninterrupted run would be;
+  * the exported model loads with from_pretrained and equals the trained weights;
+  * `python train.py --help` lists every flag with its docstring.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from nanoalign import sft
+from nanoalign.checkpoint import latest_checkpoint, load_checkpoint
+from nanoalign.metrics import read_metrics
+from nanoalign.model import Policy, hf_state_dict, load_hf_model, load_processor, shard_policy
+from nanoalign.runtime import device_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
+import train as train_module  # noqa: E402
+from sft_parity_worker import parity_samples, sft_step  # noqa: E402  (tests/ is on sys.path)
+
+WORKER = Path(__file__).resolve().parent / "sft_parity_worker.py"
+
+
+def subprocess_env() -> dict:
+    # NANOALIGN_CACHE comes from conftest; one thread per process keeps 2 processes on 2 cores fast.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+# -----------------------------------------------------------------------------
+# sft_loss: hand values
+
+
+def test_sft_loss_sums_and_divides_by_step_tokens():
+    logps = torch.tensor([[0.0, -1.0, -2.0, -9.0], [0.0, -0.5, -7.0, -7.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    # counted: -1, -2 (row 0) and -0.5 (row 1): nll_sum = 3.5; over a step of 7 tokens: 3.5 / 7 = 0.5
+    loss, metrics = sft.sft_loss(logps, mask, 7.0)
+    assert_close(loss, torch.tensor(0.5))
+    assert_close(metrics["nll_sum"], torch.tensor(3.5))
+    assert_close(metrics["num_tokens"], torch.tensor(3.0))
+
+
+# -----------------------------------------------------------------------------
+# data parallel and gradient accumulation parity
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_dirs, dist_world):
+    """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
+    as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
+    return {spec: sft_step(str(tiny_dirs["tiny"]), *map(int, spec.split(":"))) for spec in ("4:1", "2:2", "1:4")}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_dirs, tmp_path_factory):
+    """2 processes (torchrun, gloo): 2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and 1:2 (2 ranks x 2 micro-batches)."""
+    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(tiny_dirs["tiny"]), str(out), "2:1", "1:2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out)
+
+
+def assert_same_step(result, reference):
+    # Loss as train.py logs it (sum over micro-batches, mean over ranks) and every parameter's full gradient.
+    assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
+    assert result["num_tokens"] == reference["num_tokens"]
+    assert result["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        assert grad.abs().sum() > 0, f"{name}: no gradient reached it"  # vision tower included
+        assert_close(result["grads"][name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_dirs):
+    # The one-micro-batch reference itself equals the definition, computed without FSDP:
+    # loss = -SUM_{rows,t} M l_t / SUM M over the 4 rows.
+    processor, model, stop_ids = load_family("tiny")
+    samples = parity_samples()
+    batch = sft.encode(samples, _run_stub(processor, stop_ids))
+    with torch.no_grad():
+        logps, _ = Policy(model)(**batch.model_inputs())
+    expected = float(-(logps * batch.mask).sum() / batch.mask.sum())
+    assert one_process["4:1"]["num_tokens"] == float(batch.mask.sum())
+    assert_close(one_process["4:1"]["loss"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fsdp_two_ranks_match_one_process(one_process, two_processes):
+    # Rank 0 has far fewer answer tokens than rank 1; a per-rank token mean would weight them equally.
+    reference, two = one_process["4:1"], two_processes["2:1"]
+    assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]
+    assert_same_step(two, reference)
+
+
+def test_gradient_accumulation_matches_one_big_batch(one_process, two_processes):
+    reference = one_process["4:1"]
+    # Every row has a different number of counted tokens (so does every split of them): a
+    # per-micro-batch token mean would weight them differently and NOT give this gradient.
+    row_tokens = one_process["1:4"]["rank_tokens"]
+    assert len(set(row_tokens)) == 4, row_tokens
+    assert sum(row_tokens) == reference["num_tokens"]
+    assert one_process["2:2"]["rank_tokens"][0] != one_process["2:2"]["rank_tokens"][1]
+    assert_same_step(one_process["2:2"], reference)  # 1 process, 2 micro-batches of 2
+    assert_same_step(one_process["1:4"], reference)  # 1 process, 4 micro-batches of 1
+    assert_same_step(two_processes["1:2"], reference)  # 2 ranks x 2 micro-batches of 1
+
+
+def _run_stub(processor, stop_ids):
+    from nanoalign.config import Config
+    from nanoalign.runtime import Run
+
+    return Run(Config(max_length=512), processor, None, None, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id)
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def flags(out_dir, **overrides) -> list[str]:
+    """CLI flags of a short tiny SFT run (no eval: the loop, checkpoints and data order are what count)."""
+    values = {"out-dir": out_dir, "max-steps": 6, "batch-size": 2, "warmup-steps": 2, "save-every": 3,
+              "num-shapes-samples": 64, "eval-split": "", "logps-chunk-size": 64, **overrides}  # fmt: skip
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}", str(value)] if value is not None else [f"--{key}"]
+    return argv
+
+
+def losses(path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(path)}
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
+def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_dirs, monkeypatch):
+    # (LLaVA too: its vision post_layernorm never gets a gradient, so AdamW has no state for it.)
+    common = {"model": name, "no-export": None}
+    # Uninterrupted: 6 steps (warm-up 2, cosine to step 6), a checkpoint every 3 steps.
+    train_module.train(train_module.parse_config(flags(tmp_path / "full", **common)))
+    full = losses(tmp_path / "full" / "metrics.jsonl")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert full[6]["loss"] < full[1]["loss"]  # it trains
+
+    # Interrupted: the same run dies right after writing the step-3 checkpoint (the schedule is the
+    # 6-step one, so the resumed LR must come from the restored scheduler, not a fresh one) ...
+    save = train_module.save_checkpoint
+
+    def save_then_crash(out_dir, step, *args, **kwargs):
+        path = save(out_dir, step, *args, **kwargs)
+        if step == 3:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train_module.train(train_module.parse_config(flags(tmp_path / "cut", **common)))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "cut").name == "step_000003"
+    # ... and a fresh process-level call of train() on the same out_dir resumes and finishes.
+    train_module.train(train_module.parse_config(flags(tmp_path / "cut", **common)))
+    cut = losses(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "grad_norm", "lr", "num_tokens"):
+            assert_close(cut[step][key], full[step][key], rtol=1e-6, atol=1e-7, msg=f"step {step} {key}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # a half-written one may be rewritten
+def test_resume_after_sigkill(tmp_path, tiny_dirs):
+    # A real kill: `python train.py` is SIGKILLed as soon as a checkpoint exists (it may be anywhere
+    # after it: mid-step, mid-log or mid-save of the next checkpoint). A constant LR (no warm-up,
+    # floor ratio 1) makes the run's length irrelevant, so the kill needs no precise timing.
+    common = {"warmup-steps": 0, "min-lr-ratio": 1.0, "no-export": None, "save-every": 2}
+    killed_dir = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *flags(killed_dir, **{**common, "max-steps": 10_000})],
+        cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(killed_dir) is None:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = int(latest_checkpoint(killed_dir).name.removeprefix("step_"))  # read after the kill
+    end = resumed_from + 3
+
+    train_module.train(train_module.parse_config(flags(killed_dir, **{**common, "max-steps": end})))
+    train_module.train(train_module.parse_config(flags(tmp_path / "reference", **{**common, "max-steps": end})))
+    reference = losses(tmp_path / "reference" / "metrics.jsonl")
+    # The resumed run's records are the file's last 3 lines (the killed run may have logged a few
+    # steps past its checkpoint before dying; those lines come before them).
+    resumed = read_metrics(killed_dir / "metrics.jsonl")[-3:]
+    assert [r["step"] for r in resumed] == list(range(resumed_from + 1, end + 1))
+    for record in resumed:
+        for key in ("loss", "grad_norm", "num_tokens"):
+            assert_close(record[key], reference[record["step"]][key], rtol=1e-6, atol=1e-7, msg=f"step {record['step']} {key}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # the stale step_000002 is overwritten
+def test_no_resume_rerun_keeps_its_checkpoint(tmp_path, tiny_dirs):
+    # A --no-resume rerun in an out_dir holding a longer run's checkpoints (steps 2 and 4): its own
+    # step-1 checkpoint must survive the "keep the 2 newest" clean-up, and a resume must find it.
+    out = tmp_path / "run"
+    train_module.train(train_module.parse_config(flags(out, **{"max-steps": 4, "save-every": 2, "no-export": None})))
+    train_module.train(train_module.parse_config(flags(out, **{"max-steps": 1, "no-resume": None, "no-export": None})))
+    latest = latest_checkpoint(out)
+    assert latest.name == "step_000001" and (latest / ".metadata").exists()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]  # a fresh run starts a fresh log
+    train_module.train(train_module.parse_config(flags(out, **{"max-steps": 2, "no-export": None})))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
+def test_export_round_trip(name, tmp_path, tiny_dirs, dist_world, make_image):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = tmp_path / "run"
+    train_module.train(train_module.parse_config(flags(out, **{"model": name, "max-steps": 3, "save-every": 0})))
+    exported = AutoModelForImageTextToText.from_pretrained(out / "final", dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out / "final")
+    assert type(processor).__name__ == type(load_processor(str(tiny_dirs[name]))).__name__
+    assert processor.tokenizer.get_vocab() == load_processor(str(tiny_dirs[name])).tokenizer.get_vocab()
+
+    # The trained policy: the initial weights with the final checkpoint (step 3) loaded into them.
+    _, world_size, device = dist_world
+    policy = shard_policy(Policy(load_hf_model(str(tiny_dirs[name]))), device_mesh(world_size, device), bf16=False)
+    optimizer = torch.optim.AdamW(policy.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert load_checkpoint(latest_checkpoint(out), policy, optimizer, scheduler, rank=0)["step"] == 3
+    trained = hf_state_dict(policy)
+    initial = load_hf_model(str(tiny_dirs[name])).state_dict()
+
+    state = exported.state_dict()
+    assert state.keys() == trained.keys()
+    for key, tensor in trained.items():
+        assert torch.equal(state[key], tensor), key
+    assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # training changed the weights
+
+    # Same outputs: the exported HF model's log-probs equal the trained policy's on a real batch.
+    sample = parity_samples()[0]
+    run = _run_stub(processor, {processor.tokenizer.eos_token_id})
+    batch = sft.encode([sample], run)
+    with torch.no_grad():
+        logps, _ = policy(**batch.model_inputs())
+        logits = exported(**batch.model_inputs()).logits[:, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    assert_close(logps[:, 1:], expected, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_help_lists_flags_with_docstrings():
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = " ".join(proc.stdout.replace("│", " ").split())  # drop the box drawing and line wrapping
+    for flag, doc in [
+        ("--grad-accum-steps", "Micro-batches per optimizer step on each rank."),
+        ("--max-length", "Longest row (prompt + completion, image tokens included)."),
+        ("--skip-bad-samples", "Skip (and count in the logs) samples that cannot be used"),
+        ("--algo", "Training method: sft, dpo, mpo, grpo, gspo, rloo or online_dpo."),
+    ]:
+        assert flag in text and doc in text, (flag, doc)
+
+
+def test_parse_config_preset_then_overrides():
+    cfg = train_module.parse_config(["--algo", "dpo", "--lr", "0.001"])
+    assert (cfg.algo, cfg.model, cfg.lr, cfg.max_steps) == ("dpo", "tiny-sft", 0.001, 150)  # preset + override
+    assert train_module.parse_config([]).algo == "sft"
+    with pytest.raises(SystemExit):
+        train_module.parse_config(["--algo", "nope"])
