@@ -44,7 +44,8 @@ from nanoalign.model import Policy, export_hf, load_hf_model, load_processor, sh
 from nanoalign.rewards import load_reward_funcs
 from nanoalign.rollout import accuracy
 from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum, device_mesh, init_distributed, mean_over_ranks
-from nanoalign.tiny import BUILDERS, cache_dir, ensure_tiny, TINY_VERSION
+from nanoalign.tiny import BUILDERS, TINY_VERSION, cache_dir, ensure_tiny
+from nanoalign.vllm_client import VLLMClient, WeightSync
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
 
@@ -62,21 +63,22 @@ def parse_config(argv: list[str]) -> Config:
     return tyro.cli(Config, default=PRESETS[algo](), args=argv)
 
 
-def warm_start_config(seed: int) -> Config:
+def warm_start_config() -> Config:
     """The SFT run that produces the built-in "tiny-sft" model (cached like the other built-ins).
 
-    Deliberately short: the model should be right only part of the time, leaving RL room to improve.
+    Its teacher over-counts (60% of "how many" answers are one too many) and the run is short, so
+    the warm start is right only part of the time: the preference and RL demos have something to fix.
     """
     return dataclasses.replace(
-        PRESETS["sft"](), out_dir=str(cache_dir() / f"tiny-sft-{TINY_VERSION}"), max_steps=120, seed=seed,
-        eval_every=0, save_every=0,
+        PRESETS["sft"](), out_dir=str(cache_dir() / f"tiny-sft-{TINY_VERSION}"), max_steps=400, seed=0,
+        shapes_overcount=0.6, eval_every=0, save_every=0,
     )  # fmt: skip
 
 
 def resolve_model(cfg: Config, rank: int) -> str:
     """A directory to load from: built-in models are built (once, by one rank) and cached."""
     if cfg.model == "tiny-sft":
-        warm = warm_start_config(cfg.seed)
+        warm = warm_start_config()  # a built-in model like "tiny": the same for every run
         if not (Path(warm.out_dir) / "final" / "config.json").exists():
             if rank == 0:
                 print(f"building the SFT-warmed tiny model in {warm.out_dir} (first use only)", flush=True)
@@ -153,6 +155,13 @@ def train(cfg: Config) -> dict:
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
     if algo.DATA_FORMAT == "rl":
         run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
+    weight_sync = None
+    if cfg.vllm_mode == "server":  # rollouts from a vLLM server whose weights we keep in sync
+        if algo.DATA_FORMAT != "rl":
+            raise ValueError(f"--vllm-mode server is for the online methods (grpo, gspo, rloo, online_dpo), not --algo {cfg.algo}")
+        run.vllm = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
+        run.vllm.health()  # fail now, with the URL in the message, rather than at the first rollout
+        weight_sync = WeightSync(policy, run.vllm if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
@@ -194,11 +203,15 @@ def train(cfg: Config) -> dict:
     per_rank = algo.samples_per_round(cfg)
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
     metrics: dict = {}
+    synced_step = None  # the optimizer step whose weights vLLM serves (None: not synced yet)
     progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         round_metrics = {}
         if not buffer:
+            if weight_sync is not None and (synced_step is None or step - synced_step >= cfg.vllm_sync_every):
+                round_metrics.update(weight_sync.sync(version=str(step)))  # every rank gathers; rank 0 sends
+                synced_step = step
             # Every rank reads its own slice of the same seeded stream (data.stream_indices).
             start = num_drawn + rank * per_rank
             indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
@@ -209,8 +222,8 @@ def train(cfg: Config) -> dict:
                 error = err
             agree_on_failure(error, device)  # a bad sample stops every rank, at a step boundary
             num_drawn += per_rank * world_size
-            buffer, round_metrics = algo.prepare(samples, run)
-            round_metrics["skipped_samples"] = num_skipped
+            buffer, prepared_metrics = algo.prepare(samples, run)
+            round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
         micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
 
         step_metrics: dict[str, float] = {}
@@ -249,6 +262,8 @@ def train(cfg: Config) -> dict:
         if at_boundary and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps):
             save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
     progress.close()
+    if weight_sync is not None:
+        weight_sync.close()
 
     # ---------------------------------------------------------------- export, final check, plot
     if cfg.export:

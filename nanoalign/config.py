@@ -174,9 +174,11 @@ def mpo_preset() -> Config:
 
 
 def grpo_preset() -> Config:
+    # Tuned for the built-in demo (tiny-sft on shapes, 2 CPU ranks): 2 prompts x 8 completions per
+    # micro-batch per rank, held-out accuracy on 256 prompts every 40 steps.
     return Config(
-        algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=1e-4, warmup_steps=5, max_steps=60,
-        batch_size=16, num_generations=8, beta=0.0, eval_every=20, save_every=20,
+        algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=3e-4, warmup_steps=5, max_steps=60,
+        batch_size=32, num_generations=8, beta=0.0, eval_every=20, save_every=20, num_eval_samples=256,
     )  # fmt: skip
 
 
@@ -185,6 +187,7 @@ def gspo_preset() -> Config:
     return dataclasses.replace(
         grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence",
         epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4,
+        lr=2e-4, max_steps=120, eval_every=40, save_every=40,
     )  # fmt: skip
 
 

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign.batch import Batch
-from nanoalign.rollout import completion_batch, completion_metrics, rollout_chunks, score_rollouts, token_logps
+from nanoalign.rollout import (
+    completion_batch,
+    completion_metrics,
+    completion_values,
+    rollout_chunks,
+    score_rollouts,
+    token_logps,
+)
 from nanoalign.runtime import all_gather_rows, all_reduce_sum
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -352,11 +359,11 @@ def keeps_old_logps(cfg) -> bool:
     return cfg.num_iterations > 1 or cfg.steps_per_generation > cfg.grad_accum_steps
 
 
-def generation_round(samples: list[dict], run) -> tuple[list[Batch], torch.Tensor, torch.Tensor, dict]:
+def generation_round(samples: list[dict], run) -> tuple[list, list[Batch], torch.Tensor, torch.Tensor, dict]:
     """Sample, score and batch one generation round (shared by GRPO/GSPO and RLOO).
 
-    Returns the micro-batches (rows in prompt-major order), this rank's (N, K) weighted rewards,
-    all ranks' rewards gathered (N * world_size, K), and the round's metrics.
+    Returns the rollouts and their micro-batches (rows in prompt-major order), this rank's (N, K)
+    weighted rewards, all ranks' rewards gathered (N * world_size, K), and the round's metrics.
     """
     cfg = run.cfg
     rollouts = rollout_chunks(samples, run, cfg.num_generations)
@@ -366,31 +373,35 @@ def generation_round(samples: list[dict], run) -> tuple[list[Batch], torch.Tenso
     total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
     group_std = _nan_std(total, dim=1)  # (P_global, 1)
     metrics.update(completion_metrics(rollouts))
+    metrics["skipped_rows"] = sum(b.num_skipped for b in batches)  # completions that sampled an image token
     metrics.update({
         "reward": float(torch.nanmean(total)),
         "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
         "frac_reward_zero_std": float((group_std < 1e-8).float().mean()),
     })  # fmt: skip
-    return batches, rewards, all_rewards, metrics
+    return rollouts, batches, rewards, all_rewards, metrics
 
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     cfg = run.cfg
-    batches, rewards, all_rewards, metrics = generation_round(samples, run)
+    rollouts, batches, rewards, all_rewards, metrics = generation_round(samples, run)
     advantages = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
     start = run.rank * rewards.shape[0]
     mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)  # this rank's rows
     (active,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
-    micro = [
-        MicroBatch(
-            batch=b,
-            advantages=adv,
-            old_logps=token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) else None,
-            ref_logps=token_logps(run.ref_policy, b, cfg.temperature) if cfg.beta > 0 else None,
-            num_items=active / run.world_size,
-        )
-        for b, adv in zip(batches, mine)
-    ]
+    micro, logp_diffs = [], []
+    for b, adv, rollout in zip(batches, mine, rollouts):
+        from_vllm = rollout.sampler_logps is not None  # the sampler's log-probs need the trainer's to compare
+        old_logps = token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) or from_vllm else None
+        sampler_weights = None
+        if from_vllm and cfg.vllm_is_correction != "none":
+            sampler_logps = completion_values(b, rollout, rollout.sampler_logps)  # (B, T) l_vllm
+            sampler_weights = sampler_correction(old_logps, sampler_logps, b.mask, mode=cfg.vllm_is_correction, cap=cfg.vllm_is_cap)
+            logp_diffs.append(masked_mean((old_logps - sampler_logps).abs(), b.mask))  # trainer vs sampler
+        ref_logps = token_logps(run.ref_policy, b, cfg.temperature) if cfg.beta > 0 else None
+        micro.append(MicroBatch(b, adv, old_logps, ref_logps, active / run.world_size, sampler_weights))
+    if logp_diffs:
+        metrics["vllm/logp_abs_diff"] = sum(logp_diffs) / len(logp_diffs)
     return micro * cfg.num_iterations, metrics
 
 

@@ -121,7 +121,7 @@ def samples_per_round(cfg) -> int:
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     cfg = run.cfg
-    batches, rewards, all_rewards, metrics = grpo.generation_round(samples, run)
+    _, batches, rewards, all_rewards, metrics = grpo.generation_round(samples, run)
     keep_old = cfg.beta != 0 or grpo.keeps_old_logps(cfg)
     old = [token_logps(run.policy, b, cfg.temperature) if keep_old else None for b in batches]
     kl = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from nanoalign.batch import Batch, pack_rows, process_prompts, render
+from nanoalign.batch import Batch, image_token_ids, pack_rows, process_prompts, render
 from nanoalign.model import Policy, gathered_for_generation
 from nanoalign.rewards import score_completions, verify_answers
 from nanoalign.runtime import agree_on_failure
@@ -28,6 +28,7 @@ class Rollout:
     completion_ids: list[list[int]]  # sampled ids, up to and including the stop token
     has_eos: list[bool]  # False when max_new_tokens was reached first
     texts: list[str]  # decoded completions, for the reward functions
+    sampler_logps: list[list[float]] | None = None  # vLLM's log-prob of each sampled id (None in-process)
 
 
 def generation_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, stop_ids, pad_id) -> GenerationConfig:
@@ -116,6 +117,9 @@ def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollo
     """
     prompts_per_chunk = run.cfg.batch_size // num_generations
     cfg = run.cfg
+    chunks = [samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk)]
+    if run.vllm is not None:
+        return vllm_rollout_chunks(chunks, run, num_generations)
     with generating(run.policy):
         return [
             sample_completions(
@@ -123,8 +127,34 @@ def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollo
                 num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
             )  # fmt: skip
-            for chunk in (samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk))
+            for chunk in chunks
         ]
+
+
+def vllm_rollout_chunks(chunks: list[list[dict]], run, num_generations: int) -> list[Rollout]:
+    """The same Rollouts, sampled by the vLLM server (every rank sends its own prompts in one batch)."""
+    from nanoalign.vllm_client import VLLMError, to_rollout  # vllm_client imports this module
+
+    cfg, error, rollouts = run.cfg, None, []
+    samples = [s for chunk in chunks for s in chunk]
+    try:
+        generations = run.vllm.generate(
+            [s["prompt"] for s in samples], [s["images"] for s in samples], n=num_generations,
+            max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=run.stop_ids,
+        )  # fmt: skip
+        start = 0
+        for chunk in chunks:
+            rollout, sampler_logps = to_rollout(
+                run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
+            )  # fmt: skip
+            rollout.sampler_logps = sampler_logps
+            rollouts.append(rollout)
+            start += len(chunk)
+    except (VLLMError, ValueError) as err:
+        error = err
+    agree_on_failure(error, run.device)  # a dead server stops every rank, not just the one that asked
+    return rollouts
 
 
 def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_generations: int) -> tuple[torch.Tensor, dict]:
@@ -151,9 +181,33 @@ def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
     With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
     (REFERENCE: mask_truncated_completions); its reward still counts in the group statistics.
     """
-    masks = [[0 if (mask_truncated and not eos) else 1] * len(ids) for ids, eos in zip(rollout.completion_ids, rollout.has_eos)]
+    image_ids = image_token_ids(run.processor)
+    completions, masks, num_image_tokens = [], [], 0
+    for ids, eos in zip(rollout.completion_ids, rollout.has_eos):
+        # A (weak) policy can sample an image placeholder token; as input it would ask the model for
+        # image features that do not exist. Cut the completion before it and train nothing on it.
+        cut = next((i for i, tok in enumerate(ids) if tok in image_ids), None)
+        if cut is not None:
+            num_image_tokens += 1
+            completions.append(ids[:cut])
+            masks.append([0] * cut)
+        else:
+            completions.append(ids)
+            masks.append([0 if (mask_truncated and not eos) else 1] * len(ids))
     sample_ids = [f"completion {i}" for i in range(len(masks))]
-    return pack_rows(run.processor, rollout.prompt_enc, rollout.completion_ids, masks, sample_ids, run.cfg.max_length, run.pad_id).to(run.device)
+    batch = pack_rows(run.processor, rollout.prompt_enc, completions, masks, sample_ids, run.cfg.max_length, run.pad_id)
+    batch.num_skipped += num_image_tokens
+    return batch.to(run.device)
+
+
+def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]]) -> torch.Tensor:
+    """Per-completion-token values (e.g. vLLM's log-probs) laid out like the batch's rows: (B, T)."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    prompt_lengths = rollout.prompt_enc["attention_mask"].sum(1).tolist()
+    for row, (start, row_values) in enumerate(zip(prompt_lengths, values)):
+        row_values = row_values[: max(0, out.shape[1] - start)]  # the row may have been cut at max_length
+        out[row, start : start + len(row_values)] = torch.tensor(row_values)
+    return out.to(batch.input_ids.device)
 
 
 @torch.no_grad()

@@ -74,6 +74,7 @@ class Run:
     eval_data: object = None
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
     ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
+    vllm: object = None  # a nanoalign.vllm_client.VLLMClient when rollouts come from a vLLM server
 
 
 class OtherRankFailed(RuntimeError):
