@@ -208,22 +208,28 @@ def train(cfg: Config) -> dict:
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         round_metrics = {}
-        if not buffer:
-            if weight_sync is not None and (synced_step is None or step - synced_step >= cfg.vllm_sync_every):
-                round_metrics.update(weight_sync.sync(version=str(step)))  # every rank gathers; rank 0 sends
-                synced_step = step
-            # Every rank reads its own slice of the same seeded stream (data.stream_indices).
-            start = num_drawn + rank * per_rank
-            indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
-            error, samples, num_skipped = None, [], 0
+        round_started = not buffer  # this step starts a new round (prepare runs; nothing is pending)
+        drawn_before_round = num_drawn
+        if round_started:
             try:
-                samples, num_skipped = fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples)
-            except BadSampleError as err:
-                error = err
-            agree_on_failure(error, device)  # a bad sample stops every rank, at a step boundary
-            num_drawn += per_rank * world_size
-            buffer, prepared_metrics = algo.prepare(samples, run)
-            round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
+                if weight_sync is not None and (synced_step is None or step - synced_step >= cfg.vllm_sync_every):
+                    round_metrics.update(weight_sync.sync(version=str(step)))  # every rank gathers; rank 0 sends
+                    synced_step = step
+                # Every rank reads its own slice of the same seeded stream (data.stream_indices).
+                start = num_drawn + rank * per_rank
+                indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
+                error, samples, num_skipped = None, [], 0
+                try:
+                    samples, num_skipped = fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples)
+                except BadSampleError as err:
+                    error = err
+                agree_on_failure(error, device)  # a bad sample stops every rank, at a step boundary
+                num_drawn += per_rank * world_size
+                buffer, prepared_metrics = algo.prepare(samples, run)
+                round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
+            except Exception as err:  # a bad sample, a raising reward function, a dead vLLM server, ...
+                save_before_stopping(err, out_dir, step, drawn_before_round, policy, optimizer, scheduler, rank)
+                raise
         micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
 
         step_metrics: dict[str, float] = {}
@@ -238,12 +244,15 @@ def train(cfg: Config) -> dict:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):  # same value on every rank: the norm is all-reduced
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
+            error = FloatingPointError(
                 f"step {step + 1}: the loss or gradients are not finite (grad norm {grad_norm}); no update was "
-                f"applied and the last checkpoint in {out_dir / 'checkpoints'} is intact. Lower --lr or "
-                "--max-grad-norm, or check the batch's samples: "
+                f"applied. Lower --lr or --max-grad-norm, or check the batch's samples: "
                 + ", ".join(s for m in micro_batches for s in getattr(getattr(m, "batch", None), "sample_ids", []))[:500]
             )
+            error.raised_on_every_rank = True
+            if round_started:  # else the rest of a generation batch is pending: the last checkpoint stands
+                save_before_stopping(error, out_dir, step, drawn_before_round, policy, optimizer, scheduler, rank)
+            raise error
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
@@ -281,6 +290,20 @@ def train(cfg: Config) -> dict:
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
     return metrics
+
+
+def save_before_stopping(error: Exception, out_dir: Path, step: int, num_drawn: int, policy, optimizer, scheduler, rank: int) -> None:
+    """On an error that every rank raised together, checkpoint the last completed step before stopping.
+
+    Called at a round boundary, where the state is exactly "after `step` steps, `num_drawn` samples
+    drawn": rerunning the same command resumes there, so fixing a bad sample loses no training.
+    Errors only one rank saw are left alone: the others are not here to join the save.
+    """
+    if not getattr(error, "raised_on_every_rank", False) or step == 0:
+        return
+    path = save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
+    if rank == 0:
+        print(f"stopping before step {step + 1}: saved {path}; fix the cause and rerun the same command to resume", flush=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -161,8 +161,8 @@ def sft_preset() -> Config:
 
 def dpo_preset() -> Config:
     return Config(
-        algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=150,
-        loss_types=("sigmoid",), loss_weights=(1.0,),
+        algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=100,
+        loss_types=("sigmoid",), loss_weights=(1.0,), eval_every=25, save_every=25, num_eval_samples=256,
     )  # fmt: skip
 
 

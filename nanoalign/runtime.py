@@ -88,7 +88,9 @@ def agree_on_failure(error: Exception | None, device) -> None:
     the next collective, so one failing rank never leaves the others waiting in an all-reduce.
     """
     (num_failed,) = all_reduce_sum([1.0 if error is not None else 0.0], device)
-    if error is not None:
-        raise error
     if num_failed:
-        raise OtherRankFailed(f"{int(num_failed)} other rank(s) failed; their error is printed above")
+        error = error or OtherRankFailed(f"{int(num_failed)} other rank(s) failed; their error is printed above")
+        # Marked so the loop knows every rank stops here together and may still run collectives
+        # (e.g. save a checkpoint) before it re-raises.
+        error.raised_on_every_rank = True
+        raise error

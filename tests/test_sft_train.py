@@ -19,6 +19,7 @@ import torch
 from torch.testing import assert_close
 
 from nanoalign import sft
+from nanoalign.config import PRESETS, Config
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint
 from nanoalign.metrics import read_metrics
 from nanoalign.model import Policy, hf_state_dict, load_hf_model, load_processor, shard_policy
@@ -295,7 +296,9 @@ def test_help_lists_flags_with_docstrings():
 
 def test_parse_config_preset_then_overrides():
     cfg = train_module.parse_config(["--algo", "dpo", "--lr", "0.001"])
-    assert (cfg.algo, cfg.model, cfg.lr, cfg.max_steps) == ("dpo", "tiny-sft", 0.001, 150)  # preset + override
+    preset = PRESETS["dpo"]()
+    assert preset.lr != 0.001 and preset.max_steps != Config().max_steps  # so both checks below can fail
+    assert (cfg.algo, cfg.model, cfg.lr, cfg.max_steps) == ("dpo", "tiny-sft", 0.001, preset.max_steps)  # preset + override
     assert train_module.parse_config([]).algo == "sft"
     with pytest.raises(SystemExit):
         train_module.parse_config(["--algo", "nope"])
