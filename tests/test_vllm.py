@@ -238,9 +238,72 @@ def test_silent_server_times_out():
     listener.close()
 
 
-def test_killed_server_gives_a_clear_error(server, processor, model_dir):
-    """Runs last: kills the session's server (as a crash would) and checks every call says so."""
+# --------------------------------------------------------------------------- train.py against the server
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TOY_RL = [  # a toy reward any policy learns in a few steps (tests/toy_rewards.py), small fast batches
+    "--algo", "grpo", "--reward-funcs", "toy_rewards:says_three", "--reward-weights", "1.0", "--batch-size", "32",
+    "--num-generations", "8", "--lr", "5e-4", "--warmup-steps", "1", "--max-completion-length", "24",
+    "--eval-split", "", "--no-export",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory) -> str:
+    """The tiny model after a short SFT run: it answers in the task's layout, so the toy reward varies."""
+    out = tmp_path_factory.mktemp("warm")
+    run_train(["--algo", "sft", "--max-steps", "60", "--eval-split", "", "--save-every", "0", "--out-dir", str(out)])
+    return str(out / "final")
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """train.py in a subprocess (torchrun for nproc > 1), with tests/ importable for the toy rewards."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def rewards_of(out_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if line.strip()]
+
+
+def test_train_in_server_mode_learns_like_in_process(server, warm_model, tmp_path):
+    """2-rank torchrun GRPO with rollouts from the server: the trainer's log-probs match the sampler's
+    (so every sync landed), and the toy reward rises as it does with in-process rollouts."""
+    url, _ = server
+    steps = ["--max-steps", "16", "--save-every", "0", "--model", warm_model]  # in-process: ~0.22 -> ~0.7
+    run_train([*TOY_RL, *steps, "--vllm-mode", "server", "--vllm-url", url, "--out-dir", str(tmp_path / "vllm")], nproc=2)
+    run_train([*TOY_RL, *steps, "--out-dir", str(tmp_path / "inproc")], nproc=2)
+    for mode in ("vllm", "inproc"):
+        records = rewards_of(tmp_path / mode)
+        first, last = records[0]["reward"], sum(r["reward"] for r in records[-3:]) / 3
+        assert last > first + 0.3, (mode, [round(r["reward"], 2) for r in records])  # learns in both modes
+    vllm_records = rewards_of(tmp_path / "vllm")
+    # Synced before every generation: vLLM's log-probs of its own samples equal the trainer's.
+    assert max(r["vllm/logp_abs_diff"] for r in vllm_records) < 1e-4
+    assert all(r["vllm/sync_s"] > 0 for r in vllm_records)  # one sync per step (vllm_sync_every 1)
+
+
+def test_killed_server_gives_a_clear_error(server, processor, model_dir, warm_model, tmp_path):
+    """Runs last: kills the session's server (as a crash would) while train.py uses it, and checks that
+    training stops with a clear error within the timeout, that its last checkpoint loads, and that
+    every client call says what happened."""
     url, proc = server
+    out_dir = tmp_path / "run"
+    args = [*TOY_RL, "--model", warm_model, "--max-steps", "1000", "--save-every", "2", "--vllm-timeout", "20", "--out-dir", str(out_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    trainer = subprocess.Popen([sys.executable, "train.py", *args, "--vllm-mode", "server", "--vllm-url", url],
+                               cwd=os.path.dirname(TESTS_DIR), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out_dir / "checkpoints" / "latest").exists():
+        assert trainer.poll() is None and time.monotonic() < deadline, "training did not reach its first checkpoint"
+        time.sleep(0.5)
+
     init_distributed()
     client = VLLMClient(url, timeout=10)
     sync = WeightSync(perturbed_policy(model_dir, seed=3), client, rank=0)
@@ -253,3 +316,10 @@ def test_killed_server_gives_a_clear_error(server, processor, model_dir):
     with pytest.raises(VLLMError, match="stopped answering"):
         sync.sync()
     assert time.monotonic() - start < 20
+
+    output, _ = trainer.communicate(timeout=120)  # --vllm-timeout 20 s, retries included
+    assert trainer.returncode != 0
+    assert "VLLMError" in output and url in output, output[-3000:]
+    # The checkpoint it left (periodic, or the one written on the way out) resumes without vLLM.
+    resumed = run_train([*TOY_RL, "--model", warm_model, "--out-dir", str(out_dir), "--max-steps", "0"], check=False)
+    assert "resumed from" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-3000:]
