@@ -103,7 +103,15 @@ def lr_factor(step: int, cfg: Config) -> float:
 def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
     """Load the checkpoint and shard it with FSDP2 (nanoalign/model.py: vision blocks, layers, root)."""
     hf_model = load_hf_model(model_dir, freeze_vision=cfg.freeze_vision)
-    if not trainable:  # the frozen reference: same sharding, never updated, no activation checkpoints
+    if trainable:
+        # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
+        # must not change any log-prob, though (old, reference and sampled ones are compared with the
+        # current ones), so dropout is switched off as TRL's disable_dropout does.
+        hf_model.train()
+        for module in hf_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
     policy = Policy(hf_model, cfg.logps_chunk_size)
     return shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)

@@ -168,3 +168,49 @@ def _mesh(dist_world):
 
     _, world_size, device = dist_world
     return device_mesh(world_size, device)
+
+
+def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(load_family, make_image, dist_world):
+    # With --activation-checkpointing every decoder layer runs its forward twice (once more in
+    # backward, to rebuild what was not stored) and the loss and gradients do not change.
+    def step(checkpointing: bool):
+        processor, model, stop_ids = load_family("tiny")
+        model.train()  # what train.py does: HF checkpoints only in training mode
+        policy = shard_policy(Policy(model), _mesh(dist_world), bf16=False, activation_checkpointing=checkpointing)
+        calls, layer = [], decoder_layers(policy.hf)[0]
+        layer_forward = layer.forward  # count forward runs (the recompute in backward skips module hooks)
+        layer.forward = lambda *args, **kwargs: calls.append(1) or layer_forward(*args, **kwargs)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are in the image?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "The answer is \\boxed{2}."}]},
+        ]
+        batch = encode_conversations(processor, [messages], [[make_image(0)]], ["a"], max_length=512, stop_ids=stop_ids)
+        logps, _ = policy(**batch.model_inputs())
+        loss = -(logps * batch.mask).sum()
+        loss.backward()
+        grads = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
+        return loss.detach(), grads, len(calls)
+
+    loss, grads, calls = step(checkpointing=False)
+    loss_ac, grads_ac, calls_ac = step(checkpointing=True)
+    assert (calls, calls_ac) == (1, 2)  # recomputed in backward
+    assert_close(loss_ac, loss)
+    for name in grads:
+        assert_close(grads_ac[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_dirs):
+    # --freeze-vision: the vision tower gets no gradient and keeps its weights; the rest trains.
+    import train
+
+    from nanoalign.config import Config
+    from nanoalign.model import load_hf_model
+
+    out = tmp_path / "run"
+    train.train(Config(model="tiny", out_dir=str(out), max_steps=2, batch_size=2, eval_split="", save_every=0, freeze_vision=True))
+    before, after = load_hf_model(str(tiny_dirs["tiny"])).state_dict(), load_hf_model(str(out / "final")).state_dict()
+    vision = [k for k in before if k.startswith("model.visual.")]
+    text = [k for k in before if k.startswith("model.language_model.layers.")]
+    assert vision and text
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in text if k.endswith("q_proj.weight"))
