@@ -275,8 +275,10 @@ def train(cfg: Config) -> dict:
         if cfg.eval_split and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))
         log.log(step, metrics, force_print=step == cfg.max_steps)
-        at_boundary = not buffer  # RL: only between generation batches, so a resume needs no rollout state
-        if at_boundary and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps):
+        # Periodic saves only between generation batches (RL), so a resume needs no rollout state; the
+        # last step always saves (a generation batch it leaves unfinished is dropped).
+        at_boundary = not buffer
+        if (at_boundary and cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
     progress.close()
     if weight_sync is not None:

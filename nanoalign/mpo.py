@@ -195,7 +195,9 @@ def precomputed_reference(run) -> dict[str, torch.Tensor]:
     if run.ref_logps_table is not None:
         return run.ref_logps_table
     path = Path(run.cfg.out_dir) / "ref_logps.pt"
-    if path.exists():
+    # Only a resumed run (step > 0) reads the file: at step 0 the policy is the reference, and a table
+    # left in out_dir by an earlier run (another model or dataset, or --no-resume) would be stale.
+    if path.exists() and run.step > 0:
         run.ref_logps_table = torch.load(path)
         return run.ref_logps_table
     if run.step > 0:

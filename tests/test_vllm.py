@@ -248,14 +248,6 @@ TOY_RL = [  # a toy reward any policy learns in a few steps (tests/toy_rewards.p
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def warm_model(tmp_path_factory) -> str:
-    """The tiny model after a short SFT run: it answers in the task's layout, so the toy reward varies."""
-    out = tmp_path_factory.mktemp("warm")
-    run_train(["--algo", "sft", "--max-steps", "60", "--eval-split", "", "--save-every", "0", "--out-dir", str(out)])
-    return str(out / "final")
-
-
 def run_train(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """train.py in a subprocess (torchrun for nproc > 1), with tests/ importable for the toy rewards."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
