@@ -73,7 +73,7 @@ class Config:
     """Recompute each layer's activations in backward to save memory."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed."""
-    logps_chunk_size: int = 1024
+    logps_chunk_size: int = 128
     """Token positions per chunk when computing log-probs, so the full (B, T, V) fp32 log-softmax is
     never materialised at once."""
 

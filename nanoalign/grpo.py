@@ -411,7 +411,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     cfg = run.cfg
-    logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True)
+    logps, entropy = run.policy(
+        **micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True, logps_mask=micro.batch.mask
+    )
     # num_iterations = 1 and one step per generation: old = sg(l), ratio 1 in value, gradient kept.
     old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
     value, metrics = grpo_loss(

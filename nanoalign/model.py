@@ -63,21 +63,34 @@ class Policy(nn.Module):
     forward(...) -> (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]],
     the log-prob of token t given tokens < t, with logps[:, 0] = 0 (nothing predicts the first
     token). entropy (same shape, detached) is returned when asked for, else None.
+    logps_mask (B, T), optional: compute them only where it is 1 and return 0 elsewhere. Losses only
+    read completion tokens, and prompts (image tokens included) are most of a row, so this skips most
+    of the lm_head work, which dominates at real vocabulary sizes (TRL's logits_to_keep does the same).
     """
 
-    def __init__(self, hf_model, logps_chunk_size: int = 1024):
+    def __init__(self, hf_model, logps_chunk_size: int = 128):
         super().__init__()
         self.hf = hf_model
         self.logps_chunk_size = logps_chunk_size
 
-    def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False, **mm_inputs):
+    def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False,
+                logps_mask=None, **mm_inputs):  # fmt: skip
         # The base model (vision tower + decoder, no lm_head) gives the final normed hidden states.
         hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm_inputs)
         hidden = hidden.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        targets = input_ids[:, 1:]  # (B, T-1)
         weight = self.hf.get_output_embeddings().weight  # (V, H), gathered: we are inside the root forward
-        logps, entropy = chunked_logps(hidden, weight, input_ids[:, 1:], temperature, self.logps_chunk_size, with_entropy)
-        zero = logps.new_zeros(logps.shape[0], 1)
-        return torch.cat([zero, logps], 1), torch.cat([zero, entropy], 1) if with_entropy else None
+        keep = torch.ones_like(targets, dtype=torch.bool) if logps_mask is None else logps_mask[:, 1:].bool()
+        kept_logps, kept_entropy = chunked_logps(
+            hidden[keep][None], weight, targets[keep][None], temperature, self.logps_chunk_size, with_entropy
+        )  # (1, N_kept) each
+        logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # (B, T)
+        logps[:, 1:][keep] = kept_logps[0]  # an index_put: the gradient flows back to kept_logps
+        if not with_entropy:
+            return logps, None
+        entropy = torch.zeros_like(logps)
+        entropy[:, 1:][keep] = kept_entropy[0]
+        return logps, entropy
 
     def generate(self, **kwargs):
         """HF generate; registered with FSDP so the root's hooks run as they do for forward."""
@@ -98,7 +111,9 @@ class _ChunkedLogps(torch.autograd.Function):
         entropy = torch.zeros_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.T).float() / temperature  # (C, V), upcast like TRL's selective_log_softmax
+            logits = (hidden[rows] @ weight.T).float()  # (C, V), upcast like TRL's selective_log_softmax
+            if temperature != 1.0:
+                logits.div_(temperature)  # in place: a second (C, V) block would double the peak
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
             logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
             if with_entropy:  # H = lse - sum_v p_v z_v
@@ -115,19 +130,22 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = (hidden[rows] @ weight.T).float() / ctx.temperature  # (C, V)
-            dlogits = -torch.softmax(logits, dim=-1)  # (C, V): onehot - p, times the incoming gradient
+            logits = (hidden[rows] @ weight.T).float()  # (C, V)
+            if ctx.temperature != 1.0:
+                logits.div_(ctx.temperature)
+            dlogits = torch.softmax(logits, dim=-1).neg_()  # (C, V): onehot - p, times the incoming gradient
+            del logits  # with the in-place ops: one (C, V) block alive at a time, not three
             dlogits.scatter_add_(1, targets[rows, None], torch.ones_like(dlogits[:, :1]))
             dlogits *= grad_logps[rows, None] / ctx.temperature
             if grad_hidden is not None:
                 grad_hidden[rows] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += dlogits.T @ hidden[rows].float()
+                grad_weight.addmm_(dlogits.T, hidden[rows].float())  # in place: no (V, H) temporary per chunk
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
+def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 128, with_entropy: bool = False):
     """Per-token log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature.
 
     hidden (B, T, H), weight (V, H), targets (B, T) -> logps (B, T) fp32, entropy (B, T) fp32.

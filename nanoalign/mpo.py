@@ -171,7 +171,7 @@ def encode_pairs(samples: list[dict], run) -> Batch:
 
 def completion_logps(policy, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sums over completion tokens, SUM_t M l_t (B,), and the per-token logps (B, T)."""
-    logps, _ = policy(**batch.model_inputs())
+    logps, _ = policy(**batch.model_inputs(), logps_mask=batch.mask)
     return (logps * batch.mask).sum(1), logps
 
 

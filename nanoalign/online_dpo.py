@@ -151,7 +151,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
 
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
-    logps, _ = run.policy(**micro.batch.model_inputs())
+    logps, _ = run.policy(**micro.batch.model_inputs(), logps_mask=micro.batch.mask)
     sums = (logps * micro.batch.mask).sum(1)  # (2P,) SUM_t M l_t
     if len(micro.chosen) == 0:  # nothing rankable here; still backward so FSDP's gradient reduction runs
         return sums.sum() * 0.0, dict.fromkeys(PAIR_METRICS, float("nan"))  # same keys on every rank

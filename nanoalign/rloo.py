@@ -139,7 +139,9 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     cfg = run.cfg
-    logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True)
+    logps, entropy = run.policy(
+        **micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True, logps_mask=micro.batch.mask
+    )
     old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
     value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
     metrics = {k: float(v) for k, v in metrics.items()}

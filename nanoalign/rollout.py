@@ -213,7 +213,7 @@ def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]])
 @torch.no_grad()
 def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     """(B, T) per-token log-probs without gradient: old (sampling-time) or reference log-probs."""
-    return policy(**batch.model_inputs(), temperature=temperature)[0]
+    return policy(**batch.model_inputs(), temperature=temperature, logps_mask=batch.mask)[0]
 
 
 def completion_metrics(rollouts: list[Rollout]) -> dict:

@@ -79,7 +79,7 @@ def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
 
 
 def loss(micro: MicroBatch, run: Run) -> tuple[torch.Tensor, dict]:
-    logps, _ = run.policy(**micro.batch.model_inputs())
+    logps, _ = run.policy(**micro.batch.model_inputs(), logps_mask=micro.batch.mask)
     # x world_size: FSDP averages gradients over ranks, and we want the sum over ranks / N.
     value, stats = sft_loss(logps, micro.batch.mask, micro.num_step_tokens / run.world_size)
     return value, {"num_tokens": float(stats["num_tokens"])}
@@ -91,7 +91,7 @@ def evaluate(samples: list[dict], run: Run) -> dict:
     nll_sum = num_tokens = 0.0
     for i in range(0, len(samples), run.cfg.batch_size):
         batch = encode(samples[i : i + run.cfg.batch_size], run).to(run.device)
-        logps, _ = run.policy(**batch.model_inputs())
+        logps, _ = run.policy(**batch.model_inputs(), logps_mask=batch.mask)
         _, stats = sft_loss(logps, batch.mask, 1.0)
         nll_sum, num_tokens = nll_sum + float(stats["nll_sum"]), num_tokens + float(stats["num_tokens"])
     (nll_sum, num_tokens) = all_reduce_sum([nll_sum, num_tokens], run.device)

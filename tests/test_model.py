@@ -214,3 +214,31 @@ def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_dirs):
     assert vision and text
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert all(not torch.equal(before[k], after[k]) for k in text if k.endswith("q_proj.weight"))
+
+
+def test_policy_logps_mask_computes_only_counted_positions(load_family, make_image):
+    # logps_mask: the same log-probs (and gradients of a masked loss) at counted positions, exact
+    # zeros elsewhere, so losses that only read completion tokens can skip the prompt's lm_head work.
+    processor, model, stop_ids = load_family("tiny")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are in the image?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The answer is \\boxed{2}."}]},
+    ]
+    batch = encode_conversations(processor, [messages, messages], [[make_image(0)], [make_image(1)]], ["a", "b"],
+                                 max_length=512, stop_ids=stop_ids)  # fmt: skip
+    policy = Policy(model, logps_chunk_size=5)
+    results = []
+    for logps_mask in (None, batch.mask):
+        model.zero_grad()
+        logps, entropy = policy(**batch.model_inputs(), temperature=0.7, with_entropy=True, logps_mask=logps_mask)
+        (-(logps * batch.mask).sum()).backward()
+        results.append((logps, entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_entropy, full_grads), (kept, kept_entropy, kept_grads) = results
+    counted = batch.mask.bool()
+    assert 0 < counted.sum() < counted.numel() / 2  # most of each row is prompt: the mask skips most positions
+    assert_close(kept[counted], full[counted].detach())
+    assert_close(kept_entropy[counted], full_entropy[counted])
+    assert (kept[~counted] == 0).all() and (kept_entropy[~counted] == 0).all()
+    assert full_grads.keys() == kept_grads.keys()
+    for name in full_grads:
+        assert_close(kept_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
