@@ -67,7 +67,9 @@ def test_accuracy_hanging_verify_times_out_as_counted_failure(monkeypatch):
     assert elapsed < 1.5, f"took {elapsed:.2f}s; the 0.3s timeout was not enforced"
 
 
-def test_accuracy_exception_in_parse_is_counted_failure(monkeypatch):
+@pytest.fixture
+def parse_fails_on_boom(monkeypatch):
+    """math-verify's parse raises on any text containing "boom" (an internal sympy failure)."""
     real_parse = rewards.parse
 
     def flaky_parse(text, **kwargs):
@@ -76,6 +78,9 @@ def test_accuracy_exception_in_parse_is_counted_failure(monkeypatch):
         return real_parse(text, **kwargs)
 
     monkeypatch.setattr(rewards, "parse", flaky_parse)
+
+
+def test_accuracy_exception_in_parse_is_counted_failure(parse_fails_on_boom):
     stats = RewardStats()
     scores = accuracy_reward([GOOD, "\\boxed{boom}"], solution=["3", "3"], reward_stats=stats)
     assert scores == [1.0, None]
@@ -238,15 +243,7 @@ def test_score_passes_columns_and_reports_stats_breakdown():
     assert metrics["rewards/spy/failure_rate"] == 0.5
 
 
-def test_score_accuracy_failures_show_up_in_metrics(monkeypatch):
-    real_parse = rewards.parse
-
-    def flaky_parse(text, **kwargs):
-        if "boom" in text:
-            raise RuntimeError("sympy exploded")
-        return real_parse(text, **kwargs)
-
-    monkeypatch.setattr(rewards, "parse", flaky_parse)
+def test_score_accuracy_failures_show_up_in_metrics(parse_fails_on_boom):
     completions = [GOOD, "\\boxed{boom}", GOOD, WRONG]
     _, metrics = score_completions([accuracy_reward], [1.0], completions, {"solution": ["3", "3", "$$", "3"]})
     assert metrics["rewards/accuracy/error_rate"] == 0.25
