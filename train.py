@@ -248,14 +248,16 @@ def train(cfg: Config) -> dict:
                 raise
         micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
 
-        step_metrics: dict[str, float] = {}
+        micro_values: dict[str, list[float]] = {}
         loss_sum = 0.0
         for micro in micro_batches:
             loss, micro_metrics = algo.loss(micro, run)
             loss.backward()
             loss_sum += float(loss.detach())
-            for key, value in micro_metrics.items():  # mean over micro-batches
-                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / len(micro_batches)
+            for key, value in micro_metrics.items():
+                micro_values.setdefault(key, []).append(float(value))
+        # mean over the micro-batches that measured it (NaN: nothing to measure, e.g. no rankable pair)
+        step_metrics = {k: float(torch.tensor(v, dtype=torch.float64).nanmean()) for k, v in micro_values.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):  # same value on every rank: the norm is all-reduced

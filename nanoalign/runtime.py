@@ -5,6 +5,7 @@ torchrun we start a one-process group, so FSDP2 and every collective behave iden
 Backend: NCCL on GPUs, gloo on CPUs.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -50,10 +51,17 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(metrics: dict[str, float], device) -> dict[str, float]:
-    """Average each metric over ranks (every rank must pass the same keys, in any order)."""
+    """Average each metric over the ranks that measured it (every rank passes the same keys).
+
+    NaN means "nothing to measure here" (e.g. online DPO on a rank whose pairs were all skipped): that
+    rank is left out of the mean instead of turning it into NaN; a metric no rank measured stays NaN.
+    """
     keys = sorted(metrics)
-    sums = all_reduce_sum([float(metrics[k]) for k in keys], device)
-    return {k: s / dist.get_world_size() for k, s in zip(keys, sums)}
+    values = [float(metrics[k]) for k in keys]
+    measured = [0.0 if math.isnan(v) else 1.0 for v in values]
+    sums = all_reduce_sum([v if m else 0.0 for v, m in zip(values, measured)] + measured, device)
+    totals, counts = sums[: len(keys)], sums[len(keys) :]
+    return {k: total / count if count else float("nan") for k, total, count in zip(keys, totals, counts)}
 
 
 @dataclass

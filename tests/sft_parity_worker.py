@@ -6,7 +6,8 @@ Each BATCH_SIZE:GRAD_ACCUM spec runs one step from the same initial weights on t
 (`parity_samples`, 4 conversations): rank r takes the r-th contiguous share (rank 0 samples [0, 1],
 rank 1 [2, 3] with 2 ranks), sft.prepare splits it into grad_accum micro-batches and computes the
 step's global token count, sft.loss gives each micro-batch's loss, exactly as train.py uses them.
-Rank 0 saves {spec: {"loss", "grads", "num_tokens"}} with the full (gathered) gradients. The test
+Rank 0 saves {spec: {"loss", "grads", "num_tokens"}} with the full (gathered) gradients, and what
+`mean_over_ranks` (train.py's metric average) gives when one rank has nothing to measure. The test
 also imports `sft_step` to compute the one-process reference in its own process.
 """
 
@@ -78,7 +79,12 @@ if __name__ == "__main__":
     for spec in specs:
         batch_size, grad_accum = map(int, spec.split(":"))
         results[spec] = sft_step(model_dir, batch_size, grad_accum)
-    if dist.get_rank() == 0:
+    # train.py's metric average over ranks: rank 0 has nothing to measure for "partly" (NaN)
+    rank = dist.get_rank()
+    results["mean_over_ranks"] = mean_over_ranks(
+        {"partly": float("nan") if rank == 0 else 3.0, "nowhere": float("nan"), "everywhere": float(rank)}, "cpu"
+    )
+    if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()

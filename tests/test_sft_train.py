@@ -7,6 +7,7 @@
   * `python train.py --help` lists every flag with its docstring.
 """
 
+import math
 import os
 import signal
 import subprocess
@@ -116,6 +117,15 @@ def test_gradient_accumulation_matches_one_big_batch(one_process, two_processes)
     assert_same_step(one_process["2:2"], reference)  # 1 process, 2 micro-batches of 2
     assert_same_step(one_process["1:4"], reference)  # 1 process, 4 micro-batches of 1
     assert_same_step(two_processes["1:2"], reference)  # 2 ranks x 2 micro-batches of 1
+
+
+def test_metrics_average_over_the_ranks_that_measured_them(two_processes):
+    # train.py logs mean_over_ranks of every metric. A rank with nothing to measure reports NaN (e.g.
+    # online DPO with every pair skipped there); it must not turn the mean into NaN or halve it.
+    means = two_processes["mean_over_ranks"]
+    assert means["partly"] == 3.0  # rank 1's value alone, not (NaN + 3) / 2 nor 3 / 2
+    assert means["everywhere"] == 0.5  # (0 + 1) / 2
+    assert math.isnan(means["nowhere"])
 
 
 def _run_stub(processor, stop_ids):
