@@ -57,6 +57,16 @@ def add_model_flags(parser) -> None:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"small model: {f.name} (default {f.default})")
 
 
+def add_step_flags(parser, algos: list[str]) -> None:
+    """The flags every per-algorithm benchmark takes: model, algorithms, steps, batch size, threads."""
+    add_model_flags(parser)
+    parser.add_argument("--algos", nargs="+", default=algos, choices=algos)
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps dropped")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+
+
 def model_from_args(args) -> str:
     """The directory of the model the flags describe (built on first use)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelSize) if getattr(args, f.name) is not None}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    add_model_flags, child_spec, current_rss_bytes, emit, machine_info, matmul_peak, median, mib,
+    add_step_flags, child_spec, current_rss_bytes, emit, machine_info, matmul_peak, median, mib,
     model_from_args, num_params, print_table, run_child, write_json,
 )  # fmt: skip
 
@@ -136,12 +136,7 @@ def measure(algo: str, model: str, args, overrides: dict | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(parser)
-    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
-    parser.add_argument("--steps", type=int, default=5, help="measured steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps dropped")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    add_step_flags(parser, ALGOS)  # --model, --algos, --steps, --warmup, --batch-size, --threads
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting runs")
     parser.add_argument("--flop-steps", type=int, default=2, help="steps of the FLOP-counting run (FLOPs per token are scaled)")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/speed-<model>.json)")

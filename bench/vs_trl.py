@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    add_model_flags, child_spec, current_rss_bytes, emit, machine_info, median, mib, model_from_args,
+    add_step_flags, child_spec, current_rss_bytes, emit, machine_info, median, mib, model_from_args,
     num_params, print_table, run_child, suppress_image_token_in_rollouts, write_json,
 )  # fmt: skip
 
@@ -471,12 +471,7 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(parser)
-    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per stack (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps dropped")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size (both stacks)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_step_flags(parser, ALGOS)  # --model, --algos, --steps, --warmup, --batch-size, --threads
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each stack (medians pool their steps)")
     parser.add_argument("--trl-python", default=None, help="interpreter with trl installed")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/vs_trl-<model>.json)")
