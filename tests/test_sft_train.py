@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
 import train as train_module  # noqa: E402
-from sft_parity_worker import parity_samples, sft_step  # noqa: E402  (tests/ is on sys.path)
+from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
 
-WORKER = Path(__file__).resolve().parent / "sft_parity_worker.py"
+WORKER = Path(__file__).resolve().parent / "parity_worker.py"
 
 
 def subprocess_env() -> dict:
@@ -58,19 +58,27 @@ def test_sft_loss_sums_and_divides_by_step_tokens():
 # data parallel and gradient accumulation parity
 
 
+ONE_PROCESS_SPECS = ("sft:4:1", "sft:2:2", "sft:1:4", "dpo:4:1", "mpo:4:1", "mpo:2:2")  # ALGO:BATCH:ACCUM
+TWO_PROCESS_SPECS = ("sft:2:1", "sft:1:2", "dpo:2:1", "mpo:1:2")
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_dirs, dist_world):
     """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
     as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
-    return {spec: sft_step(str(tiny_dirs["tiny"]), *map(int, spec.split(":"))) for spec in ("4:1", "2:2", "1:4")}
+    results = {}
+    for spec in ONE_PROCESS_SPECS:
+        algo, batch_size, grad_accum = spec.split(":")
+        results[spec] = parity_step(str(tiny_dirs["tiny"]), algo, int(batch_size), int(grad_accum))
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_dirs, tmp_path_factory):
-    """2 processes (torchrun, gloo): 2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and 1:2 (2 ranks x 2 micro-batches)."""
+    """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
     out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(tiny_dirs["tiny"]), str(out), "2:1", "1:2"]  # fmt: skip
+           str(WORKER), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
@@ -95,28 +103,37 @@ def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_
     with torch.no_grad():
         logps, _ = Policy(model)(**batch.model_inputs())
     expected = float(-(logps * batch.mask).sum() / batch.mask.sum())
-    assert one_process["4:1"]["num_tokens"] == float(batch.mask.sum())
-    assert_close(one_process["4:1"]["loss"], expected, rtol=1e-6, atol=1e-6)
+    assert one_process["sft:4:1"]["num_tokens"] == float(batch.mask.sum())
+    assert_close(one_process["sft:4:1"]["loss"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_fsdp_two_ranks_match_one_process(one_process, two_processes):
     # Rank 0 has far fewer answer tokens than rank 1; a per-rank token mean would weight them equally.
-    reference, two = one_process["4:1"], two_processes["2:1"]
+    reference, two = one_process["sft:4:1"], two_processes["sft:2:1"]
     assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]
     assert_same_step(two, reference)
 
 
 def test_gradient_accumulation_matches_one_big_batch(one_process, two_processes):
-    reference = one_process["4:1"]
+    reference = one_process["sft:4:1"]
     # Every row has a different number of counted tokens (so does every split of them): a
     # per-micro-batch token mean would weight them differently and NOT give this gradient.
-    row_tokens = one_process["1:4"]["rank_tokens"]
+    row_tokens = one_process["sft:1:4"]["rank_tokens"]
     assert len(set(row_tokens)) == 4, row_tokens
     assert sum(row_tokens) == reference["num_tokens"]
-    assert one_process["2:2"]["rank_tokens"][0] != one_process["2:2"]["rank_tokens"][1]
-    assert_same_step(one_process["2:2"], reference)  # 1 process, 2 micro-batches of 2
-    assert_same_step(one_process["1:4"], reference)  # 1 process, 4 micro-batches of 1
-    assert_same_step(two_processes["1:2"], reference)  # 2 ranks x 2 micro-batches of 1
+    assert one_process["sft:2:2"]["rank_tokens"][0] != one_process["sft:2:2"]["rank_tokens"][1]
+    assert_same_step(one_process["sft:2:2"], reference)  # 1 process, 2 micro-batches of 2
+    assert_same_step(one_process["sft:1:4"], reference)  # 1 process, 4 micro-batches of 1
+    assert_same_step(two_processes["sft:1:2"], reference)  # 2 ranks x 2 micro-batches of 1
+
+
+def test_preference_step_two_ranks_and_accumulation_match_one_process(one_process, two_processes):
+    # DPO and MPO (sigmoid + bco_pair + sft) against a frozen reference: the pairs' chosen answers
+    # have different lengths, so MPO's sft term is right only if normalised over the whole step.
+    assert_same_step(two_processes["dpo:2:1"], one_process["dpo:4:1"])  # 2 ranks x 2 pairs
+    reference = one_process["mpo:4:1"]
+    assert_same_step(one_process["mpo:2:2"], reference)  # 1 process, 2 micro-batches of 2 pairs
+    assert_same_step(two_processes["mpo:1:2"], reference)  # 2 ranks x 2 micro-batches of 1 pair
 
 
 def test_metrics_average_over_the_ranks_that_measured_them(two_processes):
