@@ -182,6 +182,8 @@ def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
             if not turns or not _text(turns[-1]) or turns[-1]["role"] != "assistant":
                 raise BadSampleError(f"{sample_id}: {key!r} must end with a non-empty assistant turn")
             sample[key] = turns
+        if sample["chosen"] == sample["rejected"]:  # DPO's margin is 0 whatever the policy: nothing to learn
+            raise BadSampleError(f"{sample_id}: 'chosen' and 'rejected' are identical; a preference pair must differ")
     elif fmt == "rl":
         sample["prompt"] = _insert_placeholders(_as_turns(raw["prompt"], "user", "prompt", sample_id), len(images), sample_id)
         sample.update({k: v for k, v in raw.items() if k not in ("prompt", "images", "image")})

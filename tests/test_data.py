@@ -80,6 +80,24 @@ def test_placeholder_count_mismatch_names_sample(image_path):
         prepare_sample({"messages": [user(num_images=2), assistant()], "images": [str(image_path)]}, "sft", "row-1")
 
 
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(rejected=[assistant("There are 2.")]), "'chosen' and 'rejected' are identical"),
+        (dict(chosen=[assistant("  ")]), "'chosen' must end with a non-empty assistant turn"),  # empty completion
+        (dict(rejected=[]), "'rejected' must end with a non-empty assistant turn"),
+        (dict(images=[]), "the messages hold 1 image placeholders but the sample has 0 images"),  # prompt refers to one
+    ],
+)
+def test_bad_preference_pair_names_sample(change, reason, image_path):
+    pair = {"prompt": [user()], "chosen": [assistant("There are 2.")], "rejected": [assistant("There are 3.")],
+            "images": [str(image_path)]}  # fmt: skip
+    assert prepare_sample(pair, "preference", "pair-4")["chosen"] == pair["chosen"]  # the pair itself is fine
+    with pytest.raises(BadSampleError) as err:
+        prepare_sample({**pair, **change}, "preference", "pair-4")
+    assert str(err.value).startswith("pair-4: ") and reason in str(err.value)
+
+
 # -----------------------------------------------------------------------------
 # skipping and order
 
