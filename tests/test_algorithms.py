@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from nanoalign import grpo
+from nanoalign import grpo, online_dpo
 from nanoalign.checkpoint import latest_checkpoint
 from nanoalign.data import BadSampleError
 from nanoalign.metrics import read_metrics
@@ -278,6 +278,22 @@ def test_online_dpo_all_none_rewards_skip_every_pair(warm_model, tmp_path):
         assert r["rewards/abstain/failure_rate"] == 1.0
         assert r["rewards/accuracies"] is None and r["scores/chosen"] is None  # NaN: no pair to measure
     assert metrics["skipped_pairs"] == 4
+
+
+def test_online_dpo_skips_a_pair_whose_completions_are_both_empty(warm_model, tmp_path, monkeypatch, capsys):
+    sample = online_dpo.rollout_chunks
+
+    def first_pair_empty(*args):  # as if the policy had answered nothing twice for the first prompt
+        rollouts = sample(*args)
+        rollouts[0].texts[0] = rollouts[0].texts[1] = ""
+        return rollouts
+
+    monkeypatch.setattr(online_dpo, "rollout_chunks", first_pair_empty)
+    run_train(tmp_path, "online_dpo", "--model", warm_model, "--max-steps", "1", "--batch-size", "8")
+    record = steps(tmp_path)[0]
+    assert record["skipped_pairs"] == 1  # of 4: the other 3 pairs train
+    assert record["rewards/accuracies"] is not None and math.isfinite(record["loss"])
+    assert "skipped 1 pair(s) on rank 0 whose completions were both empty or unscorable" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
