@@ -297,9 +297,12 @@ def test_killed_server_gives_a_clear_error(server, processor, model_dir, warm_mo
         time.sleep(0.5)
 
     init_distributed()
-    client = VLLMClient(url, timeout=10)
+    # The trainer is sampling and syncing on the same server and the same 2 cores: give the first,
+    # healthy answer time (a 10 s limit once timed out in CI); the dead server is checked with 10 s.
+    client = VLLMClient(url, timeout=120)
     sync = WeightSync(perturbed_policy(model_dir, seed=3), client, rank=0)
     assert len(sample(client, processor)) == 2
+    client.timeout = 10
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     start = time.monotonic()
