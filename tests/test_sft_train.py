@@ -321,6 +321,27 @@ def test_help_lists_flags_with_docstrings():
         assert flag in text and doc in text, (flag, doc)
 
 
+def test_tiny_sft_is_built_in_two_cached_phases(tmp_path, monkeypatch):
+    # The RL/preference demos start from "tiny-sft": clean SFT from "tiny" first, then SFT from that
+    # on the over-counting teacher. Each phase is built once; a second run reuses both.
+    monkeypatch.setenv("NANOALIGN_CACHE", str(tmp_path))
+    built = []
+
+    def fake_train(cfg):  # records the run and leaves what a finished run leaves: final/config.json
+        built.append(cfg)
+        (Path(cfg.out_dir) / "final").mkdir(parents=True)
+        (Path(cfg.out_dir) / "final" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    cfg = train_module.parse_config(["--algo", "gspo"])
+    path = train_module.resolve_model(cfg, rank=0)
+    clean, biased = built
+    assert (clean.algo, clean.model, clean.shapes_overcount) == ("sft", "tiny", 0.0)
+    assert biased.model == str(Path(clean.out_dir) / "final") and biased.shapes_overcount == 0.6
+    assert path == str(Path(biased.out_dir) / "final") and Path(path).is_relative_to(tmp_path)
+    assert train_module.resolve_model(cfg, rank=0) == path and len(built) == 2  # cached: nothing rebuilt
+
+
 def test_parse_config_preset_then_overrides():
     cfg = train_module.parse_config(["--algo", "dpo", "--lr", "0.001"])
     preset = PRESETS["dpo"]()
