@@ -93,6 +93,14 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def subprocess_env() -> dict:
+    """Environment for torchrun / `python train.py` children: this cache (NANOALIGN_CACHE, inherited),
+    nanoalign and tests/ importable (workers, toy reward functions), one OpenMP thread per process
+    (2 processes on 2 cores, see one_thread), and a wide terminal for `--help`."""
+    tests = Path(__file__).resolve().parent
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}", "COLUMNS": "200"}
+
+
 @pytest.fixture(scope="session")
 def warm_model(tiny_dirs, tmp_path_factory) -> str:
     """The tiny model after 70 SFT steps on the shapes task, exported; its directory is --model.

@@ -21,7 +21,6 @@ Assertions read metrics.jsonl or train()'s return value, never stdout.
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ REPO = TESTS.parent
 sys.path.insert(0, str(REPO))  # train.py lives at the repo root
 sys.path.insert(0, str(TESTS))  # toy_rewards: reward functions loaded by import path
 import train as train_module  # noqa: E402
-from conftest import one_thread  # noqa: E402
+from conftest import one_thread, subprocess_env  # noqa: E402
 
 LOG2 = math.log(2)
 # REFERENCE.md "GRPO and GSPO", Metrics. Every step logs the loss keys; the round keys come with the
@@ -298,11 +297,6 @@ def test_online_dpo_skips_a_pair_whose_completions_are_both_empty(warm_model, tm
 
 # -----------------------------------------------------------------------------
 # 2-process FSDP
-
-
-def subprocess_env() -> dict:
-    # NANOALIGN_CACHE comes from conftest; one thread per process keeps 2 processes on 2 cores fast.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
 
 
 def test_fsdp_two_ranks_online_algorithms(warm_model, tmp_path):

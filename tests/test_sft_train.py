@@ -30,14 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
 import train as train_module  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
 
 WORKER = Path(__file__).resolve().parent / "parity_worker.py"
-
-
-def subprocess_env() -> dict:
-    # NANOALIGN_CACHE comes from conftest; one thread per process keeps 2 processes on 2 cores fast.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
 
 
 # -----------------------------------------------------------------------------
