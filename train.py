@@ -22,11 +22,14 @@ Non-goals: no Trainer class, no callbacks, no config nesting, no tensor/pipeline
 """
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,13 +40,22 @@ from transformers.utils import logging as hf_logging
 
 from nanoalign import grpo, mpo, online_dpo, rloo, sft
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nanoalign.config import PRESETS, Config
+from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import BadSampleError, fetch_samples, load_split, stream_indices
 from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, export_hf, load_hf_model, load_processor, shard_policy
 from nanoalign.rewards import load_reward_funcs
+from nanoalign.batch import check_prompt_fits
 from nanoalign.rollout import accuracy
-from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum, device_mesh, init_distributed, mean_over_ranks
+from nanoalign.runtime import (
+    Run,
+    agree_on_failure,
+    all_reduce_sum,
+    device_mesh,
+    init_distributed,
+    mean_over_ranks,
+    on_every_rank,
+)
 from nanoalign.tiny import BUILDERS, TINY_VERSION, cache_dir, ensure_tiny
 from nanoalign.vllm_client import VLLMClient, WeightSync
 
@@ -81,8 +93,9 @@ def warm_start_configs() -> list[Config]:
     return [clean, biased]
 
 
-def resolve_model(cfg: Config, rank: int) -> str:
-    """A directory to load from: built-in models are built (once, by one rank) and cached."""
+def resolve_model(cfg: Config, rank: int, device) -> str:
+    """--model as a local directory: built-in models are built (once, by one rank) and cached, a hub
+    id is downloaded once (by the first process of each node); anything else fails now, clearly."""
     if cfg.model == "tiny-sft":
         for warm in warm_start_configs():
             if not (Path(warm.out_dir) / "final" / "config.json").exists():
@@ -95,7 +108,40 @@ def resolve_model(cfg: Config, rank: int) -> str:
             ensure_tiny(cfg.model)
         dist.barrier()
         return str(ensure_tiny(cfg.model))
-    return cfg.model  # a local directory or a hub id
+    path = Path(cfg.model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"--model {cfg.model}: the directory has no config.json; point it at a saved checkpoint")
+        return str(path)
+    if path.exists() or cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~")):
+        builtins = ["tiny-sft", *BUILDERS]
+        close = difflib.get_close_matches(cfg.model, builtins, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"--model {cfg.model!r} is not a built-in model ({', '.join(builtins)}), not a local checkpoint directory, "
+            f"and not a hub id of the form org/name.{hint}"
+        )
+    return download_from_hub(cfg.model, device)
+
+
+def download_from_hub(repo_id: str, device) -> str:
+    """A hub model's files (weights, configs, tokenizer, chat template) as a local directory. Tried once,
+    by each node's first process (the others wait and read the cache); HF_HUB_OFFLINE=1 reads only
+    the local cache."""
+    from huggingface_hub import snapshot_download
+
+    files = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            snapshot_download(repo_id, allow_patterns=files)
+        except Exception as err:  # no network, no such repo, no access: all end here, with the id
+            error = ValueError(
+                f"--model {repo_id}: could not get it from the Hugging Face hub ({type(err).__name__}: {err}). Offline, "
+                "download it elsewhere and pass its local directory, or set HF_HUB_OFFLINE=1 to use the local hub cache."
+            )
+    agree_on_failure(error, device)
+    return snapshot_download(repo_id, allow_patterns=files, local_files_only=True)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -123,13 +169,13 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     return shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
 
 
-def eval_samples(dataset, fmt: str, cfg: Config, run: Run) -> list[dict]:
+def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> list[dict]:
     """This rank's equal share of the first num_eval_samples held-out samples (equal, so every rank
-    runs the same number of forwards)."""
+    runs the same number of forwards). A bad sample stops every rank, with its name."""
     per_rank = min(cfg.num_eval_samples, len(dataset)) // run.world_size
     indices = list(range(run.rank * per_rank, (run.rank + 1) * per_rank))
-    samples, _ = fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples)
-    return samples
+    fetch = lambda: fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples, check)[0]  # noqa: E731
+    return on_every_rank(fetch, run.device)
 
 
 def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], model=None) -> dict:
@@ -147,12 +193,13 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
 
 def train(cfg: Config) -> dict:
     """Run training as configured. Returns the last step's metrics (with the final eval)."""
+    check_config(cfg)  # every cross-field rule, before anything is loaded
     hf_logging.disable_progress_bar()  # per-file loading bars would bury the step lines
     # ---------------------------------------------------------------- setup: processes, model, data
     rank, world_size, device = init_distributed()
+    model_dir = resolve_model(cfg, rank, device)  # may train the built-in warm start: seed after it
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)  # different rollouts on different ranks
-    model_dir = resolve_model(cfg, rank)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     algo = ALGOS[cfg.algo]
@@ -167,12 +214,15 @@ def train(cfg: Config) -> dict:
     stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
+    # Samples too long for --max-length are found when fetched: always for RL (before anything is
+    # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
+    # it the batch builder stops on them, naming the sample, at no extra cost).
+    if algo.DATA_FORMAT == "rl" or cfg.skip_bad_samples:
+        run.check_sample = partial(check_prompt_fits, processor, cfg.max_length, algo.DATA_FORMAT)
     if algo.DATA_FORMAT == "rl":
         run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
     weight_sync = None
     if cfg.vllm_mode == "server":  # rollouts from a vLLM server whose weights we keep in sync
-        if algo.DATA_FORMAT != "rl":
-            raise ValueError(f"--vllm-mode server is for the online methods (grpo, gspo, rloo, online_dpo), not --algo {cfg.algo}")
         run.vllm = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
         run.vllm.health()  # fail now, with the URL in the message, rather than at the first rollout
         weight_sync = WeightSync(policy, run.vllm if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout)
@@ -188,12 +238,18 @@ def train(cfg: Config) -> dict:
     )
     algo_eval, accuracy_eval = [], []
     if cfg.eval_split:
-        run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns)
-        algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run)
+        run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns, held_out=True)
+        if run.eval_data is None and rank == 0:
+            print(f"no evaluation: --dataset {cfg.dataset} has no held-out split {cfg.eval_split!r} (a single file holds "
+                  "training rows only; a directory needs e.g. eval.jsonl or test.jsonl beside train.jsonl). Pass "
+                  "--eval-split '' to say so, or the name of its held-out split.", flush=True)  # fmt: skip
+    if run.eval_data is not None:
+        algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run, run.check_sample)
         if algo.DATA_FORMAT == "rl":
             accuracy_eval = algo_eval
         elif cfg.dataset == "shapes":  # the built-in task has gold answers in every format
-            accuracy_eval = eval_samples(load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples), "rl", cfg, run)
+            shapes_rl = load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples)
+            accuracy_eval = eval_samples(shapes_rl, "rl", cfg, run)
         if accuracy_eval and "solution" not in accuracy_eval[0]:
             accuracy_eval = []  # no gold answers to check generations against
 
@@ -201,6 +257,7 @@ def train(cfg: Config) -> dict:
     step, num_drawn = 0, 0  # optimizer steps done; samples drawn from the data stream (all ranks)
     if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         counters = load_checkpoint(ckpt, policy, optimizer, scheduler, rank)
+        check_resumable(counters.get("config"), cfg, ckpt)
         step, num_drawn = counters["step"], counters["num_drawn"]
         run.step = step
         if rank == 0:
@@ -211,7 +268,7 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = MetricsLog(out_dir, rank, cfg.log_every)
-    if step == 0 and cfg.eval_split:
+    if step == 0 and run.eval_data is not None:
         first_eval = evaluate(algo, run, algo_eval, accuracy_eval)
         log.log(0, first_eval, force_print=True)
 
@@ -220,6 +277,9 @@ def train(cfg: Config) -> dict:
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
     metrics: dict = {}
     synced_step = None  # the optimizer step whose weights vLLM serves (None: not synced yet)
+    # Periodic checkpoints: at the first step at or after each multiple of save_every that ends a
+    # generation batch (RL), so a resume needs no rollout state.
+    next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -234,17 +294,15 @@ def train(cfg: Config) -> dict:
                 # Every rank reads its own slice of the same seeded stream (data.stream_indices).
                 start = num_drawn + rank * per_rank
                 indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
-                error, samples, num_skipped = None, [], 0
-                try:
-                    samples, num_skipped = fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples)
-                except BadSampleError as err:
-                    error = err
-                agree_on_failure(error, device)  # a bad sample stops every rank, at a step boundary
+                samples, num_skipped = on_every_rank(
+                    lambda: fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples, run.check_sample),
+                    device,
+                )  # a bad sample stops every rank, at a step boundary
                 num_drawn += per_rank * world_size
                 buffer, prepared_metrics = algo.prepare(samples, run)
                 round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
             except Exception as err:  # a bad sample, a raising reward function, a dead vLLM server, ...
-                save_before_stopping(err, out_dir, step, drawn_before_round, policy, optimizer, scheduler, rank)
+                save_before_stopping(err, out_dir, resume_state(step, drawn_before_round, cfg), policy, optimizer, scheduler, rank)
                 raise
         micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
 
@@ -269,7 +327,7 @@ def train(cfg: Config) -> dict:
             )
             error.raised_on_every_rank = True
             if round_started:  # else the rest of a generation batch is pending: the last checkpoint stands
-                save_before_stopping(error, out_dir, step, drawn_before_round, policy, optimizer, scheduler, rank)
+                save_before_stopping(error, out_dir, resume_state(step, drawn_before_round, cfg), policy, optimizer, scheduler, rank)
             raise error
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
@@ -282,14 +340,13 @@ def train(cfg: Config) -> dict:
         # ------------------------------------------------------------ log, evaluate, checkpoint
         metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum}, device)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
-        if cfg.eval_split and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if run.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))
         log.log(step, metrics, force_print=step == cfg.max_steps)
-        # Periodic saves only between generation batches (RL), so a resume needs no rollout state; the
-        # last step always saves (a generation batch it leaves unfinished is dropped).
-        at_boundary = not buffer
-        if (at_boundary and cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
+        # The last step always saves (a generation batch it leaves unfinished is dropped).
+        if (not buffer and next_save is not None and step >= next_save) or step == cfg.max_steps:
+            save_checkpoint(out_dir, step, policy, optimizer, scheduler, resume_state(step, num_drawn, cfg), rank)
+            next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress.close()
     if weight_sync is not None:
         weight_sync.close()
@@ -302,6 +359,7 @@ def train(cfg: Config) -> dict:
             exported = load_hf_model(str(out_dir / "final")).to(device).eval()
             final = evaluate(algo, run, [], accuracy_eval, model=exported)
             metrics["final/exported_accuracy"] = final["eval/accuracy"]
+            log.amend_last({"final/exported_accuracy": final["eval/accuracy"]})
             if rank == 0:
                 print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
     if rank == 0:
@@ -312,18 +370,45 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
-def save_before_stopping(error: Exception, out_dir: Path, step: int, num_drawn: int, policy, optimizer, scheduler, rank: int) -> None:
+# Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
+# and --skip-bad-samples (the fix a stop on a bad sample suggests). Anything else would continue a
+# run under settings it was not trained with.
+RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
+                     "export", "out_dir", "skip_bad_samples", "vllm_url", "vllm_timeout"}  # fmt: skip
+
+
+def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
+    """Refuse to resume a checkpoint trained under other settings, naming the fields that differ."""
+    if saved is None:  # a checkpoint from before configs were stored with it
+        return
+    saved, now = (json.loads(json.dumps(c)) for c in (saved, dataclasses.asdict(cfg)))  # tuples -> lists, both
+    changed = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{ckpt} was trained with other settings ({'; '.join(changed)}). Resuming would continue that run "
+            f"as if it had been this one: use another --out-dir, or pass --no-resume to start over in {cfg.out_dir}."
+        )
+
+
+def resume_state(step: int, num_drawn: int, cfg: Config) -> dict:
+    """What a checkpoint stores beside the weights: the loop's counters and the config it trained with."""
+    return {"step": step, "num_drawn": num_drawn, "config": dataclasses.asdict(cfg)}
+
+
+def save_before_stopping(error: Exception, out_dir: Path, state: dict, policy, optimizer, scheduler, rank: int) -> None:
     """On an error that every rank raised together, checkpoint the last completed step before stopping.
 
     Called at a round boundary, where the state is exactly "after `step` steps, `num_drawn` samples
     drawn": rerunning the same command resumes there, so fixing a bad sample loses no training.
     Errors only one rank saw are left alone: the others are not here to join the save.
     """
-    if not getattr(error, "raised_on_every_rank", False) or step == 0:
+    if not getattr(error, "raised_on_every_rank", False) or state["step"] == 0:
         return
-    path = save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"step": step, "num_drawn": num_drawn}, rank)
+    path = save_checkpoint(out_dir, state["step"], policy, optimizer, scheduler, state, rank)
     if rank == 0:
-        print(f"stopping before step {step + 1}: saved {path}; fix the cause and rerun the same command to resume", flush=True)
+        print(f"stopping before step {state['step'] + 1}: {path} holds it; fix the cause and rerun the same command "
+              "to resume", flush=True)  # fmt: skip
 
 
 def truncate_metrics(path: Path, step: int) -> None:

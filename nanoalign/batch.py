@@ -16,9 +16,9 @@ stop token (<|im_end|> for Qwen). Prompt, image placeholder and pad tokens never
 A conversation with several assistant turns is prompt + (answer, follow-up prompt)*; all its images
 must sit before the first answer, because only the first prompt goes through the processor.
 Rows longer than max_length lose their tail text (counted in `num_truncated`); a row whose image
-tokens would be cut is refused with an error naming the sample, or with skip_overlong kept with an
-all-zero loss mask (counted in `num_skipped`), so every rank still runs the same forwards; such a row
-keeps its whole prompt (every image token), so it is the one row that may exceed max_length.
+tokens would be cut is refused with an error naming the sample. With --skip-bad-samples such a
+sample never gets here: `check_prompt_fits` finds it when it is fetched, and the fetch replaces it
+(so a skipped sample costs nothing in the batch it would have been padded into).
 """
 
 from dataclasses import dataclass, field
@@ -42,7 +42,7 @@ class Batch:
     mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
     sample_ids: list[str] = field(default_factory=list)
     num_truncated: int = 0  # rows whose tail text was cut at max_length
-    num_skipped: int = 0  # rows refused (image tokens past max_length) and given an all-zero mask
+    num_skipped: int = 0  # rows kept with an all-zero mask (RL: a completion that sampled an image token)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.mm_inputs}
@@ -135,7 +135,7 @@ def image_token_ids(processor) -> set[int]:
 
 
 def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: list[list[int]], sample_ids: list[str],
-              max_length: int, pad_id: int, skip_overlong: bool = False) -> Batch:  # fmt: skip
+              max_length: int, pad_id: int) -> Batch:  # fmt: skip
     """Rows = unpadded processor prompt b + tails[b], right-padded, with the loss mask tail_masks[b].
 
     Per-token processor outputs (e.g. Qwen's mm_token_type_ids) are extended with 0 ("text") for
@@ -143,7 +143,7 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
     """
     rows = _unpad_rows(prompt_enc)
     image_ids = torch.tensor(sorted(image_token_ids(processor)))
-    num_truncated = num_skipped = 0
+    num_truncated = 0
     packed = []
     for b, row in enumerate(rows):
         tail = torch.tensor(tails[b], dtype=torch.long)
@@ -152,23 +152,13 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
         if len(mask) > max_length:
             cut_images = torch.isin(full["input_ids"][max_length:], image_ids).sum().item()
             if cut_images:
-                if not skip_overlong:
-                    raise BadSampleError(
-                        f"{sample_ids[b]}: {len(mask)} tokens, and {cut_images} image tokens lie past --max-length "
-                        f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
-                        "--skip-bad-samples to skip such samples."
-                    )
-                # Kept (so ranks stay in step) but contributes nothing. Cutting it at max_length would
-                # leave fewer image tokens than its pixel_values have features and break the forward,
-                # so it keeps its whole prompt (all its image tokens) and drops only its answer.
-                num_skipped += 1
-                keep = len(row["input_ids"])  # > max_length: the cut image tokens are in the prompt
-                mask = torch.zeros(keep)
-            else:
-                num_truncated += 1
-                keep = max_length
-                mask = mask[:keep]
-            full = {k: v[:keep] for k, v in full.items()}
+                raise BadSampleError(
+                    f"{sample_ids[b]}: {len(mask)} tokens, and {cut_images} image tokens lie past --max-length "
+                    f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
+                    "--skip-bad-samples to skip such samples."
+                )
+            num_truncated += 1
+            full, mask = {k: v[:max_length] for k, v in full.items()}, mask[:max_length]
         packed.append((full, mask))
     length = max(len(m) for _, m in packed)
     out = {}
@@ -178,12 +168,11 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
     mask = torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for _, m in packed])
     mm_inputs = {k: v for k, v in prompt_enc.items() if k not in out}
     mm_inputs.update({k: v for k, v in out.items() if k not in ROW_KEYS})
-    return Batch(out["input_ids"], out["attention_mask"], mask, mm_inputs, list(sample_ids), num_truncated, num_skipped)
+    return Batch(out["input_ids"], out["attention_mask"], mask, mm_inputs, list(sample_ids), num_truncated)
 
 
 def encode_conversations(processor, conversations: list[list[dict]], images: list[list], sample_ids: list[str], *,
-                         max_length: int, stop_ids: set[int], last_turn_only: bool = False,
-                         skip_overlong: bool = False) -> Batch:  # fmt: skip
+                         max_length: int, stop_ids: set[int], last_turn_only: bool = False) -> Batch:  # fmt: skip
     """SFT / preference rows: each conversation's first prompt through the processor, the rest tokenised.
 
     last_turn_only counts only the final assistant turn (preference completions); otherwise every
@@ -203,4 +192,33 @@ def encode_conversations(processor, conversations: list[list[dict]], images: lis
         tail_masks.append(tail_mask)
     enc = process_prompts(processor, prompts, images)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_rows(processor, enc, tails, tail_masks, sample_ids, max_length, pad_id, skip_overlong)
+    return pack_rows(processor, enc, tails, tail_masks, sample_ids, max_length, pad_id)
+
+
+def check_prompt_fits(processor, max_length: int, fmt: str, sample: dict) -> None:
+    """Refuse (BadSampleError) a sample whose rows cannot be built under max_length.
+
+    Only the first prompt matters: it holds every image token (conversation_segments), and the
+    rest is text that may be cut. SFT / preference rows need the image tokens within max_length;
+    an RL prompt needs room for at least one completion token as well, as nothing is generated for
+    a prompt that cannot be trained on. Called when samples are fetched (data.fetch_samples), so
+    --skip-bad-samples replaces such a sample before any work is done on it.
+    """
+    messages = sample["messages"] if fmt == "sft" else sample["prompt"]
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    text = render(processor, messages[:first_answer], add_generation_prompt=True)
+    prompt_ids = process_prompts(processor, [text], [sample["images"]])["input_ids"][0]
+    limit = max_length - 1 if fmt == "rl" else max_length
+    image_at = torch.isin(prompt_ids, torch.tensor(sorted(image_token_ids(processor)))).nonzero()
+    if fmt == "rl" and len(prompt_ids) > limit:
+        raise BadSampleError(
+            f"{sample['sample_id']}: the prompt is {len(prompt_ids)} tokens long (image tokens included), which leaves "
+            f"no room for a completion under --max-length {max_length}. Raise --max-length, shorten the prompt or "
+            "give the processor smaller images, or pass --skip-bad-samples to skip such samples."
+        )
+    if len(image_at) and int(image_at.max()) >= max_length:
+        raise BadSampleError(
+            f"{sample['sample_id']}: its prompt is {len(prompt_ids)} tokens, and image tokens lie past --max-length "
+            f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass --skip-bad-samples "
+            "to skip such samples."
+        )

@@ -8,7 +8,11 @@ The data order is a pure function of (seed, samples drawn) (data.stream_indices)
 RNG states are all a resumed run needs to continue exactly as an uninterrupted one would.
 
 `latest` is written last, atomically, after every rank has finished writing: a run killed while
-saving resumes from the previous complete checkpoint. The two newest checkpoints are kept.
+saving resumes from the previous complete checkpoint. Nothing is ever written into a directory that
+exists already (the one `latest` names included): a second save of the same step (a stop right
+after a periodic save, or a --no-resume rerun reaching a step an abandoned run saved) goes to
+step_NNNNNN.1, .2, ..., or is skipped when `latest` already holds exactly that state. The two
+newest checkpoints are kept.
 """
 
 import random
@@ -43,9 +47,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: dict, rank: int) -> Path:
-    """Save everything needed to resume after `step` optimizer steps. Every rank must call it."""
+    """Save everything needed to resume after `step` optimizer steps. Every rank must call it.
+
+    counters: the loop's state (at least "step" and "num_drawn"), returned by load_checkpoint.
+    """
     root = Path(out_dir) / "checkpoints"
-    path = root / f"step_{step:06d}"
+    name = f"step_{step:06d}"
+    latest = latest_checkpoint(out_dir)
+    if latest is not None and latest.name.split(".")[0] == name:
+        saved = torch.load(latest / f"rank{rank}.pt", weights_only=False)["counters"]
+        if (saved["step"], saved["num_drawn"]) == (counters["step"], counters["num_drawn"]):
+            return latest  # it holds this very state already
+    path, revision = root / name, 0
+    while path.exists():  # never write into an existing checkpoint: a kill mid-write would ruin it
+        revision += 1
+        path = root / f"{name}.{revision}"
+    dist.barrier()  # every rank has picked the same new name before any rank creates it
     model_state, optim_state = get_state_dict(policy, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": _rng_state()}, path / f"rank{rank}.pt")

@@ -18,8 +18,8 @@ class Config:
     algo: Algo = "sft"
     """Training method: sft, dpo, mpo, grpo, gspo, rloo or online_dpo."""
     model: str = "tiny"
-    """A local checkpoint directory, a hub id, or a built-in model: "tiny" (random tiny Qwen2.5-VL),
-    "tiny-llava", or "tiny-sft" (tiny, SFT-warmed on the shapes task; built on first use)."""
+    """A local checkpoint directory, a hub id (org/name), or a built-in model: "tiny" (random tiny
+    Qwen2.5-VL), "tiny-llava", or "tiny-sft" (tiny, SFT-warmed on the shapes task; built on first use)."""
     dataset: str = "shapes"
     """"shapes" (the built-in synthetic task), a hub id, or a local data file/directory (json, jsonl,
     parquet, csv) loaded with datasets.load_dataset."""
@@ -38,7 +38,8 @@ class Config:
     out_dir: str = "runs/sft"
     """Where checkpoints, metrics.jsonl, plots and the exported model go."""
     seed: int = 0
-    """Seed for weights of built-in models, data order and sampling."""
+    """Seed for the data order and sampling (rank r uses seed + r). Built-in models are built with
+    fixed seeds: the same weights for every run."""
 
     # --- optimisation ---
     max_steps: int = 600
@@ -112,11 +113,15 @@ class Config:
     top_p: float = 1.0
     """Nucleus sampling."""
     steps_per_generation: int = 1
-    """Micro-batches each generation batch is split into (generation batch = batch_size x this)."""
+    """Micro-batches each generation batch is split into (generation batch = batch_size x this).
+    Below --grad-accum-steps, one generation batch covers one optimizer step (grad_accum_steps
+    micro-batches): a generation batch never ends inside a step."""
     num_iterations: int = 1
     """Passes over each generation batch (>1 reuses it with kept old log-probs)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """How per-token losses are aggregated (see REFERENCE.md)."""
+    """How per-token losses are aggregated (formulas in nanoalign/grpo.py): grpo = mean over sequences of
+    each one's token mean; bnpo = token mean of the micro-batch; dr_grpo = token sum / (rows x
+    max_completion_length); dapo = token sum / active tokens of the whole optimizer step."""
     epsilon: float = 0.2
     """Lower clipping range: ratios below 1 - epsilon are clipped."""
     epsilon_high: float = 0.2
@@ -155,6 +160,67 @@ class Config:
     """Cap C of the importance-sampling correction."""
 
 
+RL_ALGOS = ("grpo", "gspo", "rloo", "online_dpo")
+# Fields only some algorithms read. Set to anything but the default elsewhere, they would silently do
+# nothing, so check_config refuses them instead.
+APPLIES_TO = {
+    "beta": ("dpo", "mpo", *RL_ALGOS),
+    "loss_types": ("dpo", "mpo"),
+    "loss_weights": ("dpo", "mpo"),
+    "precompute_ref_logps": ("dpo", "mpo"),
+    "num_generations": RL_ALGOS,
+    "temperature": RL_ALGOS,
+    "top_p": RL_ALGOS,
+    "steps_per_generation": RL_ALGOS,
+    "reward_funcs": RL_ALGOS,
+    "reward_weights": RL_ALGOS,
+    "vllm_mode": RL_ALGOS,
+    "epsilon": ("grpo", "gspo", "rloo"),
+    "epsilon_high": ("grpo", "gspo", "rloo"),
+    "num_iterations": ("grpo", "gspo", "rloo"),  # online DPO trains on each pair once (as TRL's)
+    "mask_truncated_completions": ("grpo", "gspo", "rloo"),  # online DPO: --missing-eos-penalty instead
+    "loss_type": ("grpo", "gspo"),
+    "importance_sampling_level": ("grpo", "gspo"),
+    "delta": ("grpo", "gspo"),
+    "scale_rewards": ("grpo", "gspo"),
+    "vllm_is_correction": ("grpo", "gspo"),
+    "normalize_advantages": ("rloo",),
+    "missing_eos_penalty": ("online_dpo",),
+}
+
+
+def check_config(cfg: Config) -> None:
+    """Every rule that ties fields together, checked once before anything is loaded (ValueError)."""
+    default = Config()
+    for name, algos in APPLIES_TO.items():
+        if cfg.algo not in algos and getattr(cfg, name) != getattr(default, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does nothing for --algo {cfg.algo} (only {', '.join(algos)} read it); drop it")
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if len(cfg.loss_weights) != len(cfg.loss_types):
+        raise ValueError(f"--loss-weights has {len(cfg.loss_weights)} values for {len(cfg.loss_types)} --loss-types; give one each")
+    if cfg.algo not in RL_ALGOS:
+        return
+    if len(cfg.reward_weights) != len(cfg.reward_funcs):
+        raise ValueError(f"--reward-weights has {len(cfg.reward_weights)} values for {len(cfg.reward_funcs)} --reward-funcs; give one each")
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --num-generations {cfg.num_generations}: "
+            "a micro-batch holds whole groups"
+        )
+    if cfg.steps_per_generation % cfg.grad_accum_steps and cfg.grad_accum_steps % cfg.steps_per_generation:
+        raise ValueError(
+            f"--steps-per-generation {cfg.steps_per_generation} and --grad-accum-steps {cfg.grad_accum_steps} must "
+            "divide one another: a generation batch covers whole optimizer steps, or a step whole generation batches"
+        )
+    if cfg.algo == "rloo" and cfg.num_generations < 2:
+        raise ValueError(f"rloo needs --num-generations >= 2 (each completion's baseline is the others' mean), got {cfg.num_generations}")
+    if cfg.algo == "online_dpo" and cfg.num_generations != 2:
+        raise ValueError(f"online DPO compares 2 completions per prompt; set --num-generations 2 (got {cfg.num_generations})")
+
+
 def sft_preset() -> Config:
     return Config(algo="sft", out_dir="runs/sft")
 
@@ -183,7 +249,7 @@ def grpo_preset() -> Config:
 
 
 def gspo_preset() -> Config:
-    # GSPO recipe (arXiv 2507.18071; REFERENCE.md): sequence ratios, tiny clip range, grpo aggregation.
+    # GSPO recipe (arXiv 2507.18071, and TRL's GSPO docs): sequence ratios, tiny clip range, grpo aggregation.
     return dataclasses.replace(
         grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence",
         epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4,

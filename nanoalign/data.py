@@ -46,29 +46,40 @@ class ShapesDataset:
         return shapes_sample(self.split, index, self.fmt, overcount=self.overcount)
 
 
-def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = (), overcount: float = 0.0):
+# Held-out split names people use; `datasets` itself maps a file named eval.* to the split "test".
+HELD_OUT_NAMES = ("eval", "evaluation", "test", "validation", "valid", "val", "dev")
+
+
+def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = (), overcount: float = 0.0,
+               *, held_out: bool = False):  # fmt: skip
     """Dataset `dataset`'s `split` as a map-style dataset of raw rows (images not yet decoded).
 
     `num_samples` and `overcount` shape the built-in shapes split; real datasets have their own size.
+    held_out: `split` is the evaluation split. Returns None when the data has no such split: a single
+    local file holds only training rows (never evaluated on as if held out), and a directory or hub
+    dataset without a split of that name (or another held-out name: HELD_OUT_NAMES) has none.
     """
     if dataset == "shapes":
         return ShapesDataset(split, fmt, num_samples, overcount)
     import datasets
 
     path = Path(dataset)
-    if path.is_file():  # one local file is one split, whatever the split is called
+    if path.is_file():  # one local file is the training split, whatever the split is called
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"--dataset {dataset}: unsupported file type; use one of {sorted(LOCAL_BUILDERS)}")
+        if held_out:
+            return None
         ds = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
     else:
-        ds = datasets.load_dataset(dataset, split=split)
-    renames = {}
-    for spec in columns:
-        ours, sep, theirs = spec.partition("=")
-        if not sep or theirs not in ds.column_names:
-            raise ValueError(f"--columns {spec!r}: expected ours=theirs with theirs one of {ds.column_names}")
-        renames[theirs] = ours
-    ds = ds.rename_columns(renames)
+        splits = datasets.load_dataset(dataset)  # DatasetDict: every split, so a missing one can be named
+        candidates = [split] + [name for name in HELD_OUT_NAMES if held_out and split in HELD_OUT_NAMES and name != split]
+        found = next((name for name in candidates if name in splits), None)
+        if found is None:
+            if held_out:
+                return None
+            raise ValueError(f"--dataset {dataset} has no split {split!r} (it has {sorted(splits)}); set --train-split")
+        ds = splits[found]
+    ds = ds.rename_columns(column_renames(columns, ds.column_names))
     # Decode images ourselves (see decode_image) so a corrupt file is reported with its sample.
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
@@ -82,6 +93,23 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
             f"{ds.column_names}); rename with --columns ours=theirs"
         )
     return ds
+
+
+def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[str, str]:
+    """--columns ours=theirs specs -> {theirs: ours}, checked against the dataset's columns."""
+    renames = {}
+    for spec in columns:
+        ours, sep, theirs = spec.partition("=")
+        if not sep or theirs not in column_names:
+            raise ValueError(f"--columns {spec!r}: expected ours=theirs with theirs one of {column_names}")
+        renames[theirs] = ours
+    for theirs, ours in renames.items():
+        if ours in column_names and ours not in renames:  # the rename would give two columns one name
+            raise ValueError(
+                f"--columns {ours}={theirs}: the dataset already has a column {ours!r}. Rename that one out of the "
+                f"way in the same flag (--columns {ours}={theirs} original_{ours}={ours}) or drop it from the data"
+            )
+    return renames
 
 
 def _inner(feature):
@@ -211,11 +239,13 @@ def stream_indices(start: int, count: int, num_samples: int, seed: int) -> list[
     return indices
 
 
-def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: bool) -> tuple[list[dict], int]:
+def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: bool, check=None) -> tuple[list[dict], int]:
     """Load and prepare dataset[indices]. Returns (samples, number of bad samples skipped).
 
-    With skip_bad, a bad sample is replaced by the next good index after it, so every rank still
-    gets the same number of samples (and the replacement is the same on a resumed run).
+    check(sample), optional, raises BadSampleError for a sample that loads but cannot be used (e.g.
+    an RL prompt longer than --max-length). With skip_bad, a bad sample is replaced by the next good
+    index after it, so every rank still gets the same number of samples (and the replacement is the
+    same on a resumed run).
     """
     samples, num_skipped = [], 0
     for index in indices:
@@ -223,6 +253,8 @@ def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: b
             candidate = (index + attempt) % len(dataset)
             try:
                 sample = prepare_sample(dataset[candidate], fmt, f"sample {candidate} of split {split!r}")
+                if check is not None:
+                    check(sample)
                 samples.append({**sample, "index": candidate, "split": split})
                 break
             except BadSampleError:

@@ -17,7 +17,8 @@ Papers:
     Dr. GRPO https://arxiv.org/abs/2503.20783 (constant normaliser, no std scaling)
     delta    https://arxiv.org/abs/2505.07291 (INTELLECT-2, two-sided clipping)
     k3 KL    http://joschu.net/blog/kl-approx.html
-The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16 (REFERENCE.md, "GRPO and GSPO").
+The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16; README.md, "Differences from TRL", lists
+where they deliberately differ.
 
 Simplified / decided here:
     - pure functions only: no model, no gather across ranks. The caller gathers rewards across ranks
@@ -39,11 +40,12 @@ from nanoalign.rollout import (
     completion_batch,
     completion_metrics,
     completion_values,
+    per_step_totals,
     rollout_chunks,
     score_rollouts,
     token_logps,
 )
-from nanoalign.runtime import all_gather_rows, all_reduce_sum
+from nanoalign.runtime import all_gather_rows
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -68,7 +70,7 @@ def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (N,) or (N, K), got shape {tuple(rewards.shape)}")
     all_nan = torch.isnan(rewards).all(dim=1)  # (N,)
-    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (REFERENCE "Rewards and advantages")
+    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (the objective above)
     return torch.where(all_nan, torch.full_like(total, float("nan")), total)
 
 
@@ -97,14 +99,26 @@ def _nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))
 
 
+def constant_groups(grouped: torch.Tensor) -> torch.Tensor:
+    """(P, G) rewards, NaN = unscorable -> (P,) bool: True where the scorable rewards are all equal
+    (or fewer than 2 exist). Such a group carries no signal, and its advantages are set to exactly 0:
+    computed, R - mean(R) is float rounding noise (8 x 1.2 in float32: std 1.3e-7), which the std
+    division would blow up to ~1e-3 and Adam into a full lr-sized step on every weight."""
+    valid = ~torch.isnan(grouped)
+    highest = torch.where(valid, grouped, float("-inf")).amax(dim=1)
+    lowest = torch.where(valid, grouped, float("inf")).amin(dim=1)
+    return (highest == lowest) | (valid.sum(dim=1) < 2)
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
-    """Group-relative advantages (REFERENCE "Rewards and advantages").
+    """Group-relative advantages: A_i = (R_i - mean_group(R)) / (std + 1e-4).
 
     rewards: (N,) or (N, K) weighted rewards, NaN = not scorable; N = num_prompts * num_generations,
         the G completions of one prompt in consecutive rows, gathered across ranks by the caller.
     scale_rewards: "group" (divide by the group std, ddof=1), "batch" (by the std of all non-NaN
         rewards) or "none" (Dr. GRPO).
-    Returns advantages (N,), never NaN: unscorable rows, and groups with no valid reward, get 0.
+    Returns advantages (N,), never NaN: unscorable rows, and groups whose scorable rewards are all
+    equal (constant_groups), get exactly 0.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
@@ -112,13 +126,13 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     check_groups(R.numel(), num_generations)
     grouped = R.view(-1, num_generations)  # (P, G)
     # nanmean of an all-NaN group is NaN; its advantages become 0 below, which is what we want.
-    advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)  # (N,) A = R - mean_group(R)
+    advantages = grouped - torch.nanmean(grouped, dim=1, keepdim=True)  # (P, G) A = R - mean_group(R)
     if scale_rewards == "group":
-        std = _nan_std(grouped, dim=1).expand_as(grouped).reshape(-1)  # (N,)
-        advantages = advantages / (std + STD_EPS)  # A /= (std_group + 1e-4)
+        advantages = advantages / (_nan_std(grouped, dim=1) + STD_EPS)  # A /= (std_group + 1e-4)
     elif scale_rewards == "batch":
         advantages = advantages / (_nan_std(R, dim=0) + STD_EPS)  # A /= (std_batch + 1e-4)
-    return torch.nan_to_num(advantages, nan=0.0)  # NaN advantages -> 0
+    advantages = advantages.masked_fill(constant_groups(grouped).unsqueeze(1), 0.0)  # no signal: exactly 0
+    return torch.nan_to_num(advantages.view(-1), nan=0.0)  # NaN advantages -> 0
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +186,7 @@ def check_token_inputs(logps, old_logps, advantages, mask) -> None:
 def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float, cap_min=None) -> torch.Tensor:
     """Importance weight rho correcting for the sampler (vLLM) not being exactly the trained policy.
 
-    REFERENCE "Correction for the sampler's own log-probs": d_t = (l_old_t - l_vllm_t) M;
+    TRL's vLLM importance-sampling correction: d_t = (l_old_t - l_vllm_t) M;
     token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
     *_truncate: rho = min(rho, cap). *_mask: rho = 0 outside [cap_min, cap]; TRL v1.x only masks
     rho > cap, so the default cap_min=None means no lower bound (rho >= 0 always).
@@ -236,10 +250,10 @@ def grpo_loss(
         0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
         generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
     advantages: (B,) from `group_advantages`.
-    loss_type: grpo | bnpo | dr_grpo | dapo (REFERENCE "Aggregation").
+    loss_type: grpo | bnpo | dr_grpo | dapo (the aggregations below).
     max_completion_length: the dr_grpo constant; num_items: the dapo normaliser, which the caller
-        must pass as (active tokens of the whole generation batch summed over all ranks) / world_size,
-        so that averaging gradients over ranks gives REFERENCE's SUM M L / (active tokens) * world_size.
+        must pass as (active tokens of the whole optimizer step summed over all ranks) / world_size,
+        so that FSDP's average of gradients over ranks gives SUM M L / (the step's active tokens).
     sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy
         term only, not the KL term.
     This does NOT divide by the gradient-accumulation steps (TRL does for grpo/bnpo/dr_grpo): the
@@ -257,9 +271,9 @@ def grpo_loss(
         raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length; pass max_completion_length > 0")
-    if loss_type == "dapo" and (num_items is None or float(num_items) <= 0):
+    if loss_type == "dapo" and (num_items is None or float(num_items) < 0):
         raise ValueError(
-            "loss_type='dapo' needs num_items > 0: the active tokens of the whole generation batch over all "
+            "loss_type='dapo' needs num_items >= 0: the active tokens of the whole optimizer step over all "
             f"ranks divided by world size; got {num_items}"
         )
     check_token_inputs(logps, old_logps, advantages, mask)
@@ -304,7 +318,10 @@ def grpo_loss(
     elif loss_type == "dr_grpo":
         loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)  # SUM M L / (B * max_len)
     else:
-        loss = masked_loss.sum() / num_items  # dapo: SUM M L / (global active tokens / world_size)
+        # dapo: SUM M L / (the step's active tokens, all ranks / world_size); none at all (every
+        # completion masked, e.g. --mask-truncated-completions): the sum is 0, and stays 0 with no
+        # division, as bnpo's clamp gives.
+        loss = masked_loss.sum() / num_items if float(num_items) > 0 else masked_loss.sum()
 
     # TRL measures clipping on the delta-capped ratio; the same unless delta < 1 + eps_high.
     w_capped = (w if delta is None else torch.clamp(w, max=delta)).detach()
@@ -321,8 +338,9 @@ def grpo_loss(
 # The algorithm module train.py drives (--algo grpo / --algo gspo)
 #
 # One prepare() = one generation batch: each rank samples G completions for its prompts, rewards
-# are gathered over ranks for the advantages, and the rows are cut into steps_per_generation
-# micro-batches (repeated num_iterations times) that the loop consumes grad_accum_steps at a time.
+# are gathered over ranks for the advantages, and the rows are cut into micro-batches of batch_size
+# rows (max(steps_per_generation, grad_accum_steps) of them, repeated num_iterations times) that the
+# loop consumes grad_accum_steps at a time: one optimizer step.
 
 DATA_FORMAT = "rl"
 
@@ -333,7 +351,7 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,)
     old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
     ref_logps: torch.Tensor | None  # (B, T) frozen reference, when beta > 0
-    num_items: float  # dapo normaliser: active tokens of the generation batch, all ranks, / world_size
+    num_items: float  # dapo normaliser: active tokens of this optimizer step, all ranks, / world_size
     sampler_weights: torch.Tensor | None = None  # (B, T) or (B, 1) vLLM importance-sampling correction
 
 
@@ -341,17 +359,16 @@ def needs_reference(cfg) -> bool:
     return cfg.beta > 0
 
 
+def micro_batches_per_round(cfg) -> int:
+    """Micro-batches per generation batch: steps_per_generation, but at least one optimizer step's
+    worth (grad_accum_steps), so that a step never waits on a second generation batch (check_config
+    makes the two divide one another)."""
+    return max(cfg.steps_per_generation, cfg.grad_accum_steps)
+
+
 def samples_per_round(cfg) -> int:
-    """Prompts each rank draws per generation batch: batch_size x steps_per_generation rows / G."""
-    rows = cfg.batch_size * cfg.steps_per_generation
-    if cfg.batch_size % cfg.num_generations:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be a multiple of --num-generations {cfg.num_generations}: "
-            "a micro-batch holds whole groups"
-        )
-    if cfg.steps_per_generation % cfg.grad_accum_steps and cfg.grad_accum_steps % cfg.steps_per_generation:
-        raise ValueError("--steps-per-generation and --grad-accum-steps must divide one another")
-    return rows // cfg.num_generations
+    """Prompts each rank draws per generation batch: batch_size x micro_batches_per_round rows / G."""
+    return cfg.batch_size * micro_batches_per_round(cfg) // cfg.num_generations
 
 
 def keeps_old_logps(cfg) -> bool:
@@ -373,11 +390,12 @@ def generation_round(samples: list[dict], run) -> tuple[list, list[Batch], torch
     total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
     group_std = _nan_std(total, dim=1)  # (P_global, 1)
     metrics.update(completion_metrics(rollouts))
-    metrics["skipped_rows"] = sum(b.num_skipped for b in batches)  # completions that sampled an image token
     metrics.update({
+        "skipped_rows": sum(b.num_skipped for b in batches),  # completions that sampled an image token
+        "truncated_rows": sum(b.num_truncated for b in batches),  # rows cut at --max-length
         "reward": float(torch.nanmean(total)),
         "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
-        "frac_reward_zero_std": float((group_std < 1e-8).float().mean()),
+        "frac_reward_zero_std": float(constant_groups(total).float().mean()),  # groups without signal
     })  # fmt: skip
     return rollouts, batches, rewards, all_rewards, metrics
 
@@ -388,9 +406,9 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     advantages = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
     start = run.rank * rewards.shape[0]
     mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)  # this rank's rows
-    (active,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
+    step_tokens = per_step_totals([float(b.mask.sum()) for b in batches], cfg.grad_accum_steps, run.device)
     micro, logp_diffs = [], []
-    for b, adv, rollout in zip(batches, mine, rollouts):
+    for b, adv, rollout, active in zip(batches, mine, rollouts, step_tokens):
         from_vllm = rollout.sampler_logps is not None  # the sampler's log-probs need the trainer's to compare
         old_logps = token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) or from_vllm else None
         sampler_weights = None

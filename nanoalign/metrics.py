@@ -34,6 +34,16 @@ class MetricsLog:
             tqdm.write(f"step {step:5d} | {shown}")  # above the progress bar, not through it
 
 
+    def amend_last(self, metrics: dict) -> None:
+        """Add metrics measured after the last step was logged (e.g. the exported model's accuracy)
+        to that step's record, so metrics.jsonl keeps one record per step."""
+        if self.rank != 0:
+            return
+        lines = self.path.read_text().splitlines()
+        lines[-1] = json.dumps({**json.loads(lines[-1]), **{k: _clean(float(v)) for k, v in metrics.items()}})
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+
 def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

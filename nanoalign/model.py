@@ -185,14 +185,21 @@ def gathered_for_generation(policy: Policy):
     weights sharded every call would all-gather, and a rank that stopped early would leave the others
     waiting forever. Gathered, generation runs without any collective; afterwards we reshard.
     Use it as `with gathered_for_generation(policy): policy.generate(...)`.
+
+    The model is in eval mode inside: in train mode HF's activation-checkpointed layers drop the KV
+    cache (past_key_values), so every token after the first would be decoded without its context.
+    Dropout is off in the policy, so eval mode changes no number.
     """
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    was_training = policy.training
+    policy.eval()
     policy.set_reshard_after_forward(False)  # recurse=True: every unit keeps its gathered weights
     for unit in units:
         unit.unshard()
     try:
         yield policy
     finally:
+        policy.train(was_training)
         for unit in units:
             unit.reshard()
         for unit in units:  # restore the defaults: root keeps its weights (used at once by backward), others reshard

@@ -13,7 +13,8 @@ Papers:
     MPO https://arxiv.org/abs/2411.10442 (InternVL MPO, section 3.2: preference + quality + generation losses)
     BCO https://arxiv.org/abs/2404.04656 (binary classifier optimisation; pair form as in TRL)
     IPO https://arxiv.org/abs/2310.12036 (eq. 17)
-The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (REFERENCE.md, "DPO / MPO").
+The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (README.md, "Differences from TRL", lists
+where they deliberately differ).
 
 Simplified / decided here:
     - pure functions on sequence log-prob sums; the caller runs the policy and the frozen reference.
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from nanoalign.batch import Batch, encode_conversations
 from nanoalign.data import BadSampleError, fetch_samples
-from nanoalign.runtime import agree_on_failure, all_gather_rows, all_reduce_sum, mean_over_ranks
+from nanoalign.runtime import agree_on_failure, all_gather_rows, all_reduce_sum, mean_over_ranks, on_every_rank
 
 LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")
 
@@ -165,7 +166,6 @@ def encode_pairs(samples: list[dict], run) -> Batch:
         [s["images"] for s in samples] * 2,
         [f"{s['sample_id']} (chosen)" for s in samples] + [f"{s['sample_id']} (rejected)" for s in samples],
         max_length=run.cfg.max_length, stop_ids=run.stop_ids, last_turn_only=True,
-        skip_overlong=run.cfg.skip_bad_samples,
     )  # fmt: skip
 
 
@@ -211,7 +211,10 @@ def precomputed_reference(run) -> dict[str, torch.Tensor]:
         mine = [min(i, len(dataset) - 1) for i in range(run.rank * per_rank, (run.rank + 1) * per_rank)]
         sums = []
         for start in tqdm(range(0, per_rank, run.cfg.batch_size), desc=f"reference log-probs ({split})", disable=run.rank != 0):
-            samples, _ = fetch_samples(dataset, mine[start : start + run.cfg.batch_size], DATA_FORMAT, split, run.cfg.skip_bad_samples)
+            # agreed before the forward (a collective): a bad sample stops every rank, naming it
+            samples, _ = on_every_rank(lambda: fetch_samples(
+                dataset, mine[start : start + run.cfg.batch_size], DATA_FORMAT, split, run.cfg.skip_bad_samples, run.check_sample
+            ), run.device)  # fmt: skip
             pair_sums = completion_logps(run.policy, encode_pairs(samples, run).to(run.device))[0]  # (2b,)
             sums.append(torch.stack(pair_sums.chunk(2), dim=1))  # (b, 2)
         table[split] = all_gather_rows(torch.cat(sums))[: len(dataset)].cpu()  # rank-major = index order
@@ -234,7 +237,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     chosen_tokens = sum(float(b.mask.chunk(2)[0].sum()) for b in batches)
     num_pairs, num_chosen_tokens = all_reduce_sum([float(len(samples)), chosen_tokens], run.device)
     micro = [MicroBatch(b, r, num_pairs, num_chosen_tokens) for b, r in zip(batches, refs)]
-    stats = {"truncated_rows": sum(b.num_truncated for b in batches), "skipped_rows": sum(b.num_skipped for b in batches)}
+    stats = {"truncated_rows": sum(b.num_truncated for b in batches)}  # rows whose answer was cut at --max-length
     return micro, stats
 
 

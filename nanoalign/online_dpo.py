@@ -8,7 +8,7 @@ For prompt p with completions (y_1, y_2) sampled from the current policy:
 
 Paper: https://arxiv.org/abs/2402.04792 (Guo et al., "Direct Language Model Alignment from Online AI
 Feedback", algorithm 1), with a reward model/function in place of the LLM annotator, as in TRL's
-OnlineDPOTrainer v1.9-v1.16 (REFERENCE.md, "Online DPO").
+OnlineDPOTrainer v1.9-v1.16.
 
 Simplified / decided here:
     - pure functions: the caller samples, scores, and computes the log-prob sums (no temperature).
@@ -26,8 +26,7 @@ from nanoalign import grpo
 from nanoalign.batch import Batch
 from nanoalign.grpo import combine_rewards
 from nanoalign.mpo import mpo_loss
-from nanoalign.rollout import completion_batch, completion_metrics, rollout_chunks, score_rollouts, token_logps
-from nanoalign.runtime import all_reduce_sum
+from nanoalign.rollout import completion_batch, completion_metrics, per_step_totals, rollout_chunks, score_rollouts, token_logps
 
 
 def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
@@ -102,7 +101,7 @@ class MicroBatch:
     chosen: torch.Tensor  # (P_valid,) row index of each rankable pair's chosen completion
     rejected: torch.Tensor  # (P_valid,)
     ref_logps: torch.Tensor  # (2P,) reference completion log-prob sums (no temperature)
-    pairs_per_micro_batch: float  # mean valid pairs per micro-batch over the round, all ranks
+    num_step_pairs: float  # rankable pairs in this micro-batch's optimizer step, all ranks
 
 
 def needs_reference(cfg) -> bool:
@@ -110,9 +109,7 @@ def needs_reference(cfg) -> bool:
 
 
 def samples_per_round(cfg) -> int:
-    if cfg.num_generations != 2:
-        raise ValueError(f"online DPO compares 2 completions per prompt; set --num-generations 2 (got {cfg.num_generations})")
-    return grpo.samples_per_round(cfg)
+    return grpo.samples_per_round(cfg)  # G = 2 (config.check_config)
 
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
@@ -131,11 +128,10 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
         scores["chosen"] += totals[chosen[valid]].tolist()
         scores["rejected"] += totals[rejected[valid]].tolist()
         batch = completion_batch(rollout, run, mask_truncated=False)
-        ref = (token_logps(run.ref_policy, batch) * batch.mask).sum(1)  # REFERENCE: no temperature
+        ref = (token_logps(run.ref_policy, batch) * batch.mask).sum(1)  # as TRL: no temperature
         micro.append(MicroBatch(batch, chosen[valid], rejected[valid], ref, 0.0))
-    num_valid, num_micro = all_reduce_sum([float(sum(len(m.chosen) for m in micro)), float(len(micro))], run.device)
-    for m in micro:
-        m.pairs_per_micro_batch = num_valid / num_micro
+    for m, num_pairs in zip(micro, per_step_totals([float(len(m.chosen)) for m in micro], cfg.grad_accum_steps, run.device)):
+        m.num_step_pairs = num_pairs
     if num_skipped and run.rank == 0:
         print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were both empty or unscorable", flush=True)
     chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
@@ -158,9 +154,10 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     value, metrics = online_dpo_loss(
         sums[micro.chosen], sums[micro.rejected], micro.ref_logps[micro.chosen], micro.ref_logps[micro.rejected], run.cfg.beta
     )
-    # mean over this micro-batch's pairs -> share of the round's average micro-batch, as in mpo.py
-    weight = len(micro.chosen) / micro.pairs_per_micro_batch
-    return value * weight / run.cfg.grad_accum_steps, {k: float(v) for k, v in metrics.items()}
+    # The mean over this micro-batch's pairs -> its share of the step's pair mean (all micro-batches,
+    # all ranks), x world_size because FSDP averages gradients over ranks.
+    weight = len(micro.chosen) / micro.num_step_pairs * run.world_size
+    return value * weight, {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate(samples: list[dict], run) -> dict:

@@ -7,7 +7,7 @@ A reward function follows TRL's protocol:
 `completions` are the decoded completion texts; `columns` are the dataset columns for the same rows, as
 lists (e.g. `solution=[...]`), plus `prompts=[...]` (the prompt texts). None means "this sample cannot
 be scored by this function" (not applicable, bad gold answer, the checker failed); the algorithms
-treat it as NaN and use nan-aware sums (REFERENCE.md, "GRPO and GSPO").
+treat it as NaN and use nan-aware sums (nanoalign/grpo.py).
 
 What is here:
 - format_reward, think_format_reward: regex checks of the "<think>...</think> answer" layout.
@@ -76,6 +76,7 @@ class RewardStats:
     num_bad_gold: int = 0  # the gold answer could not be parsed into a math expression
     num_errors: int = 0  # parsing or verifying raised an exception
     num_timeouts: int = 0  # parsing + verifying one sample took longer than the timeout
+    sample_ids: list[str] | None = None  # set by score_completions: which dataset sample each completion is of
 
     def add(self, other: "RewardStats") -> None:
         """Add another call's counts into this one (e.g. to accumulate over an epoch)."""
@@ -170,7 +171,7 @@ def _verify_one(completion: str, gold_latex: str) -> float | None:
                  parsing_timeout=None, raise_on_error=True)
     # An unparseable gold yields [] or only the raw-string fallback ("\frac{" -> ['\\frac{']), which
     # would be compared by string equality. Neither is a real gold answer: not scorable.
-    # (TRL returns 1.0 here; REFERENCE.md asks for None + a counter.)
+    # (TRL returns 1.0 here; we return None and count it: README.md, "Differences from TRL".)
     if not any(isinstance(g, (Basic, MatrixBase)) for g in gold):
         return None
     answer = parse(completion, extraction_config=_EXTRACTION, extraction_mode="first_match",
@@ -205,13 +206,14 @@ def _run_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any
 
 
 def verify_answers(
-    completions: list[str], solutions: list[Any], timeout_s: float = 5.0
+    completions: list[str], solutions: list[Any], timeout_s: float = 5.0, sample_ids: list[str] | None = None
 ) -> tuple[list[float | None], RewardStats]:
     """Score each completion against its gold answer with math-verify -> (scores, stats).
 
     1.0 correct, 0.0 wrong or no answer found, None when the sample cannot be scored: the gold does not
     parse (stats.num_bad_gold), parse/verify raised (stats.num_errors), or parse + verify of the sample
     took more than timeout_s seconds of wall clock (stats.num_timeouts). Safe to call off the main thread.
+    sample_ids (one per completion) name the dataset samples in the warning; else their positions.
     """
     _check_texts(completions, "accuracy_reward")
     if len(solutions) != len(completions):
@@ -225,18 +227,19 @@ def verify_answers(
     stats = RewardStats()
     scores: list[float | None] = []
     first_problem: str | None = None  # for the log line: which sample, what went wrong
+    names = sample_ids or [f"completion {i}" for i in range(len(completions))]
     for i, (completion, solution) in enumerate(zip(completions, solutions)):
         gold_latex = _gold_as_latex(solution, i)
         status, value = _run_with_timeout(functools.partial(_verify_one, completion, gold_latex), timeout_s)
         if status == "ok" and value is None:
             stats.num_bad_gold += 1
-            first_problem = first_problem or f"sample {i}: gold {solution!r} does not parse"
+            first_problem = first_problem or f"{names[i]}: gold {solution!r} does not parse"
         elif status == "error":
             stats.num_errors += 1
-            first_problem = first_problem or f"sample {i}: {type(value).__name__}: {value}"
+            first_problem = first_problem or f"{names[i]}: {type(value).__name__}: {value}"
         elif status == "timeout":
             stats.num_timeouts += 1
-            first_problem = first_problem or f"sample {i}: timed out after {timeout_s}s"
+            first_problem = first_problem or f"{names[i]}: timed out after {timeout_s}s"
         scores.append(value if status == "ok" else None)
 
     if first_problem is not None:
@@ -266,7 +269,7 @@ def accuracy_reward(
             f"accuracy_reward needs a 'solution' column with the gold answers; the batch has columns "
             f"{sorted(columns)}. Add it to the dataset or drop 'accuracy' from --reward-funcs."
         )
-    scores, stats = verify_answers(completions, solution, timeout_s)
+    scores, stats = verify_answers(completions, solution, timeout_s, reward_stats.sample_ids if reward_stats else None)
     if reward_stats is not None:
         reward_stats.add(stats)
     return scores
@@ -365,6 +368,7 @@ def score_completions(
     weights: list[float],
     completions: list[str],
     columns: dict[str, list],
+    sample_ids: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Call each reward function once on the batch -> (rewards, metrics).
 
@@ -402,7 +406,7 @@ def score_completions(
     per_func: list[list[float]] = []  # K lists of N unweighted rewards, NaN for None
     metrics: dict[str, float] = {}
     for fn, name in zip(reward_funcs, names):
-        stats = RewardStats() if _accepts_reward_stats(fn) else None
+        stats = RewardStats(sample_ids=sample_ids) if _accepts_reward_stats(fn) else None
         kwargs = dict(columns, reward_stats=stats) if stats is not None else columns
         try:
             scores = fn(completions, **kwargs)

@@ -10,13 +10,14 @@ For the G completions of one prompt (G >= 2):
 Papers:
     RLOO for LLMs https://arxiv.org/abs/2402.14740 (Ahmadian et al., eq. 6)
     leave-one-out baseline https://openreview.net/forum?id=r1lgTGL5DE (Kool et al., "Buy 4 REINFORCE samples")
-The numbers follow Hugging Face TRL's RLOOTrainer v1.9-v1.16 (REFERENCE.md, "RLOO").
+The numbers follow Hugging Face TRL's RLOOTrainer v1.9-v1.16.
 
 Simplified / decided here:
     - pure functions; the caller gathers rewards and KL across ranks before `rloo_advantages`.
     - NaN (unscorable) completions get advantage 0 and are left out of their group's baseline, which
       becomes the mean of the other *scorable* completions; a scorable completion with no scorable
       sibling has no baseline and gets advantage 0. (TRL's nansum would score them as 0.)
+    - a group whose scorable rewards are all equal gets advantages of exactly 0 (TRL: rounding noise).
     - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
 """
 
@@ -35,11 +36,12 @@ from nanoalign.grpo import (
     clip_fractions,
     clipped_surrogate,
     combine_rewards,
+    constant_groups,
 )
 
 
 def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
-    """Leave-one-out advantages (REFERENCE "RLOO"). Returns (N,), never NaN.
+    """Leave-one-out advantages (the objective above). Returns (N,), never NaN.
 
     rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations
         consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
@@ -63,7 +65,9 @@ def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0
     num_others = valid.sum(dim=1, keepdim=True) - 1  # (P, 1) scorable siblings of a scorable row
     baseline = (group_sum - grouped) / num_others.clamp(min=1)  # (P, G) (SUM_j R_j - R_i) / (G - 1)
     advantages = grouped - baseline  # A_i = R_i - baseline_i
-    defined = valid & (num_others >= 1)  # (P, G) rows that have both a reward and a baseline
+    # rows that have both a reward and a baseline, in a group with signal: in a group of equal rewards
+    # the leave-one-out difference is float rounding noise, not a preference (grpo.constant_groups)
+    defined = valid & (num_others >= 1) & ~constant_groups(grouped).unsqueeze(1)  # (P, G)
     advantages = torch.where(defined, advantages, torch.zeros_like(advantages)).view(-1)  # (N,)
     defined = defined.view(-1)
 
@@ -125,7 +129,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     keep_old = cfg.beta != 0 or grpo.keeps_old_logps(cfg)
     old = [token_logps(run.policy, b, cfg.temperature) if keep_old else None for b in batches]
     kl = None
-    if cfg.beta != 0:  # KL goes into the reward: R_i -= beta * SUM_t M (l_old - l_ref)  (REFERENCE "RLOO")
+    if cfg.beta != 0:  # KL goes into the reward: R_i -= beta * SUM_t M (l_old - l_ref)  (the objective above)
         ref = [token_logps(run.ref_policy, b, cfg.temperature) for b in batches]
         local_kl = torch.cat([((o - r) * b.mask).sum(1) for o, r, b in zip(old, ref, batches)])  # (N,)
         kl = all_gather_rows(local_kl).cpu()

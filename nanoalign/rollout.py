@@ -6,12 +6,12 @@ weights are gathered once, so ranks generating different lengths never wait on e
 
 We keep the sampled token ids themselves (cut after the first stop token): the trainer scores
 exactly these ids, never a re-tokenisation of the decoded text. A completion that reaches
-max_new_tokens without a stop token is marked has_eos = False (REFERENCE: completions/clipped_ratio,
-mask_truncated_completions).
+max_new_tokens without a stop token is marked has_eos = False (logged as completions/clipped_ratio;
+--mask-truncated-completions drops it from the loss).
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from nanoalign.batch import Batch, image_token_ids, pack_rows, process_prompts, render
 from nanoalign.model import Policy, gathered_for_generation
 from nanoalign.rewards import score_completions, verify_answers
-from nanoalign.runtime import agree_on_failure
+from nanoalign.runtime import agree_on_failure, all_reduce_sum
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Rollout:
     has_eos: list[bool]  # False when max_new_tokens was reached first
     texts: list[str]  # decoded completions, for the reward functions
     sampler_logps: list[list[float]] | None = None  # vLLM's log-prob of each sampled id (None in-process)
+    sample_ids: list[str] = field(default_factory=list)  # the dataset sample of each row, for error messages
 
 
 def generation_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, stop_ids, pad_id) -> GenerationConfig:
@@ -119,16 +120,20 @@ def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollo
     cfg = run.cfg
     chunks = [samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk)]
     if run.vllm is not None:
-        return vllm_rollout_chunks(chunks, run, num_generations)
-    with generating(run.policy):
-        return [
-            sample_completions(
-                run.policy, run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
-            )  # fmt: skip
-            for chunk in chunks
-        ]
+        rollouts = vllm_rollout_chunks(chunks, run, num_generations)
+    else:
+        with generating(run.policy):
+            rollouts = [
+                sample_completions(
+                    run.policy, run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                    num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                    top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
+                )  # fmt: skip
+                for chunk in chunks
+            ]
+    for rollout, chunk in zip(rollouts, chunks):
+        rollout.sample_ids = [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(num_generations)]
+    return rollouts
 
 
 def vllm_rollout_chunks(chunks: list[list[dict]], run, num_generations: int) -> list[Rollout]:
@@ -168,7 +173,8 @@ def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_genera
     columns["prompts"] = [s["prompt"] for s in samples for _ in range(num_generations)]
     error, rewards, metrics = None, None, {}
     try:
-        rewards, metrics = score_completions(run.reward_funcs, list(run.cfg.reward_weights), texts, columns)
+        sample_ids = [i for r in rollouts for i in r.sample_ids] or None
+        rewards, metrics = score_completions(run.reward_funcs, list(run.cfg.reward_weights), texts, columns, sample_ids)
     except (RuntimeError, ValueError) as err:
         error = err
     agree_on_failure(error, run.device)
@@ -179,7 +185,7 @@ def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
     """Training rows prompt + sampled completion; the loss mask covers the completion tokens.
 
     With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
-    (REFERENCE: mask_truncated_completions); its reward still counts in the group statistics.
+    (--mask-truncated-completions, as TRL's); its reward still counts in the group statistics.
     """
     image_ids = image_token_ids(run.processor)
     completions, masks, num_image_tokens = [], [], 0
@@ -194,7 +200,7 @@ def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
         else:
             completions.append(ids)
             masks.append([0 if (mask_truncated and not eos) else 1] * len(ids))
-    sample_ids = [f"completion {i}" for i in range(len(masks))]
+    sample_ids = rollout.sample_ids or [f"completion {i}" for i in range(len(masks))]
     batch = pack_rows(run.processor, rollout.prompt_enc, completions, masks, sample_ids, run.cfg.max_length, run.pad_id)
     batch.num_skipped += num_image_tokens
     return batch.to(run.device)
@@ -208,6 +214,18 @@ def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]])
         row_values = row_values[: max(0, out.shape[1] - start)]  # the row may have been cut at max_length
         out[row, start : start + len(row_values)] = torch.tensor(row_values)
     return out.to(batch.input_ids.device)
+
+
+def per_step_totals(values: list[float], grad_accum_steps: int, device) -> list[float]:
+    """For each micro-batch of a generation batch, the sum of `values` (e.g. its counted tokens) over
+    every micro-batch of its optimizer step on every rank: a loss normaliser for the whole step.
+
+    values: one number per micro-batch, the same count on every rank; consecutive blocks of
+    grad_accum_steps micro-batches are one optimizer step (the loop takes them in order).
+    """
+    totals = all_reduce_sum(values, device)
+    steps = [sum(totals[i : i + grad_accum_steps]) for i in range(0, len(totals), grad_accum_steps)]
+    return [steps[i // grad_accum_steps] for i in range(len(totals))]
 
 
 @torch.no_grad()

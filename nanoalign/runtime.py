@@ -83,6 +83,7 @@ class Run:
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
     ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
     vllm: object = None  # a nanoalign.vllm_client.VLLMClient when rollouts come from a vLLM server
+    check_sample: object = None  # check_sample(sample) raises BadSampleError if it cannot fit (batch.check_prompt_fits)
 
 
 class OtherRankFailed(RuntimeError):
@@ -102,3 +103,18 @@ def agree_on_failure(error: Exception | None, device) -> None:
         # (e.g. save a checkpoint) before it re-raises.
         error.raised_on_every_rank = True
         raise error
+
+
+def on_every_rank(fn, device):
+    """fn() on every rank, agreeing on failure: if it raises on any rank, every rank raises.
+
+    For work that ranks do independently and that may fail on one of them (loading its share of the
+    samples); fn itself must run no collective, or a failed rank would leave the others inside it.
+    """
+    error = result = None
+    try:
+        result = fn()
+    except Exception as err:  # handed to agree_on_failure, which re-raises it on this rank
+        error = err
+    agree_on_failure(error, device)
+    return result

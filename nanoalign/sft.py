@@ -5,7 +5,7 @@
 M_t = 1 on assistant tokens only (prompt, image placeholder and pad tokens never count, see
 batch.py) and N = the number of counted tokens in the whole optimizer step: every micro-batch on
 every rank. Normalising by that global count (not per micro-batch) makes gradient accumulation and
-data parallelism give exactly the gradient of one big batch (REFERENCE.md, "SFT").
+data parallelism give exactly the gradient of one big batch.
 
 Differences from TRL: TRL's VLM SFT trains on image tokens and refuses assistant-only loss for
 VLMs; here only assistant tokens count.
@@ -54,7 +54,6 @@ def encode(samples: list[dict], run: Run) -> Batch:
     return encode_conversations(
         run.processor, [s["messages"] for s in samples], [s["images"] for s in samples],
         [s["sample_id"] for s in samples], max_length=run.cfg.max_length, stop_ids=run.stop_ids,
-        skip_overlong=run.cfg.skip_bad_samples,
     )  # fmt: skip
 
 
@@ -67,14 +66,14 @@ def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
     except BadSampleError as err:
         error = err
     agree_on_failure(error, run.device)
-    # One all-reduce per step gives every rank the global token count (REFERENCE: SFT normalisation).
+    # One all-reduce per step gives every rank the global token count (the normaliser N above).
     (num_tokens,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
     if num_tokens == 0:
         raise ValueError(
             "no assistant token to train on in this step: every row was skipped or truncated away; "
             "raise --max-length or check the data"
         )
-    stats = {"truncated_rows": sum(b.num_truncated for b in batches), "skipped_rows": sum(b.num_skipped for b in batches)}
+    stats = {"truncated_rows": sum(b.num_truncated for b in batches)}  # rows whose answer was cut at --max-length
     return [MicroBatch(b.to(run.device), num_tokens) for b in batches], stats
 
 
@@ -95,4 +94,9 @@ def evaluate(samples: list[dict], run: Run) -> dict:
         _, stats = sft_loss(logps, batch.mask, 1.0)
         nll_sum, num_tokens = nll_sum + float(stats["nll_sum"]), num_tokens + float(stats["num_tokens"])
     (nll_sum, num_tokens) = all_reduce_sum([nll_sum, num_tokens], run.device)
-    return {"eval/loss": nll_sum / max(num_tokens, 1.0)}
+    if num_tokens == 0:  # NaN (null in metrics.jsonl), not a perfect 0.0
+        if run.rank == 0:
+            print(f"eval/loss is NaN: no held-out assistant token is left under --max-length {run.cfg.max_length} "
+                  "(every eval row was cut before its answer); raise --max-length", flush=True)  # fmt: skip
+        return {"eval/loss": float("nan")}
+    return {"eval/loss": nll_sum / num_tokens}

@@ -6,7 +6,7 @@ every machine, and a resumed run sees exactly the samples it would have seen. Tw
     count:  "How many shapes are in the image?"      1..4 shapes      -> \\boxed{n}
     sides:  "How many sides does the shape have?"    one polygon 3..6 -> \\boxed{n}
 
-Answers are numbers so the accuracy reward can check them with math-verify (REFERENCE.md), and the
+Answers are numbers so the accuracy reward can check them with math-verify (nanoalign/rewards.py), and the
 assistant turn has the "<think>...</think> answer" layout the format rewards look for. The same
 sample comes in the three dataset formats TRL uses for vision data:
 

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from nanoalign.shapes import corpus
 
 # Bump when anything below changes, so stale caches are rebuilt instead of silently reused.
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # v2: tiny-llava's template renders a system turn as "SYSTEM:", not "ASSISTANT:"
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -51,10 +51,10 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# LLaVA-1.5-style template: "USER: <image>\nquestion ASSISTANT: answer</s>".
+# LLaVA-1.5-style template: "SYSTEM: text USER: <image>\nquestion ASSISTANT: answer</s>".
 LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% else %}ASSISTANT: {% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}SYSTEM: "
+    "{% elif message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"

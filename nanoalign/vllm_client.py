@@ -435,14 +435,12 @@ class WeightSync:
         """
         start = time.perf_counter()
         if self.backend == "nccl":
-            if self.client is not None:
-                self.client.pause()
+            # Rank 0's HTTP calls are agreed on over the default process group before and after the
+            # gathers, so a failed call stops every rank at once instead of leaving them in a NCCL wait.
+            self._agree(self._on_sender(self.client.pause) if self.client is not None else None)
             self.nccl_engine.send_weights()  # every rank gathers; the sender also drives start/update/finish
-            if self.client is not None:
-                self.client.reset_caches()
-                self.client.resume()
-            if dist.is_initialized():
-                dist.barrier()  # no rank samples before the server serves the new weights
+            error = self._on_sender(lambda: (self.client.reset_caches(), self.client.resume())) if self.client is not None else None
+            self._agree(error)  # also: no rank samples before the server serves the new weights
         else:
             self._sync_gloo(version)
         return {"vllm/sync_s": time.perf_counter() - start, "vllm/sync_mb": self.num_bytes / 1e6}
@@ -500,9 +498,21 @@ class WeightSync:
                 self.client.resume()  # the server keeps its old weights; leave it serving, not paused
             except VLLMError:
                 pass  # it is down: the error above already says so
+        self._agree(error)  # also, as a collective, no rank goes on to sample before the server serves the new weights
+
+    @staticmethod
+    def _on_sender(call) -> Exception | None:
+        """Run one of rank 0's server calls; its error is returned for _agree, not raised."""
+        try:
+            call()
+        except VLLMError as err:
+            return err
+        return None
+
+    @staticmethod
+    def _agree(error: Exception | None) -> None:
+        """Every rank raises if rank 0 failed (a collective over the default group, any transport)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank raises if rank 0 failed; also, as a collective, no rank goes on to sample
-            # before the server serves the new weights.
             agree_on_failure(error, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
         elif error is not None:
             raise error

@@ -44,7 +44,7 @@ import train as train_module  # noqa: E402
 from conftest import one_thread, subprocess_env  # noqa: E402
 
 LOG2 = math.log(2)
-# REFERENCE.md "GRPO and GSPO", Metrics. Every step logs the loss keys; the round keys come with the
+# The metrics TRL logs for GRPO (nanoalign/grpo.py). Every step logs the loss keys; the round keys come with the
 # step that sampled a generation batch (with steps_per_generation > 1, only every that many steps).
 LOSS_KEYS = ("loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 ROUND_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio")

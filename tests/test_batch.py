@@ -2,12 +2,14 @@
 assistant tokens and nothing else, image tokens match the vision tower's features row by row, each
 row gets its own images, and over-long rows are cut, refused or skipped as documented."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from nanoalign.batch import encode_conversations, render
-from nanoalign.data import BadSampleError
+from nanoalign.batch import check_prompt_fits, encode_conversations, render
+from nanoalign.data import BadSampleError, fetch_samples
 from nanoalign.model import Policy
 
 FAMILIES = ("tiny", "tiny-llava")
@@ -42,11 +44,11 @@ def family(request, load_family):
     return request.param, processor, model, stop_ids
 
 
-def encode(family, samples, names, max_length=512, skip_overlong=False):
+def encode(family, samples, names, max_length=512):
     _, processor, _, stop_ids = family
     return encode_conversations(
         processor, [samples[n][0] for n in names], [samples[n][1] for n in names], [f"sample {n}" for n in names],
-        max_length=max_length, stop_ids=stop_ids, skip_overlong=skip_overlong,
+        max_length=max_length, stop_ids=stop_ids,
     )  # fmt: skip
 
 
@@ -198,28 +200,39 @@ def test_cut_image_tokens_raise_naming_sample(family, samples):
     assert "--max-length" in message and "1 image tokens" in message and "--skip-bad-samples" in message
 
 
-def test_skip_overlong_keeps_row_with_zero_mask(family, samples):
-    name, processor, model, _ = family
-    alone_c = encode(family, samples, ["C"])
-    max_length = alone_c.input_ids.shape[1]  # C fits exactly
+def test_skipped_overlong_sample_is_replaced_when_fetched_and_costs_the_batch_nothing(family, samples):
+    # --skip-bad-samples: check_prompt_fits refuses B (its image tokens lie past max_length) when it
+    # is fetched, and the fetch takes the next good sample instead; the batch never holds B's row,
+    # so it is not padded to B's length.
+    name, processor, _, stop_ids = family
+    max_length = encode(family, samples, ["C"]).input_ids.shape[1]  # C fits exactly
     full_b = encode(family, samples, ["B"])
     last_image = int((full_b.input_ids[0] == image_token_id(processor)).nonzero().max())
     assert last_image >= max_length, "B's image tokens must overflow for the test to mean anything"
+    sample = lambda n: {"sample_id": f"sample {n}", "messages": samples[n][0], "images": samples[n][1]}  # noqa: E731
+    check = partial(check_prompt_fits, processor, max_length, "sft")
+    with pytest.raises(BadSampleError, match="sample B: .* image tokens lie past --max-length"):
+        check(sample("B"))
+    check(sample("C"))  # fits: no error
 
-    batch = encode(family, samples, ["B", "C"], max_length=max_length, skip_overlong=True)
-    assert batch.num_skipped == 1 and batch.num_truncated == 0
-    assert batch.mask[0].sum() == 0  # B kept, counts nothing
-    assert torch.equal(batch.mask[1, :max_length], alone_c.mask[0])  # C untouched
-    assert batch.sample_ids == ["sample B", "sample C"]
-    # The kept row still holds all its image tokens, so the forward (which checks them against the
-    # vision features of B's two images) runs; C's log-probs are unaffected by B's presence.
-    per_image = image_features_per_image(name, model, batch.mm_inputs)
-    assert (batch.input_ids[0] == image_token_id(processor)).sum() == per_image[0] + per_image[1]
-    with torch.no_grad():
-        logps, _ = Policy(model)(**batch.model_inputs())
-        logps_c, _ = Policy(model)(**alone_c.model_inputs())
-    assert torch.isfinite(logps).all()
-    assert_close(logps[1, :max_length], logps_c[0], atol=1e-5, rtol=0)
+    raw = [{"messages": samples[n][0], "images": samples[n][1]} for n in ("B", "C")]
+    fetched, num_skipped = fetch_samples(raw, [0, 1], "sft", "train", skip_bad=True, check=check)
+    assert num_skipped == 1 and [s["index"] for s in fetched] == [1, 1]  # B replaced by the next good one
+    batch = encode_conversations(processor, [s["messages"] for s in fetched], [s["images"] for s in fetched],
+                                 [s["sample_id"] for s in fetched], max_length=max_length, stop_ids=stop_ids)  # fmt: skip
+    assert batch.input_ids.shape[1] == max_length < full_b.input_ids.shape[1]
+    with pytest.raises(BadSampleError, match="sample 0 of split 'train'"):  # without the flag: a named error
+        fetch_samples(raw, [0], "sft", "train", skip_bad=False, check=check)
+
+
+def test_rl_prompt_needs_room_for_a_completion(family, samples):
+    _, processor, _, _ = family
+    messages, images = samples["C"]
+    prompt_len = prompt_length(processor, messages, images)
+    sample = {"sample_id": "sample C", "prompt": messages[:1], "images": images}
+    check_prompt_fits(processor, prompt_len + 1, "rl", sample)  # one completion token fits
+    with pytest.raises(BadSampleError, match=f"sample C: the prompt is {prompt_len} tokens .* --skip-bad-samples"):
+        check_prompt_fits(processor, prompt_len, "rl", sample)
 
 
 def test_answer_overflow_is_truncated_and_counted(family, samples):

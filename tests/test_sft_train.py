@@ -330,12 +330,12 @@ def test_tiny_sft_is_built_in_two_cached_phases(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     cfg = train_module.parse_config(["--algo", "gspo"])
-    path = train_module.resolve_model(cfg, rank=0)
+    path = train_module.resolve_model(cfg, rank=0, device='cpu')
     clean, biased = built
     assert (clean.algo, clean.model, clean.shapes_overcount) == ("sft", "tiny", 0.0)
     assert biased.model == str(Path(clean.out_dir) / "final") and biased.shapes_overcount == 0.6
     assert path == str(Path(biased.out_dir) / "final") and Path(path).is_relative_to(tmp_path)
-    assert train_module.resolve_model(cfg, rank=0) == path and len(built) == 2  # cached: nothing rebuilt
+    assert train_module.resolve_model(cfg, rank=0, device='cpu') == path and len(built) == 2  # cached: nothing rebuilt
 
 
 def test_parse_config_preset_then_overrides():
