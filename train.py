@@ -182,12 +182,13 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
     """Held-out metrics: the algorithm's own (e.g. eval loss) and greedy-decoding accuracy."""
     metrics = algo.evaluate(algo_eval, run) if algo_eval else {}
     if accuracy_eval:
-        correct, total = accuracy(
+        counts = accuracy(
             model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
             max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
         )  # fmt: skip
-        correct, total = all_reduce_sum([correct, total], run.device)
+        correct, total, num_tokens = all_reduce_sum(list(counts), run.device)
         metrics["eval/accuracy"] = correct / total
+        metrics["eval/completion_length"] = num_tokens / total  # mean tokens of the greedy answers
     return metrics
 
 

@@ -85,13 +85,14 @@ def generating(model):
     return gathered_for_generation(model) if isinstance(model, Policy) else contextlib.nullcontext()
 
 
-def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device) -> tuple[float, float]:
+def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id,
+             device) -> tuple[float, float, float]:  # fmt: skip
     """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
 
-    Returns (number correct, number of samples) for this rank's share; an unscorable sample counts
-    as not correct.
+    Returns (number correct, number of samples, completion tokens) for this rank's share; an
+    unscorable sample counts as not correct.
     """
-    correct = 0.0
+    correct = num_tokens = 0.0
     with generating(model):
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
@@ -101,7 +102,8 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
             )  # fmt: skip
             scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
             correct += sum(1.0 for s in scores if s == 1.0)
-    return correct, float(len(samples))
+            num_tokens += sum(len(ids) for ids in rollout.completion_ids)
+    return correct, float(len(samples)), num_tokens
 
 
 # -----------------------------------------------------------------------------
