@@ -196,7 +196,9 @@ def check_config(cfg: Config) -> None:
         if cfg.algo not in algos and getattr(cfg, name) != getattr(default, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does nothing for --algo {cfg.algo} (only {', '.join(algos)} read it); drop it")
-    for name in ("max_steps", "batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length"):
+    if cfg.max_steps < 0:  # 0 is allowed: load (resume), export and evaluate without training
+        raise ValueError(f"--max-steps must be >= 0, got {cfg.max_steps}")
+    for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if len(cfg.loss_weights) != len(cfg.loss_types):

@@ -428,7 +428,7 @@ def test_the_repository_cites_only_its_own_files():
         if not name.endswith((".py", ".md", ".sh", ".toml")) or not (REPO / name).exists():
             continue
         text = (REPO / name).read_text()
-        assert "REFERENCE.md" not in text and "../shared" not in text, name
+        assert "REFERENCE" + ".md" not in text and "../" + "shared" not in text, name  # split: this file would match
         for cited in re.findall(r"\b((?:nanoalign|bench|tests|\.ci)/[\w/.-]*\w\.(?:py|md|sh|json))\b", text):
             if not (REPO / cited).exists():
                 missing.append(f"{name} cites {cited}")
