@@ -222,17 +222,25 @@ def unique_tensors(hf_model) -> list[tuple[list[str], torch.Tensor]]:
 
 
 @torch.no_grad()
-def load_hf_weights(policy: nn.Module, model_dir: str, device) -> None:
-    """Allocate this rank's shards of a meta-built, FSDP2-sharded model and fill them from the
-    checkpoint (rank 0 reads, every rank receives its rows). Every rank must call it."""
+def materialize(policy: nn.Module, device) -> None:
+    """Allocate this rank's shards (uninitialised) of a meta-built, FSDP2-sharded model on `device`.
+
+    Non-persistent buffers (rotary inv_freq, ...) were computed at init; to_empty replaces every
+    tensor with uninitialised memory, so they are kept aside and put back.
+    """
     hf = getattr(policy, "hf", policy)
-    # Non-persistent buffers (rotary inv_freq, ...) were computed at init; to_empty replaces every
-    # tensor with uninitialised memory, so they are kept aside and put back.
     buffers = {name: b.detach().clone() for name, b in hf.named_buffers()}
     policy.to_empty(device=device)
     for name, b in hf.named_buffers():
         b.copy_(buffers[name])
-    del buffers
+
+
+@torch.no_grad()
+def load_hf_weights(policy: nn.Module, model_dir: str, device) -> None:
+    """Allocate this rank's shards of a meta-built, FSDP2-sharded model and fill them from the
+    checkpoint (rank 0 reads, every rank receives its rows). Every rank must call it."""
+    hf = getattr(policy, "hf", policy)
+    materialize(policy, device)
     tensors = unique_tensors(hf)
     rank = dist.get_rank()
     reason, source = None, None
@@ -283,6 +291,8 @@ def gather_full(tensor: torch.Tensor) -> torch.Tensor | None:
     group = tensor.device_mesh.get_group()
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     local = tensor.to_local().detach()
+    if world_size == 1:
+        return local.cpu()  # the shard is the whole tensor (on CPU: no copy; callers only read it)
     rows = _rows_per_rank(tensor.shape[0], world_size)
     if local.shape[0] != rows:  # the last ranks' shorter pieces, padded: a gather's pieces have one size
         local = torch.cat([local, local.new_zeros((rows - local.shape[0], *local.shape[1:]))])
@@ -369,7 +379,7 @@ def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes:
         for i in indices:
             full = gather_full(tensors[i][1])  # collective: every rank, same order
             if f is not None:
-                f.write(full.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                f.write(full.contiguous().view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
             del full
         if f is not None:
             f.close()
