@@ -109,8 +109,8 @@ def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
     begin, end = entry["data_offsets"]
     out = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
     f.seek(data_start + begin)
-    if end > begin:
-        f.readinto(out.view(-1).view(torch.uint8).numpy())
+    if end > begin and f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
+        raise ValueError(f"{f.name}: the file ends inside a tensor (truncated download?); delete it and fetch it again")
     return out
 
 
@@ -147,7 +147,7 @@ def checkpoint_to_model_names(hf_model, checkpoint_names) -> dict[str, str] | No
     conversions = get_model_conversion_mapping(hf_model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    model_names = hf_model.state_dict()  # meta tensors: only the names are used
+    model_names = hf_model.state_dict()  # only the names are used
     mapping = {}
     for key in checkpoint_names:
         name, converter = rename_source_key(key, renamings, converters, hf_model.base_model_prefix, model_names)
