@@ -140,9 +140,13 @@ def safetensors_files(root: Path) -> dict[str, tuple[Path, dict, int]]:
 
 def checkpoint_to_model_names(hf_model, checkpoint_names) -> dict[str, str] | None:
     """{model state-dict name: checkpoint name} by the renaming rules from_pretrained applies, or
-    None when a rule is more than a renaming (a fused or split weight): then from_pretrained loads."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    None when a rule is more than a renaming (a fused or split weight): then from_pretrained loads.
+    The rules are transformers' own (the functions from_pretrained and PEFT call; transformers 5.x)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without them: from_pretrained on rank 0 is always right
+        return None
 
     conversions = get_model_conversion_mapping(hf_model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -317,7 +321,10 @@ def full_state(hf_model):
 def model_to_checkpoint_names(hf_model, names: list[str]) -> dict[str, str] | None:
     """{model name: the name save_pretrained writes it under} (transformers' renaming rules reversed),
     or None when a rule is more than a renaming."""
-    from transformers.core_model_loading import revert_weight_conversion
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without it: save_pretrained from rank 0's copy
+        return None
 
     placeholders = {name: torch.empty(0) for name in names}
     reverted = revert_weight_conversion(hf_model, dict(placeholders))

@@ -88,6 +88,28 @@ def test_build_policy_keeps_freeze_vision_and_training_mode(tiny_dirs, dist_worl
     assert not reference.hf.training and not any(p.requires_grad for p in reference.parameters())
 
 
+@pytest.mark.parametrize("case", ["streamed", "fallback"])
+def test_export_writes_what_save_pretrained_writes(case, tiny_dirs, dist_world, tmp_path, monkeypatch):
+    # Streamed (one tensor at a time, names mapped back as save_pretrained maps them) or, for a
+    # conversion that is more than a renaming, save_pretrained from rank 0's gathered copy.
+    from transformers import AutoModelForImageTextToText
+
+    import nanoalign.loading as loading
+    from nanoalign.model import load_processor
+
+    if case == "fallback":
+        monkeypatch.setattr(loading, "model_to_checkpoint_names", lambda *args: None)
+    _, world_size, device = dist_world
+    model_dir = str(tiny_dirs["tiny"])
+    policy = train.build_policy(model_dir, Config(), device_mesh(world_size, device), bf16=False, trainable=True)
+    loading.export_hf(policy, load_processor(model_dir), tmp_path / "out", rank=0)
+    written, _ = loading.read_header(tmp_path / "out" / "model.safetensors")
+    assert written.keys() == loading.read_header(tiny_dirs["tiny"] / "model.safetensors")[0].keys()  # the checkpoint's names
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    expected = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    assert reloaded.keys() == expected.keys() and all(torch.equal(reloaded[k], expected[k]) for k in expected)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_dirs, tmp_path_factory):
     """tests/scale_worker.py on 2 processes: what rank 0 measured, and where the export went."""
