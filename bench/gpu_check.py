@@ -26,6 +26,7 @@ Results: a table on stdout and bench/results/gpu_check.json (or --out).
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -164,6 +165,7 @@ def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, 
     from nanoalign import grpo, sft
     from nanoalign.config import PRESETS
     from nanoalign.data import prepare_sample
+    from nanoalign.model import load_processor
     from nanoalign.runtime import Run
     from nanoalign.shapes import shapes_sample
 
@@ -175,8 +177,6 @@ def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, 
         num_generations=args.generations, steps_per_generation=1, lr=1e-5,
     )  # fmt: skip
     policy, path = random_policy(size, cfg, mesh)
-    from nanoalign.model import load_processor
-
     processor = load_processor(path)
     eos = policy.hf.generation_config.eos_token_id
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
@@ -187,11 +187,11 @@ def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, 
         suppress_image_token_in_rollouts(path)  # a random model samples <|image_pad|> like any token
     n = counts(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # as train.py
     peak, peak_source = bf16_peak(device)
     per_round = algo.samples_per_round(cfg)
     fmt = algo.DATA_FORMAT
-    steps, prepare_times, losses = [], [], []
+    steps, losses = [], []
     for step in range(args.warmup + args.steps):
         samples = [prepare_sample(shapes_sample("train", step * per_round + i, fmt), fmt, f"sample {i}") for i in range(per_round)]
         sync(device)
@@ -335,6 +335,7 @@ def main() -> None:
                 traceback.print_exc()
                 results[name] = {"status": f"failed: {type(err).__name__}: {str(err)[:300]}"}
             results[name]["wall_s"] = time.perf_counter() - t0
+            gc.collect()  # the stage's model and optimizer state (reference cycles in HF modules)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
