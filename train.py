@@ -43,7 +43,8 @@ from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import BadSampleError, fetch_samples, load_split, stream_indices
 from nanoalign.metrics import MetricsLog, plot_metrics
-from nanoalign.model import Policy, export_hf, load_hf_model, load_processor, shard_policy
+from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
+from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy, vision_module
 from nanoalign.rewards import load_reward_funcs
 from nanoalign.batch import check_prompt_fits
 from nanoalign.rollout import accuracy
@@ -153,8 +154,12 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
-    """Load the checkpoint and shard it with FSDP2 (nanoalign/model.py: vision blocks, layers, root)."""
-    hf_model = load_hf_model(model_dir, freeze_vision=cfg.freeze_vision)
+    """Build the model on the meta device, shard it with FSDP2 (nanoalign/model.py: vision blocks,
+    layers, root), then fill the shards: rank 0 reads the checkpoint, every rank receives only its
+    rows (nanoalign/loading.py). No rank ever holds a full copy of the model."""
+    hf_model = empty_hf_model(model_dir)
+    if cfg.freeze_vision:
+        vision_module(hf_model).requires_grad_(False)
     if trainable:
         # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
         # must not change any log-prob, though (old, reference and sampled ones are compared with the
@@ -166,7 +171,9 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
     policy = Policy(hf_model, cfg.logps_chunk_size)
-    return shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
+    policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
+    load_hf_weights(policy, model_dir, mesh.device_type)
+    return policy
 
 
 def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> list[dict]:

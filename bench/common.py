@@ -92,10 +92,9 @@ def model_dir(name: str, size: ModelSize | None = None) -> str:
     return str(out)
 
 
-def build_model(tiny_dir: Path, size: ModelSize, out: Path) -> None:
-    """Random-init Qwen2.5-VL of `size` with the tiny model's tokenizer, processor and special ids."""
-    import torch
-    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def model_config(tiny_dir: Path, size: ModelSize):
+    """The Qwen2_5_VLConfig of `size`, with the tiny model's vocabulary and special token ids."""
+    from transformers import Qwen2_5_VLConfig
 
     tiny_cfg = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
     text = tiny_cfg.text_config.to_dict()
@@ -117,6 +116,15 @@ def build_model(tiny_dir: Path, size: ModelSize, out: Path) -> None:
         video_token_id=tiny_cfg.video_token_id, vision_start_token_id=tiny_cfg.vision_start_token_id,
         vision_end_token_id=tiny_cfg.vision_end_token_id, tie_word_embeddings=True,
     )  # fmt: skip
+    return config
+
+
+def build_model(tiny_dir: Path, size: ModelSize, out: Path) -> None:
+    """Random-init Qwen2.5-VL of `size` with the tiny model's tokenizer, processor and special ids."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    config = model_config(tiny_dir, size)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     tiny_gen = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir).generation_config

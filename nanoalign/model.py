@@ -206,22 +206,6 @@ def gathered_for_generation(policy: Policy):
             unit.set_reshard_after_forward(unit is not policy, recurse=False)
 
 
-def hf_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on every rank, CPU, with HF checkpoint names (no wrapper prefix).
-
-    Every rank must call it (the gather is a collective); tensors are materialised one at a time.
-    """
-    state = {}
-    for name, tensor in policy.state_dict().items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        state[re.sub(r"^hf\.", "", name)] = tensor.detach().cpu()
-    return state
-
-
-def export_hf(policy: Policy, processor, out_dir, rank: int) -> None:
-    """Write a Hugging Face checkpoint (safetensors + config + processor) that from_pretrained loads."""
-    state = hf_state_dict(policy)  # collective: all ranks
-    if rank == 0:
-        policy.hf.save_pretrained(out_dir, state_dict=state)
-        processor.save_pretrained(out_dir)
+# Gathering the full weights (to rank 0 only) and writing a Hugging Face checkpoint live with the
+# loading code; they are importable from here too, next to the model they act on.
+from nanoalign.loading import export_hf, hf_state_dict  # noqa: E402, F401

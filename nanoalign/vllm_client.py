@@ -24,8 +24,9 @@ The tensors travel through a process group between trainer rank 0 and the vLLM w
   * CPU: a gloo group and nanoalign's "gloo" engine (nanoalign/vllm_engine.py, loaded by vLLM as a
     plugin). Tensors are cut into buckets of consecutive same-dtype tensors (`plan_buckets`), each
     sent as one flat buffer: one broadcast per bucket, one HTTP round trip per sync.
-Under FSDP2 every rank gathers every parameter (DTensor.full_tensor(), a collective) in the same
-order; only rank 0 sends. Failures on rank 0 are shared with the other ranks at the end of `sync`,
+Under FSDP2 every rank takes part in a gather of every parameter, in the same order, but only
+rank 0 receives the full tensors (nanoalign/loading.py: gather_full; the others keep nothing but
+their shards) and only rank 0 sends. Failures on rank 0 are shared with the other ranks at the end of `sync`,
 so every rank raises instead of some waiting forever.
 
 Simplifications: one server (no data-parallel fan-out of prompts across servers); no LoRA-only sync;
@@ -50,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign.batch import process_prompts, render
+from nanoalign.loading import gather_full
 from nanoalign.rollout import Rollout
 from nanoalign.runtime import agree_on_failure
 
@@ -466,7 +468,8 @@ class WeightSync:
         for bucket in plan_buckets(update_info["dtype_names"], update_info["shapes"], self.bucket_bytes):
             # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
             # collectives, and a rank that stopped early would leave the others waiting in one.
-            tensors = [full_tensor(params[i][1]) for i in bucket]
+            # Only rank 0 receives the full tensors (None elsewhere), at most one bucket at a time.
+            tensors = [gather_full(params[i][1]) for i in bucket]
             if self.client is None or error is not None:
                 continue
             try:
@@ -533,9 +536,3 @@ class WeightSync:
         self.group = None
         if self.nccl_engine is not None:
             self.nccl_engine.shutdown()
-
-
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole parameter on CPU: FSDP2 shards (DTensors) are all-gathered, a collective."""
-    tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
-    return tensor.detach().cpu()
