@@ -39,14 +39,14 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from nanoalign import grpo, mpo, online_dpo, rloo, sft
+from nanoalign.batch import check_prompt_fits
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoalign.config import PRESETS, Config, check_config
-from nanoalign.data import BadSampleError, fetch_samples, load_split, stream_indices
-from nanoalign.metrics import MetricsLog, plot_metrics
+from nanoalign.data import fetch_samples, load_split, stream_indices
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
+from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy, vision_module
 from nanoalign.rewards import load_reward_funcs
-from nanoalign.batch import check_prompt_fits
 from nanoalign.rollout import accuracy
 from nanoalign.runtime import (
     Run,
