@@ -39,7 +39,8 @@ def load_processor(model_dir: str):
 
 
 def vision_module(hf_model) -> nn.Module:
-    """The vision tower: `visual` (Qwen2/2.5-VL), `vision_tower` (LLaVA, Gemma 3), `vision_model` (Idefics3)."""
+    """The vision tower: `visual` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), `vision_tower` (LLaVA,
+    Gemma 3, Gemma 4), `vision_model` (Idefics3, SmolVLM)."""
     for name in ("visual", "vision_tower", "vision_model"):
         module = getattr(hf_model.model, name, None)
         if module is not None:
@@ -48,13 +49,17 @@ def vision_module(hf_model) -> nn.Module:
 
 
 def vision_blocks(hf_model) -> list[nn.Module]:
-    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList)."""
+    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList; Qwen3-VL's
+    deepstack mergers are a shorter list next to the blocks)."""
     lists = [m for m in vision_module(hf_model).modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
 
 def decoder_layers(hf_model) -> list[nn.Module]:
-    return list(hf_model.model.language_model.layers)
+    """The text decoder's layers, found by HF's own lookup (`language_model` for most families,
+    `text_model` for Idefics3/SmolVLM). Hybrid stacks (Qwen3.5: linear- and full-attention layers)
+    are one list like any other: each layer is one FSDP unit whatever its attention."""
+    return list(hf_model.get_decoder().layers)
 
 
 class Policy(nn.Module):
