@@ -386,13 +386,18 @@ def _build_gemma3(out: Path) -> None:
             layer_types=["sliding_attention"] * 3 + ["full_attention"],
             bos_token_id=tid("<bos>"), eos_token_id=tid("<end_of_turn>"), pad_token_id=tid("<pad>"),
         ),
+        # SigLIP without its pooling head, as Gemma 3 ships it: the projector reads every patch.
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                           image_size=image_size, patch_size=patch_size),
+                           image_size=image_size, patch_size=patch_size, vision_use_head=False),
         mm_tokens_per_image=tokens_per_image, boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
         image_token_index=tid("<image_soft_token>"),
     )  # fmt: skip
     torch.manual_seed(0)
-    _save(Gemma3ForConditionalGeneration(config), processor, out, [tid("<end_of_turn>"), tid("<eos>")], tid("<pad>"))
+    model = Gemma3ForConditionalGeneration(config)
+    # HF initialises the image projection to zeros (every image would embed to 0 and the pictures
+    # could not matter until it has learned); random like every other weight here.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+    _save(model, processor, out, [tid("<end_of_turn>"), tid("<eos>")], tid("<pad>"))
 
 
 def _build_gemma4(out: Path) -> None:
