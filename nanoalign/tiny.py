@@ -421,6 +421,7 @@ def _build_gemma4(out: Path) -> None:
             num_key_value_heads=1, head_dim=64, global_head_dim=64, max_position_embeddings=1024, sliding_window=64,
             layer_types=["sliding_attention"] * 3 + ["full_attention"],
             vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=16,
+            final_logit_softcapping=30.0,  # capped logits (as Gemma 2 ships them): the trainer must cap them too
             bos_token_id=tid("<bos>"), eos_token_id=tid("<turn|>"), pad_token_id=tid("<pad>"),
         ),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,

@@ -26,7 +26,7 @@ from torch.testing import assert_close
 from nanoalign import sft
 from nanoalign.batch import encode_conversations, pack_rows, render
 from nanoalign.data import BadSampleError
-from nanoalign.model import Policy, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
+from nanoalign.model import Policy, chunked_logps, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
 from nanoalign.rollout import generating, sample_completions
 from nanoalign.runtime import Run, device_mesh
 
@@ -197,6 +197,30 @@ def test_truncation_never_cuts_image_tokens(family, samples):
             assert torch.equal(value[0], full.mm_inputs[key][0, : last_image + 3]), key
     with torch.no_grad():
         assert torch.isfinite(model(**cut.model_inputs()).logits).all()
+
+
+# -----------------------------------------------------------------------------
+# capped logits (Gemma's final_logit_softcapping)
+
+
+def test_chunked_logps_with_softcap_match_autograd():
+    # l_t = log_softmax(c tanh(h W^T / c) / temp)[target], values and gradients, against plain autograd.
+    torch.manual_seed(0)
+    hidden = (3 * torch.randn(2, 5, 8)).requires_grad_()  # large logits, so the cap bends them
+    weight = torch.randn(11, 8).requires_grad_()
+    targets = torch.randint(0, 11, (2, 5))
+    upstream = torch.randn(2, 5)
+    cap, temp = 2.0, 0.7
+    logps, entropy = chunked_logps(hidden, weight, targets, temp, chunk_size=3, with_entropy=True, softcap=cap)
+    grads = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    logits = cap * torch.tanh(hidden @ weight.T / cap) / temp
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    assert (logits * temp).abs().max() <= cap and (hidden @ weight.T).abs().max() > 3 * cap  # the cap is active
+    assert_close(logps, expected)
+    assert_close(entropy, -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1))
+    for grad, want in zip(grads, expected_grads):
+        assert_close(grad, want)
 
 
 # -----------------------------------------------------------------------------
