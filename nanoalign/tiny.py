@@ -364,6 +364,21 @@ def _build_qwen35(out: Path) -> None:
     _save(Qwen3_5ForConditionalGeneration(config), _qwen3_processor(tokenizer), out, [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"])
 
 
+# The vision tower of the SigLIP-style families (Gemma 3, Gemma 4, SmolVLM): 2 layers, width 64, 1 head.
+SMALL_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1)
+
+
+def _gemma_text(tokenizer, eos_token: str, **overrides) -> dict:
+    """Gemma 3 and 4's text stack: 4 layers (3 sliding-window, then 1 global), hidden 128, 2 heads of 64."""
+    tid = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=1024, sliding_window=64,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        bos_token_id=tid("<bos>"), eos_token_id=tid(eos_token), pad_token_id=tid("<pad>"), **overrides,
+    )  # fmt: skip
+
+
 def _build_gemma3(out: Path) -> None:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
@@ -380,15 +395,9 @@ def _build_gemma3(out: Path) -> None:
     )  # fmt: skip
     tid = tokenizer.convert_tokens_to_ids
     config = Gemma3Config(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=1024, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-            bos_token_id=tid("<bos>"), eos_token_id=tid("<end_of_turn>"), pad_token_id=tid("<pad>"),
-        ),
+        text_config=_gemma_text(tokenizer, "<end_of_turn>", query_pre_attn_scalar=64),
         # SigLIP without its pooling head, as Gemma 3 ships it: the projector reads every patch.
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                           image_size=image_size, patch_size=patch_size, vision_use_head=False),
+        vision_config=dict(**SMALL_VISION, image_size=image_size, patch_size=patch_size, vision_use_head=False),
         mm_tokens_per_image=tokens_per_image, boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"),
         image_token_index=tid("<image_soft_token>"),
     )  # fmt: skip
@@ -416,16 +425,13 @@ def _build_gemma4(out: Path) -> None:
     )  # fmt: skip
     tid = tokenizer.convert_tokens_to_ids
     config = Gemma4Config(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, global_head_dim=64, max_position_embeddings=1024, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-            vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=16,
+        text_config=_gemma_text(
+            tokenizer, "<turn|>", global_head_dim=64,  # the global layers' head_dim (512 by default): 64 for vLLM too
+            vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=16,  # per-layer input embeddings
             final_logit_softcapping=30.0,  # capped logits (as Gemma 2 ships them): the trainer must cap them too
-            bos_token_id=tid("<bos>"), eos_token_id=tid("<turn|>"), pad_token_id=tid("<pad>"),
         ),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                           num_key_value_heads=1, head_dim=64, patch_size=16, pooling_kernel_size=2, position_embedding_size=1024),
+        vision_config=dict(**SMALL_VISION, num_key_value_heads=1, head_dim=64, patch_size=16, pooling_kernel_size=2,
+                           position_embedding_size=1024),
         audio_config=None, boi_token_id=tid("<|image>"), eoi_token_id=tid("<image|>"), image_token_id=tid("<|image|>"),
         video_token_id=tid("<|video|>"), boa_token_id=tid("<|audio>"), eoa_token_index=tid("<audio|>"), audio_token_id=tid("<|audio|>"),
     )  # fmt: skip
@@ -458,8 +464,7 @@ def _build_smolvlm(out: Path) -> None:
             num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
             bos_token_id=tid("<|im_start|>"), eos_token_id=tid("<end_of_utterance>"), pad_token_id=tid("<|endoftext|>"),
         ),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                           image_size=tile, patch_size=patch_size),
+        vision_config=dict(**SMALL_VISION, image_size=tile, patch_size=patch_size),
         scale_factor=scale_factor, image_token_id=tid("<image>"), pad_token_id=tid("<|endoftext|>"), tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)

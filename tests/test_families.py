@@ -14,7 +14,6 @@ Per family, parametrized, sharing one session-scoped build of each model:
 """
 
 import inspect
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch.testing import assert_close
 
 from nanoalign import sft
-from nanoalign.batch import encode_conversations, pack_rows, render
+from nanoalign.batch import pack_rows, render
 from nanoalign.data import BadSampleError
 from nanoalign.model import Policy, chunked_logps, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
 from nanoalign.rollout import generating, sample_completions
@@ -35,6 +34,7 @@ sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for
 from conftest import one_thread, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
+from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A/B/C conversations fixture)
 
 FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
 ALGOS = ("sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo")
@@ -64,35 +64,6 @@ def family(request, family_dirs):
     return model_dir, processor, model, stop_ids
 
 
-def user(text, num_images=0):
-    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def samples(make_image):
-    """A: one 112x112 image. B: a 112x112 and a 168x84 image, two answers (multi-turn). C: short."""
-    return {
-        "A": ([user("How many shapes are in the image?", 1), assistant("<think>I count 2 shapes.</think> The answer is \\boxed{2}.")],
-              [make_image(1)]),
-        "B": ([user("How many shapes are in these 2 images in total?", 2), assistant("The answer is \\boxed{4}."),
-               user("How many sides does the shape have?"), assistant("The shape has 4 sides.")],
-              [make_image(2), make_image(3, (168, 84))]),
-        "C": ([user("How many?", 1), assistant("2")], [make_image(4)]),
-    }  # fmt: skip
-
-
-def encode(family, samples, names, max_length=1024, skip_overlong=False):
-    _, processor, _, stop_ids = family
-    return encode_conversations(
-        processor, [samples[n][0] for n in names], [samples[n][1] for n in names], [f"sample {n}" for n in names],
-        max_length=max_length, stop_ids=stop_ids, skip_overlong=skip_overlong,
-    )  # fmt: skip
-
-
 def is_image_token(processor, input_ids) -> torch.Tensor:
     """Positions holding a token the vision features replace (Gemma 3: the soft token, not the marker)."""
     ids = [i for i in processor.image_token_ids if i is not None]
@@ -111,18 +82,6 @@ def num_vision_features(model, mm_inputs) -> int:
     if isinstance(features, (list, tuple)):
         return sum(len(f) for f in features)
     return features.numel() // features.shape[-1]
-
-
-def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each run of consecutive 1s."""
-    out, start = [], None
-    for t, m in enumerate(mask_row.tolist() + [0.0]):
-        if m and start is None:
-            start = t
-        elif not m and start is not None:
-            out.append((start, t))
-            start = None
-    return out
 
 
 # -----------------------------------------------------------------------------
