@@ -387,6 +387,9 @@ def _build_gemma3(out: Path) -> None:
         unk_token="<unk>", extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                                  "image_token": "<image_soft_token>"},
     )  # fmt: skip
+    # Gemma's vocabulary has runs of 1-4 newlines as single tokens, and vLLM's Gemma 3 processor
+    # relies on it (it merges the "\n\n" around each expanded image with its neighbours).
+    tokenizer.add_tokens(["\n", "\n\n", "\n\n\n", "\n\n\n\n"])
     # Every image is resized to 64x64: 16 px patches, 4x4 = 16 soft tokens (a fixed count per image).
     image_size, patch_size, tokens_per_image = 64, 16, 16
     processor = Gemma3Processor(
@@ -430,8 +433,9 @@ def _build_gemma4(out: Path) -> None:
             vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=16,  # per-layer input embeddings
             final_logit_softcapping=30.0,  # capped logits (as Gemma 2 ships them): the trainer must cap them too
         ),
+        # default_output_length: the most soft tokens per image, which Gemma 4 checkpoints declare and vLLM reads.
         vision_config=dict(**SMALL_VISION, num_key_value_heads=1, head_dim=64, patch_size=16, pooling_kernel_size=2,
-                           position_embedding_size=1024),
+                           position_embedding_size=1024, default_output_length=70),
         audio_config=None, boi_token_id=tid("<|image>"), eoi_token_id=tid("<image|>"), image_token_id=tid("<|image|>"),
         video_token_id=tid("<|video|>"), boa_token_id=tid("<|audio>"), eoa_token_index=tid("<audio|>"), audio_token_id=tid("<|audio|>"),
     )  # fmt: skip

