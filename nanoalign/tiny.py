@@ -334,9 +334,10 @@ def _build_qwen3vl(out: Path) -> None:
     tokenizer = _qwen_tokenizer(QWEN3_CHAT_TEMPLATE)
     ids = _qwen_token_ids(tokenizer)
     config = Qwen3VLConfig(
-        # Interleaved M-RoPE over (t, h, w) on the 32 rotary frequency pairs of head_dim 64.
+        # Interleaved M-RoPE over (t, h, w) on the 32 rotary frequency pairs of head_dim 64 (the
+        # checkpoints split their 64 pairs 24/20/20).
         text_config=_qwen_text(tokenizer, ids, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                                "mrope_section": [8, 12, 12], "mrope_interleaved": True}),
+                                                                "mrope_section": [12, 10, 10], "mrope_interleaved": True}),
         # deepstack: block 0's features are also merged and added to the first decoder layer's input.
         vision_config=dict(**QWEN3_VISION, deepstack_visual_indexes=[0]),
         tie_word_embeddings=False, **_qwen_vision_tokens(ids),
@@ -355,9 +356,9 @@ def _build_qwen35(out: Path) -> None:
         # Hybrid: 3 gated-delta-net (linear attention) layers, then 1 full-attention layer, as Qwen3.5's 3:1.
         layer_types=["linear_attention"] * 3 + ["full_attention"],
         linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=1, linear_num_value_heads=2,
-        # Rotary on a quarter of head_dim 64: 8 frequency pairs split over (t, h, w).
+        # Rotary on a quarter of head_dim 64: 8 frequency pairs split over (t, h, w) (the checkpoints: 32 as 11/11/10).
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
-                         "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         "mrope_section": [3, 3, 2], "mrope_interleaved": True},
     )  # fmt: skip
     config = Qwen3_5Config(text_config=text, vision_config=QWEN3_VISION, tie_word_embeddings=True, **_qwen_vision_tokens(ids))
     torch.manual_seed(0)

