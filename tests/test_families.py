@@ -26,7 +26,7 @@ from nanoalign import sft
 from nanoalign.batch import pack_rows, render
 from nanoalign.data import BadSampleError
 from nanoalign.model import Policy, chunked_logps, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
-from nanoalign.rollout import generating, sample_completions
+from nanoalign.rollout import completion_batch, generating, sample_completions
 from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent
@@ -35,6 +35,7 @@ from conftest import one_thread, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
 from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A/B/C conversations fixture)
+from test_tiny import test_build_is_byte_identical as assert_build_is_byte_identical  # noqa: E402
 
 FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
 ALGOS = ("sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo")
@@ -82,6 +83,12 @@ def num_vision_features(model, mm_inputs) -> int:
     if isinstance(features, (list, tuple)):
         return sum(len(f) for f in features)
     return features.numel() // features.shape[-1]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_build_is_deterministic(name, family_dirs, tmp_path):
+    # Built twice, byte for byte the same files (weights, tokenizer, processor): caches can be trusted.
+    assert_build_is_byte_identical(name, family_dirs, tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -319,3 +326,13 @@ def test_generation_with_images_is_greedy_under_the_training_forward(family, sam
     gap = (logps.max(-1).values - sampled)[counted]  # 0 where the sampled token is the arg-max
     assert gap.numel() == sum(len(ids) for ids in rollout.completion_ids)
     assert gap.max() < 1e-4, gap
+
+    # A completion that samples the image token (a weak policy can) is cut before it and counts
+    # nothing: as input it would ask for image features that do not exist (Gemma 3: the soft token).
+    image_id = next(i for i in processor.image_token_ids if i is not None)
+    rollout.completion_ids[0] = rollout.completion_ids[0][:1] + [image_id] + rollout.completion_ids[0][1:]
+    run = Run(sft_config(), processor, policy, None, 0, 1, device, stop_ids, pad_id)
+    cut = completion_batch(rollout, run, mask_truncated=False)
+    assert cut.num_skipped == 1 and cut.mask[0].sum() == 0 and cut.mask[1].sum() == len(rollout.completion_ids[1])
+    with torch.no_grad():
+        assert torch.isfinite(model(**cut.model_inputs()).logits).all()
