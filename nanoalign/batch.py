@@ -128,10 +128,17 @@ def _unpad_rows(enc: dict) -> list[dict[str, torch.Tensor]]:
 
 
 def image_token_ids(processor) -> set[int]:
-    """Ids of the tokens that stand for image (or video) features; cutting any of them is an error."""
+    """Ids of the tokens that stand for image (or video) features; cutting any of them is an error.
+
+    The processor's own declaration (`image_token_ids` / `video_token_ids`, the ids it marks in
+    mm_token_type_ids) comes first: for Gemma 3 `processor.image_token` is the begin-of-image marker
+    the chat template writes, not the soft token the vision features replace.
+    """
     tok = processor.tokenizer
-    names = [getattr(processor, a, None) for a in ("image_token", "video_token")]
-    return {tok.convert_tokens_to_ids(n) for n in names if n} - {tok.unk_token_id, None}
+    declared = [*getattr(processor, "image_token_ids", []), *getattr(processor, "video_token_ids", [])]
+    if not any(i is not None for i in declared):  # a processor that declares none: look its tokens up by name
+        declared = [tok.convert_tokens_to_ids(n) for n in (getattr(processor, a, None) for a in ("image_token", "video_token")) if n]
+    return set(declared) - {tok.unk_token_id, None}
 
 
 def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: list[list[int]], sample_ids: list[str],

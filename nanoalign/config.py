@@ -19,7 +19,9 @@ class Config:
     """Training method: sft, dpo, mpo, grpo, gspo, rloo or online_dpo."""
     model: str = "tiny"
     """A local checkpoint directory, a hub id (org/name), or a built-in model: "tiny" (random tiny
-    Qwen2.5-VL), "tiny-llava", or "tiny-sft" (tiny, SFT-warmed on the shapes task; built on first use)."""
+    Qwen2.5-VL), "tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3",
+    "tiny-gemma4", "tiny-smolvlm" (random tiny models of those families), or "tiny-sft" (tiny,
+    SFT-warmed on the shapes task; built on first use)."""
     dataset: str = "shapes"
     """"shapes" (the built-in synthetic task), a hub id, or a local data file/directory (json, jsonl,
     parquet, csv) loaded with datasets.load_dataset."""

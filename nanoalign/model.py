@@ -39,7 +39,8 @@ def load_processor(model_dir: str):
 
 
 def vision_module(hf_model) -> nn.Module:
-    """The vision tower: `visual` (Qwen2/2.5-VL), `vision_tower` (LLaVA, Gemma 3), `vision_model` (Idefics3)."""
+    """The vision tower: `visual` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), `vision_tower` (LLaVA,
+    Gemma 3, Gemma 4), `vision_model` (Idefics3, SmolVLM)."""
     for name in ("visual", "vision_tower", "vision_model"):
         module = getattr(hf_model.model, name, None)
         if module is not None:
@@ -48,13 +49,17 @@ def vision_module(hf_model) -> nn.Module:
 
 
 def vision_blocks(hf_model) -> list[nn.Module]:
-    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList)."""
+    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList; Qwen3-VL's
+    deepstack mergers are a shorter list next to the blocks)."""
     lists = [m for m in vision_module(hf_model).modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
 
 def decoder_layers(hf_model) -> list[nn.Module]:
-    return list(hf_model.model.language_model.layers)
+    """The text decoder's layers, found by HF's own lookup (`language_model` for most families,
+    `text_model` for Idefics3/SmolVLM). Hybrid stacks (Qwen3.5: linear- and full-attention layers)
+    are one list like any other: each layer is one FSDP unit whatever its attention."""
+    return list(hf_model.get_decoder().layers)
 
 
 class Policy(nn.Module):
@@ -72,6 +77,9 @@ class Policy(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.logps_chunk_size = logps_chunk_size
+        # Some families cap their final logits, z = c tanh(z / c) (Gemma 2-4's final_logit_softcapping);
+        # HF applies it after lm_head, and since we compute lm_head ourselves, so must we.
+        self.logit_softcap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
 
     def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False,
                 logps_mask=None, **mm_inputs):  # fmt: skip
@@ -82,7 +90,7 @@ class Policy(nn.Module):
         weight = self.hf.get_output_embeddings().weight  # (V, H), gathered: we are inside the root forward
         keep = torch.ones_like(targets, dtype=torch.bool) if logps_mask is None else logps_mask[:, 1:].bool()
         kept_logps, kept_entropy = chunked_logps(
-            hidden[keep][None], weight, targets[keep][None], temperature, self.logps_chunk_size, with_entropy
+            hidden[keep][None], weight, targets[keep][None], temperature, self.logps_chunk_size, with_entropy, self.logit_softcap
         )  # (1, N_kept) each
         logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # (B, T)
         logps[:, 1:][keep] = kept_logps[0]  # an index_put: the gradient flows back to kept_logps
@@ -103,15 +111,19 @@ class _ChunkedLogps(torch.autograd.Function):
     d l_t / d z = onehot(target) - softmax(z), so the gradients are
         dh = (g * (onehot - p)) W / temp        dW = (g * (onehot - p))^T h / temp
     and only one (chunk, V) block of probabilities exists at a time, in forward and in backward.
+    With a softcap c the logits are c tanh(h W^T / c) before the temperature, and the chain rule
+    adds a factor 1 - tanh^2 to (onehot - p).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, softcap=None):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         entropy = torch.zeros_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = (hidden[rows] @ weight.T).float()  # (C, V), upcast like TRL's selective_log_softmax
+            if softcap is not None:
+                logits = logits.div_(softcap).tanh_().mul_(softcap)
             if temperature != 1.0:
                 logits.div_(temperature)  # in place: a second (C, V) block would double the peak
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
@@ -119,7 +131,7 @@ class _ChunkedLogps(torch.autograd.Function):
             if with_entropy:  # H = lse - sum_v p_v z_v
                 entropy[rows] = lse - (torch.softmax(logits, -1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.softcap = temperature, chunk_size, softcap
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
@@ -131,28 +143,38 @@ class _ChunkedLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             logits = (hidden[rows] @ weight.T).float()  # (C, V)
+            capped = logits.div_(ctx.softcap).tanh_() if ctx.softcap is not None else None  # tanh(z / c), in place
+            if capped is not None:
+                logits = capped * ctx.softcap  # the one extra (C, V) block a softcap costs
             if ctx.temperature != 1.0:
                 logits.div_(ctx.temperature)
             dlogits = torch.softmax(logits, dim=-1).neg_()  # (C, V): onehot - p, times the incoming gradient
             del logits  # with the in-place ops: one (C, V) block alive at a time, not three
             dlogits.scatter_add_(1, targets[rows, None], torch.ones_like(dlogits[:, :1]))
             dlogits *= grad_logps[rows, None] / ctx.temperature
+            if capped is not None:  # d(c tanh(z / c)) / dz = 1 - tanh^2
+                dlogits *= capped.square_().neg_().add_(1)
+                del capped
             if grad_hidden is not None:
                 grad_hidden[rows] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(dlogits.T, hidden[rows].float())  # in place: no (V, H) temporary per chunk
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 128, with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature.
+def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 128, with_entropy: bool = False,
+                  softcap: float | None = None):  # fmt: skip
+    """Per-token log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature
+    (softcap c: c tanh(hidden @ weight^T / c) / temperature).
 
     hidden (B, T, H), weight (V, H), targets (B, T) -> logps (B, T) fp32, entropy (B, T) fp32.
     Peak extra memory is chunk_size x V fp32 values, whatever B x T is.
     """
     B, T, H = hidden.shape
-    logps, entropy = _ChunkedLogps.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature, chunk_size, with_entropy)
+    logps, entropy = _ChunkedLogps.apply(
+        hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature, chunk_size, with_entropy, softcap
+    )
     return logps.view(B, T), entropy.view(B, T)
 
 
