@@ -23,7 +23,7 @@ import torch
 from torch.testing import assert_close
 
 from nanoalign import sft
-from nanoalign.batch import pack_rows, render
+from nanoalign.batch import check_prompt_fits, pack_rows, render
 from nanoalign.data import BadSampleError
 from nanoalign.model import Policy, chunked_logps, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
 from nanoalign.rollout import completion_batch, generating, sample_completions
@@ -155,6 +155,12 @@ def test_truncation_never_cuts_image_tokens(family, samples):
             assert torch.equal(value[0], full.mm_inputs[key][0, : last_image + 3]), key
     with torch.no_grad():
         assert torch.isfinite(model(**cut.model_inputs()).logits).all()
+    # --skip-bad-samples finds such a sample when it is fetched (batch.check_prompt_fits), before
+    # anything is built for it; a sample that fits passes.
+    sample = {"sample_id": "sample B", "messages": samples["B"][0], "images": samples["B"][1]}
+    with pytest.raises(BadSampleError, match=r"^sample B: .* image tokens lie past --max-length"):
+        check_prompt_fits(processor, int(tokens_b[-1]), "sft", sample)
+    check_prompt_fits(processor, int(tokens_b[-1]) + 1, "sft", sample)
 
 
 # -----------------------------------------------------------------------------
