@@ -379,10 +379,12 @@ def train(cfg: Config) -> dict:
 
 
 # Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
-# and --skip-bad-samples (the fix a stop on a bad sample suggests). Anything else would continue a
-# run under settings it was not trained with.
+# --skip-bad-samples (the fix a stop on a bad sample suggests), and where rollouts come from (a run
+# whose vLLM server died may go on in-process). Anything else would continue a run under settings it
+# was not trained with.
 RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
-                     "export", "out_dir", "skip_bad_samples", "vllm_url", "vllm_timeout"}  # fmt: skip
+                     "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
+                     "sampler"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
