@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 # The per-token processor outputs the sampler knows how to continue: the rows themselves, and
 # mm_token_type_ids (which tokens are image/video placeholders), read only to place the prompt's
-# M-RoPE positions; every decoded token is text. Any other per-token input (e.g. Gemma 3's
-# token_type_ids, which change the attention mask) is refused rather than guessed.
+# M-RoPE positions; every decoded token is text. Any other per-token input (e.g. token_type_ids,
+# which some families use to change the attention over image tokens) is refused rather than guessed.
 KNOWN_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -136,11 +136,13 @@ def sample(hf_model, prompt_enc: dict, *, num_samples: int, max_new_tokens: int,
     on the model's device), rows prompt-major. A row ends at its first stop id (has_eos) or end id
     (kept as its last id, has_eos False; the caller drops it), else after max_new_tokens ids.
 
-    Sampling draws from the global torch RNG, or from `generator`. Call it inside
-    `model.gathered_for_generation` for an FSDP-sharded Policy (Policy.sample does the rest).
+    Sampling draws from the global torch RNG, or from `generator`. An FSDP-sharded Policy is sampled
+    with `policy.sample(...)` inside `gathered_for_generation(policy)` (nanoalign/model.py).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     with sampling_mode(hf_model):
         logits, cache, positions = prefill(hf_model, prompt_enc)  # (P, V)
         # Replicate every prompt's state for its samples: [p0, p1] -> [p0, p0, ..., p1, p1, ...].
