@@ -7,9 +7,11 @@ One measurement = one `nanoalign.rollout.sample_completions` call, what an RL st
 rollouts: the processor on the P*G training rows, then either nanoalign's sampler (--sampler
 nanoalign: the P distinct prompts processed again and prefilled once, the KV cache copied G times,
 all rows decoded together) or HF generate on all P*G rows (--sampler hf). Prompts are the shapes
-task's (one 224-px image each by default), sampling at temperature 1, max_new_tokens new tokens
-(a random-init model seldom stops early, so rows run to the cap on both sides; mean lengths are in
-the table). Each (model, G) runs in a fresh process with --threads torch threads; the two samplers
+task's (one 224-px image each by default), sampling at temperature 1, up to max_new_tokens new
+tokens. A random-init model seldom samples its EOS, but it does sample the image placeholder: our
+sampler ends such a row there (and stops computing it), HF generate decodes it to the cap and the
+trainer drops it afterwards, so part of the gap at this setting comes from those rows (the mean
+completion lengths are in the table; for a trained policy, rows end at EOS on both sides). Each (model, G) runs in a fresh process with --threads torch threads; the two samplers
 alternate, the first call of each is dropped, the median of --repeats is reported: wall time, and
 the process's CPU time (all threads), which other jobs on a shared machine disturb far less.
 

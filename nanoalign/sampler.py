@@ -8,23 +8,23 @@ as in nanochat's Engine:
      goes through the vision tower once, each prompt through the decoder once;
   2. repeat each prompt's KV cache, last logits and last position G times, giving the P*G rows in
      prompt-major order [p0 g0, p0 g1, ..., p1 g0, ...];
-  3. decode all rows together, one token per forward, until every row has sampled a stop id or an
-     end id (an image placeholder: as input it would ask for image features that do not exist), or
-     max_new_tokens is reached.
+  3. decode all rows together, one token per forward. A row that samples a stop id or an end id
+     (an image placeholder: as input it would ask for image features that do not exist) leaves the
+     batch, with its slice of the cache; decoding ends when no row is left or at max_new_tokens.
 
 Positions come from the model's own generation hook (`_prepare_position_ids_for_generation`, the one
 HF generate calls), so each family keeps its scheme: cumsum(attention_mask) - 1 for plain RoPE
 (LLaVA), M-RoPE for Qwen2.5-VL (text row + 3 rows t/h/w, image tokens on a grid, the text after them
 shifted by the per-row `rope_deltas`). Every new token sits one past the row's last position, as in
-generate. Padding and a finished row's filler tokens are never read: the ids are cut per row.
+generate.
 
 Sampling (HF's order and rules): z / temperature, then the top_k largest logits, then the smallest
 set of most likely tokens whose probability reaches top_p; greedy is argmax z. The log-probs returned
 are log softmax(z / temperature)[token], in fp32, of the unrestricted distribution: exactly what the
 trainer recomputes for the same ids (nanoalign.model.Policy).
 
-Simplified: no beam search, repetition penalties or logits processors; finished rows stay in the
-batch (fed the pad id) until every row is done; identical prompts given twice are prefilled twice.
+Simplified: no beam search, repetition penalties or logits processors; the cache grows by
+concatenation (HF's DynamicCache); identical prompts given twice are prefilled twice.
 A model the sampler cannot serve (see `unsupported`) is sampled with HF generate by the caller.
 """
 
@@ -153,22 +153,25 @@ def sample(hf_model, prompt_enc: dict, *, num_samples: int, max_new_tokens: int,
         attention_mask = prompt_enc["attention_mask"].repeat_interleave(num_samples, dim=0)  # (N, T)
         num_rows = logits.shape[0]
         ending = torch.tensor(sorted({*stop_ids, *end_ids}), device=logits.device)
-        done = torch.zeros(num_rows, dtype=torch.bool, device=logits.device)  # (N,)
-        tokens, logps = [], []
+        rows = torch.arange(num_rows, device=logits.device)  # (B,) the output row of each batch row
+        tokens = torch.full((num_rows, max_new_tokens), pad_id, device=logits.device)  # (N, L), pad after a row's end
+        logps = torch.zeros(num_rows, max_new_tokens, device=logits.device)
         for step in range(max_new_tokens):
             next_ids, next_logps = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
-            tokens.append(next_ids)  # (N,); what an ended row samples is cut off later, never read
-            logps.append(next_logps)
-            done |= torch.isin(next_ids, ending)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            tokens[rows, step], logps[rows, step] = next_ids, next_logps
+            alive = ~torch.isin(next_ids, ending)  # (B,)
+            if step == max_new_tokens - 1 or not bool(alive.any()):
                 break
-            # An ended row is fed padding from now on, never the image placeholder it may have sampled.
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(num_rows, 1)], dim=1)  # (N, T + step + 1)
+            if not bool(alive.all()):  # rows that ended leave the batch: it shrinks as completions end, and
+                keep = alive.nonzero().squeeze(1)  # an ended row is never fed the image token it may have sampled
+                cache.batch_select_indices(keep)
+                rows, next_ids, attention_mask, position = rows[keep], next_ids[keep], attention_mask[keep], position[..., keep, :]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (B, T + step + 1)
             position = position + 1
-            out = hf_model(input_ids=next_ids.masked_fill(done, pad_id)[:, None], attention_mask=attention_mask,
-                           position_ids=position, past_key_values=cache, use_cache=True)  # fmt: skip
-            logits = out.logits[:, -1].float()  # (N, V)
-    return cut_rows(torch.stack(tokens, 1), torch.stack(logps, 1) if with_logps else None, set(stop_ids), set(end_ids))
+            out = hf_model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position,
+                           past_key_values=cache, use_cache=True)  # fmt: skip
+            logits = out.logits[:, -1].float()  # (B, V)
+    return cut_rows(tokens[:, : step + 1], logps[:, : step + 1] if with_logps else None, set(stop_ids), set(end_ids))
 
 
 def cut_rows(tokens: torch.Tensor, logps: torch.Tensor | None, stop_ids: set[int], end_ids: set[int]) -> Samples:

@@ -29,24 +29,24 @@ PROMPTS = [
 ]
 
 
-def sharpen(model):
+def sharpen(model, factor: float = 6.0):
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.mul_(6.0)
+                p.mul_(factor)
     return model
 
 
 @pytest.fixture(scope="module")
 def sharp(load_family):
-    """sharp(name) -> (processor, eval-mode sharpened model, stop ids), built once per family."""
+    """sharp(name, factor=6) -> (processor, eval-mode sharpened model, stop ids), built once each."""
     built = {}
 
-    def get(name: str):
-        if name not in built:
+    def get(name: str, factor: float = 6.0):
+        if (name, factor) not in built:
             processor, model, stop_ids = load_family(name)
-            built[name] = (processor, sharpen(model), stop_ids)
-        return built[name]
+            built[name, factor] = (processor, sharpen(model, factor), stop_ids)
+        return built[name, factor]
 
     return get
 
@@ -109,8 +109,9 @@ def test_greedy_matches_hf_generate(name, num_generations, sharp, prompts):
 def test_logps_equal_the_trainers_recomputed_logps(name, sharp, prompts):
     # The trainer (Policy on prompt + completion rows built by completion_batch, right-padded, no
     # cache) recomputes the sampler's fp32 log-probs of its own sampled ids at the same temperature.
-    # top_p < 1 restricts what is sampled, not the log-probs: both are of softmax(z / T).
-    processor, model, stop_ids = sharp(name)
+    # top_p < 1 restricts what is sampled, not the log-probs: both are of softmax(z / T). Weights x3,
+    # not x6: at x6 the logits are large enough for fp32 rounding alone to reach ~1e-5 in log-softmax.
+    processor, model, stop_ids = sharp(name, 3.0)
     distinct, rows = encode(processor, prompts, 3)
     samples = sample(
         model, distinct, num_samples=3, temperature=0.7, top_p=0.9, with_logps=True,
@@ -178,8 +179,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy(sharp, prompts):
 def test_sampled_image_token_ends_the_completion(sharp, prompts):
     # The model is made to sample the image placeholder (a large logit added in chosen forwards):
     # row 1 as its 4th token, every other row as its 7th. Each row ends there, keeps the token as
-    # its last id, is never fed it as input (it would ask for image features that do not exist),
-    # and decoding stops once every row has ended. completion_batch (the existing guard) then drops
+    # its last id, leaves the batch without being fed it (as input it would ask for image features
+    # that do not exist), and decoding stops once every row has ended. completion_batch (the existing guard) then drops
     # these completions and trains nothing on them.
     processor, model, stop_ids = sharp("tiny")
     (image_id,) = image_token_ids(processor) - {processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")}
@@ -189,8 +190,8 @@ def test_sampled_image_token_ends_the_completion(sharp, prompts):
         num_forwards.append(1)
         if len(num_forwards) == 4:  # the prefill, then the 3rd decoding forward: picks row 1's 4th token
             logits[1, -1, image_id] += 1e4
-        if len(num_forwards) == 7:
-            logits[torch.arange(len(logits)) != 1, -1, image_id] += 1e4
+        if len(num_forwards) == 7:  # every row still decoding (row 1 has left the batch)
+            logits[:, -1, image_id] += 1e4
         return logits
 
     hooks = [
@@ -210,7 +211,8 @@ def test_sampled_image_token_ends_the_completion(sharp, prompts):
     assert all(ids[-1] == image_id and image_id not in ids[:-1] for ids in rollout.completion_ids)
     assert not any(rollout.has_eos)
     assert len(num_forwards) == 7  # no forward after every row had ended
-    assert all(image_id not in ids for ids in fed[1:])  # decoding inputs (fed[0] is the prompt)
+    assert [len(ids) for ids in fed] == [3, 6, 6, 6, 5, 5, 5]  # the 3 prompts, then the decoding batch
+    assert all(image_id not in ids for ids in fed[1:])
     run = SimpleNamespace(processor=processor, cfg=SimpleNamespace(max_length=1024), pad_id=processor.tokenizer.pad_token_id, device="cpu")
     batch = completion_batch(rollout, run, mask_truncated=False)
     assert batch.num_skipped == 6 and batch.mask.sum() == 0
