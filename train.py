@@ -192,6 +192,7 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
         counts = accuracy(
             model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
             max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
+            sampler=run.cfg.sampler,
         )  # fmt: skip
         correct, total, num_tokens = all_reduce_sum(list(counts), run.device)
         metrics["eval/accuracy"] = correct / total

@@ -144,6 +144,10 @@ class Config:
     """RLOO: normalise advantages over the batch."""
     missing_eos_penalty: float | None = None
     """Online DPO: subtract this from the score of a completion that does not end with EOS."""
+    sampler: Literal["nanoalign", "hf"] = "nanoalign"
+    """In-process sampler (vllm_mode none): nanoalign = our own (each prompt and image through the
+    model once, its KV cache copied for the num_generations samples); hf = Hugging Face generate on
+    every row (for comparison)."""
 
     # --- vLLM rollouts ---
     vllm_mode: Literal["none", "server"] = "none"

@@ -103,6 +103,13 @@ class Policy(nn.Module):
         """HF generate; registered with FSDP so the root's hooks run as they do for forward."""
         return self.hf.generate(**kwargs)
 
+    def sample(self, prompt_enc: dict, **kwargs):
+        """nanoalign.sampler.sample on the HF model; registered with FSDP like generate (the root's
+        hooks must run first: calling self.hf directly would make a decoder layer the FSDP root)."""
+        from nanoalign.sampler import sample
+
+        return sample(self.hf, prompt_enc, **kwargs)
+
 
 class _ChunkedLogps(torch.autograd.Function):
     """log_softmax(h W^T / temp)[target] over chunks of rows; backward recomputes each chunk's softmax.
@@ -195,6 +202,7 @@ def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: 
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(policy, "generate")
+    register_fsdp_forward_method(policy, "sample")
     return policy
 
 

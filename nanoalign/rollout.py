@@ -1,7 +1,9 @@
 """Sampling completions with images from the model being trained (in-process rollouts), and accuracy evals.
 
-Each prompt is repeated G times, processed (images included) and left-padded, then HF `generate`
-samples one completion per row. Under FSDP2 the call is wrapped in `gathered_for_generation`:
+Each prompt is repeated G times, processed (images included) and left-padded: the prompts of the
+training rows. nanoalign's sampler (nanoalign/sampler.py) prefills each distinct prompt once and
+decodes its G samples from copies of its KV cache; `--sampler hf` samples every row with HF
+`generate` instead. Under FSDP2 the call is wrapped in `gathered_for_generation`:
 weights are gathered once, so ranks generating different lengths never wait on each other.
 
 We keep the sampled token ids themselves (cut after the first stop token): the trainer scores
@@ -11,6 +13,7 @@ max_new_tokens without a stop token is marked has_eos = False (logged as complet
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +23,7 @@ from nanoalign.batch import Batch, image_token_ids, pack_rows, process_prompts, 
 from nanoalign.model import Policy, gathered_for_generation
 from nanoalign.rewards import score_completions, verify_answers
 from nanoalign.runtime import agree_on_failure, all_reduce_sum
+from nanoalign.sampler import sample, unsupported, warn_fallback
 
 
 @dataclass
@@ -61,20 +65,40 @@ def split_completions(new_tokens: torch.Tensor, stop_ids: set[int]) -> tuple[lis
 @torch.no_grad()
 def sample_completions(model, processor, prompts: list[list[dict]], images: list[list], *, num_generations: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                       stop_ids: set[int], pad_id: int, device) -> Rollout:  # fmt: skip
+                       stop_ids: set[int], pad_id: int, device, sampler: str = "nanoalign") -> Rollout:  # fmt: skip
     """G completions for each prompt, rows ordered prompt-major: [p0 g0, p0 g1, ..., p1 g0, ...].
 
     `model` is a plain HF model or the FSDP2-sharded Policy; call the latter inside
     `generating(model)`, which gathers its weights once for any number of calls.
+    sampler: "nanoalign" (nanoalign/sampler.py: each prompt and image through the model once, its KV
+    cache replicated for the G samples) or "hf" (HF generate on all P*G rows). A model nanoalign's
+    sampler cannot serve is sampled with HF generate, and the reason is logged.
     """
-    texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(num_generations)]
+    prompt_texts = [render(processor, p, add_generation_prompt=True) for p in prompts]
+    texts = [text for text in prompt_texts for _ in range(num_generations)]
     row_images = [imgs for imgs in images for _ in range(num_generations)]
-    enc = process_prompts(processor, texts, row_images, padding_side="left")
-    config = generation_config(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id
-    )
-    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
-    completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
+    enc = process_prompts(processor, texts, row_images, padding_side="left")  # the training rows' prompts
+    hf_model = model.hf if isinstance(model, Policy) else model
+    reason = unsupported(hf_model, enc) if sampler == "nanoalign" else "--sampler hf"
+    if reason is None:
+        # The sampler prefills the P distinct prompts, padded exactly as their rows in enc.
+        distinct = enc if num_generations == 1 else process_prompts(processor, prompt_texts, images, padding_side="left")
+        assert torch.equal(enc["input_ids"], distinct["input_ids"].repeat_interleave(num_generations, dim=0))
+        sample_fn = model.sample if isinstance(model, Policy) else functools.partial(sample, model)
+        samples = sample_fn(
+            {k: v.to(device) for k, v in distinct.items()}, num_samples=num_generations, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id,
+            end_ids=image_token_ids(processor),  # a sampled image placeholder ends the completion (see completion_batch)
+        )  # fmt: skip
+        completion_ids, has_eos = samples.ids, samples.has_eos
+    else:
+        if sampler == "nanoalign":
+            warn_fallback(reason)
+        config = generation_config(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id
+        )
+        out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
+        completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
     decoded = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(enc, completion_ids, has_eos, decoded)
 
@@ -85,8 +109,8 @@ def generating(model):
     return gathered_for_generation(model) if isinstance(model, Policy) else contextlib.nullcontext()
 
 
-def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id,
-             device) -> tuple[float, float, float]:  # fmt: skip
+def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,
+             sampler: str = "nanoalign") -> tuple[float, float, float]:  # fmt: skip
     """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
 
     Returns (number correct, number of samples, completion tokens) for this rank's share; an
@@ -98,7 +122,7 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
             chunk = samples[i : i + batch_size]
             rollout = sample_completions(
                 model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
-                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
             )  # fmt: skip
             scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
             correct += sum(1.0 for s in scores if s == 1.0)
@@ -129,7 +153,7 @@ def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollo
                 sample_completions(
                     run.policy, run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
                     num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                    top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
+                    top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device, sampler=cfg.sampler,
                 )  # fmt: skip
                 for chunk in chunks
             ]
