@@ -45,7 +45,7 @@ from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import fetch_samples, load_split, stream_indices
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
 from nanoalign.metrics import MetricsLog, plot_metrics
-from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy, vision_module
+from nanoalign.model import Policy, load_processor, shard_policy, vision_module
 from nanoalign.rewards import load_reward_funcs
 from nanoalign.rollout import accuracy
 from nanoalign.runtime import (
@@ -364,9 +364,10 @@ def train(cfg: Config) -> dict:
     if cfg.export:
         export_hf(policy, processor, out_dir / "final", rank)
         dist.barrier()
-        if accuracy_eval:  # reload what was written and check it answers better than chance
-            exported = load_hf_model(str(out_dir / "final")).to(device).eval()
+        if accuracy_eval:  # reload what was written (sharded, like the reference) and check its answers
+            exported = build_policy(str(out_dir / "final"), cfg, mesh, bf16, trainable=False)
             final = evaluate(algo, run, [], accuracy_eval, model=exported)
+            del exported
             metrics["final/exported_accuracy"] = final["eval/accuracy"]
             log.amend_last({"final/exported_accuracy": final["eval/accuracy"]})
             if rank == 0:
