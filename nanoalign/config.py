@@ -97,7 +97,7 @@ class Config:
     # --- preference optimisation (dpo, mpo, online_dpo) ---
     beta: float = 0.1
     """DPO temperature beta (also the KL coefficient of grpo/gspo/rloo, set by their presets)."""
-    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_types: tuple[Literal["sigmoid", "bco_pair", "sft", "ipo"], ...] = ("sigmoid",)
     """Preference loss terms mixed by mpo.py: sigmoid, bco_pair, sft, ipo."""
     loss_weights: tuple[float, ...] = (1.0,)
     """Weight of each entry of loss_types."""
