@@ -57,6 +57,11 @@ def unsupported(hf_model, prompt_enc: dict) -> str | None:
         return f"{type(hf_model).__name__} is an encoder-decoder model"
     if not hasattr(hf_model, "_prepare_position_ids_for_generation"):
         return f"{type(hf_model).__name__} has no generation position hook (_prepare_position_ids_for_generation)"
+    # Hybrid decoders (e.g. Qwen3.5's linear-attention layers) keep a recurrent state, not a KV cache
+    # that batch_repeat_interleave / batch_select_indices can copy per sample.
+    layer_types = getattr(hf_model.config.get_text_config(), "layer_types", None) or []
+    if other := sorted(set(layer_types) - {"full_attention", "sliding_attention"}):
+        return f"its decoder has {', '.join(other)} layers, whose cache the sampler cannot copy per sample"
     shape = prompt_enc["input_ids"].shape
     extra = [k for k, v in prompt_enc.items() if isinstance(v, torch.Tensor) and v.shape[:2] == shape and k not in KNOWN_TOKEN_KEYS]
     if extra:
