@@ -134,7 +134,7 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     for m in micro[: cfg.grad_accum_steps]:  # the loop's first optimizer step
         loss, _ = module.loss(m, run)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total, {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
