@@ -215,9 +215,8 @@ def check_prompt_fits(processor, max_length: int, fmt: str, sample: dict) -> Non
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     text = render(processor, messages[:first_answer], add_generation_prompt=True)
     prompt_ids = process_prompts(processor, [text], [sample["images"]])["input_ids"][0]
-    limit = max_length - 1 if fmt == "rl" else max_length
     image_at = torch.isin(prompt_ids, torch.tensor(sorted(image_token_ids(processor)))).nonzero()
-    if fmt == "rl" and len(prompt_ids) > limit:
+    if fmt == "rl" and len(prompt_ids) >= max_length:
         raise BadSampleError(
             f"{sample['sample_id']}: the prompt is {len(prompt_ids)} tokens long (image tokens included), which leaves "
             f"no room for a completion under --max-length {max_length}. Raise --max-length, shorten the prompt or "
