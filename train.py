@@ -47,7 +47,7 @@ from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
 from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_processor, shard_policy, vision_module
 from nanoalign.rewards import load_reward_funcs
-from nanoalign.rollout import accuracy
+from nanoalign.rollout import InProcess, accuracy
 from nanoalign.runtime import (
     Run,
     agree_on_failure,
@@ -58,7 +58,7 @@ from nanoalign.runtime import (
     on_every_rank,
 )
 from nanoalign.tiny import BUILDERS, TINY_VERSION, cache_dir, ensure_tiny
-from nanoalign.vllm_client import VLLMClient, WeightSync
+from nanoalign.vllm_client import VLLMServer
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
 
@@ -230,11 +230,12 @@ def train(cfg: Config) -> dict:
         run.check_sample = partial(check_prompt_fits, processor, cfg.max_length, algo.DATA_FORMAT)
     if algo.DATA_FORMAT == "rl":
         run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
-    weight_sync = None
-    if cfg.vllm_mode == "server":  # rollouts from a vLLM server whose weights we keep in sync
-        run.vllm = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
-        run.vllm.health()  # fail now, with the URL in the message, rather than at the first rollout
-        weight_sync = WeightSync(policy, run.vllm if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout)
+    # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
+    if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
+        run.rollouts = VLLMServer(policy, processor, url=cfg.vllm_url, timeout=cfg.vllm_timeout, sync_every=cfg.vllm_sync_every,
+                                  stop_ids=stop_ids, rank=rank, device=device)  # fmt: skip
+    else:  # the policy being trained samples
+        run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=cfg.sampler)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     # fused: one kernel updates every parameter; left to itself torch loops over the parameters in
@@ -285,7 +286,6 @@ def train(cfg: Config) -> dict:
     per_rank = algo.samples_per_round(cfg)
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
     metrics: dict = {}
-    synced_step = None  # the optimizer step whose weights vLLM serves (None: not synced yet)
     # Periodic checkpoints: at the first step at or after each multiple of save_every that ends a
     # generation batch (RL), so a resume needs no rollout state.
     next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
@@ -297,9 +297,7 @@ def train(cfg: Config) -> dict:
         drawn_before_round = num_drawn
         if round_started:
             try:
-                if weight_sync is not None and (synced_step is None or step - synced_step >= cfg.vllm_sync_every):
-                    round_metrics.update(weight_sync.sync(version=str(step)))  # every rank gathers; rank 0 sends
-                    synced_step = step
+                round_metrics.update(run.rollouts.sync(step))  # the backend samples from this step's weights
                 # Every rank reads its own slice of the same seeded stream (data.stream_indices).
                 start = num_drawn + rank * per_rank
                 indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
@@ -357,8 +355,7 @@ def train(cfg: Config) -> dict:
             save_checkpoint(out_dir, step, policy, optimizer, scheduler, resume_state(step, num_drawn, cfg), rank)
             next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress.close()
-    if weight_sync is not None:
-        weight_sync.close()
+    run.rollouts.close()
 
     # ---------------------------------------------------------------- export, final check, plot
     if cfg.export:

@@ -36,78 +36,32 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign.batch import Batch
-from nanoalign.rollout import (
-    completion_batch,
-    completion_metrics,
+from nanoalign.rl import (
+    STD_EPS,
+    check_groups,
+    check_token_inputs,
+    clip_fractions,
+    clipped_surrogate,
+    combine_rewards,
     completion_values,
+    constant_groups,
+    generation_round,
+    keeps_old_logps,
+    masked_mean,
+    nan_std,
     per_step_totals,
-    rollout_chunks,
-    score_rollouts,
+    samples_per_round,  # part of the module interface train.py drives
     token_logps,
 )
-from nanoalign.runtime import all_gather_rows
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-STD_EPS = 1e-4  # added to the std before dividing, as TRL does
 
 
 # -----------------------------------------------------------------------------
 # Rewards -> advantages
-
-
-def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
-    """Sum K (already weighted) reward functions per completion: (N,) or (N, K) -> (N,).
-
-    NaN means "this reward function does not apply to this sample" and is skipped (nansum);
-    a row where every function returned NaN stays NaN so callers can tell "unscorable" from 0.
-    Shared by grpo.py, rloo.py and online_dpo.py.
-    """
-    if rewards.dim() == 1:
-        return rewards
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (N,) or (N, K), got shape {tuple(rewards.shape)}")
-    all_nan = torch.isnan(rewards).all(dim=1)  # (N,)
-    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (the objective above)
-    return torch.where(all_nan, torch.full_like(total, float("nan")), total)
-
-
-def check_groups(num_rows: int, num_generations: int) -> None:
-    """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if num_rows % num_generations != 0:
-        raise ValueError(
-            f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "
-            "the generation batch must hold whole groups (make the batch size a multiple of num_generations)"
-        )
-
-
-def _nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Std with Bessel's correction (ddof=1) over the non-NaN entries along dim (kept); 0 where < 2 exist.
-
-    0 (not NaN) for 0 or 1 valid values: their centred value is 0 (or NaN -> 0 later), so dividing
-    by (0 + 1e-4) gives an exact 0 advantage instead of a NaN.
-    """
-    valid = ~torch.isnan(x)
-    count = valid.sum(dim=dim, keepdim=True)
-    mean = torch.nansum(x, dim=dim, keepdim=True) / count.clamp(min=1)
-    sq = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
-    var = sq.sum(dim=dim, keepdim=True) / (count - 1).clamp(min=1)
-    return torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))
-
-
-def constant_groups(grouped: torch.Tensor) -> torch.Tensor:
-    """(P, G) rewards, NaN = unscorable -> (P,) bool: True where the scorable rewards are all equal
-    (or fewer than 2 exist). Such a group carries no signal, and its advantages are set to exactly 0:
-    computed, R - mean(R) is float rounding noise (8 x 1.2 in float32: std 1.3e-7), which the std
-    division would blow up to ~1e-3 and Adam into a full lr-sized step on every weight."""
-    valid = ~torch.isnan(grouped)
-    highest = torch.where(valid, grouped, float("-inf")).amax(dim=1)
-    lowest = torch.where(valid, grouped, float("inf")).amin(dim=1)
-    return (highest == lowest) | (valid.sum(dim=1) < 2)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
@@ -128,59 +82,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     # nanmean of an all-NaN group is NaN; its advantages become 0 below, which is what we want.
     advantages = grouped - torch.nanmean(grouped, dim=1, keepdim=True)  # (P, G) A = R - mean_group(R)
     if scale_rewards == "group":
-        advantages = advantages / (_nan_std(grouped, dim=1) + STD_EPS)  # A /= (std_group + 1e-4)
+        advantages = advantages / (nan_std(grouped, dim=1) + STD_EPS)  # A /= (std_group + 1e-4)
     elif scale_rewards == "batch":
-        advantages = advantages / (_nan_std(R, dim=0) + STD_EPS)  # A /= (std_batch + 1e-4)
+        advantages = advantages / (nan_std(R, dim=0) + STD_EPS)  # A /= (std_batch + 1e-4)
     advantages = advantages.masked_fill(constant_groups(grouped).unsqueeze(1), 0.0)  # no signal: exactly 0
     return torch.nan_to_num(advantages.view(-1), nan=0.0)  # NaN advantages -> 0
 
 
 # -----------------------------------------------------------------------------
-# Ratios and the clipped surrogate (shared with rloo.py)
-
-
-def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, delta=None) -> torch.Tensor:
-    """-min(w A, clamp(w, 1-eps, 1+eps_high) A), elementwise; ratio and advantages broadcast.
-
-    delta (INTELLECT-2) caps only the unclipped branch, as TRL does: it bounds how much a single
-    very off-policy token with A < 0 can push, which plain PPO clipping does not.
-    """
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # w2 = clamp(w, 1-eps, 1+eps_high)
-    if delta is not None:
-        ratio = torch.clamp(ratio, max=delta)  # w = min(w, delta)
-    return -torch.min(ratio * advantages, clipped * advantages)  # L = -min(w A, w2 A)
-
-
-def clip_fractions(ratio, advantages, weights, epsilon: float, epsilon_high: float) -> dict:
-    """Weighted fraction of entries whose clipped branch is active (the ratio gets no gradient).
-
-    ratio, advantages, weights broadcast to one shape; weights are 1 on entries that count, 0 else.
-    """
-    low = ((ratio < 1 - epsilon) & (advantages < 0)).to(weights.dtype)
-    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(weights.dtype)
-    region = torch.clamp(low + high, max=1.0)  # low and high are disjoint; clamp only guards the invariant
-    weights = torch.broadcast_to(weights, low.shape)
-    denom = weights.sum().clamp(min=1)
-
-    def frac(x):
-        return ((x * weights).sum() / denom).detach()
-
-    return {
-        "clip_ratio/low_mean": frac(low),
-        "clip_ratio/high_mean": frac(high),
-        "clip_ratio/region_mean": frac(region),
-    }
-
-
-def check_token_inputs(logps, old_logps, advantages, mask) -> None:
-    """Shared by grpo_loss and rloo_loss: (B, T) log-probs and mask, (B,) advantages."""
-    if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
-        raise ValueError(
-            f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} "
-            "must all be (B, T)"
-        )
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with B={logps.shape[0]}")
+# The sampler (vLLM) correction
 
 
 def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float, cap_min=None) -> torch.Tensor:
@@ -359,47 +269,6 @@ def needs_reference(cfg) -> bool:
     return cfg.beta > 0
 
 
-def micro_batches_per_round(cfg) -> int:
-    """Micro-batches per generation batch: steps_per_generation, but at least one optimizer step's
-    worth (grad_accum_steps), so that a step never waits on a second generation batch (check_config
-    makes the two divide one another)."""
-    return max(cfg.steps_per_generation, cfg.grad_accum_steps)
-
-
-def samples_per_round(cfg) -> int:
-    """Prompts each rank draws per generation batch: batch_size x micro_batches_per_round rows / G."""
-    return cfg.batch_size * micro_batches_per_round(cfg) // cfg.num_generations
-
-
-def keeps_old_logps(cfg) -> bool:
-    """Old log-probs must be stored when the policy moves between sampling and a micro-batch's loss."""
-    return cfg.num_iterations > 1 or cfg.steps_per_generation > cfg.grad_accum_steps
-
-
-def generation_round(samples: list[dict], run) -> tuple[list, list[Batch], torch.Tensor, torch.Tensor, dict]:
-    """Sample, score and batch one generation round (shared by GRPO/GSPO and RLOO).
-
-    Returns the rollouts and their micro-batches (rows in prompt-major order), this rank's (N, K)
-    weighted rewards, all ranks' rewards gathered (N * world_size, K), and the round's metrics.
-    """
-    cfg = run.cfg
-    rollouts = rollout_chunks(samples, run, cfg.num_generations)
-    rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
-    all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
-    batches = [completion_batch(r, run, cfg.mask_truncated_completions) for r in rollouts]
-    total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
-    group_std = _nan_std(total, dim=1)  # (P_global, 1)
-    metrics.update(completion_metrics(rollouts))
-    metrics.update({
-        "skipped_rows": sum(b.num_skipped for b in batches),  # completions that sampled an image token
-        "truncated_rows": sum(b.num_truncated for b in batches),  # rows cut at --max-length
-        "reward": float(torch.nanmean(total)),
-        "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
-        "frac_reward_zero_std": float(constant_groups(total).float().mean()),  # groups without signal
-    })  # fmt: skip
-    return rollouts, batches, rewards, all_rewards, metrics
-
-
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     cfg = run.cfg
     rollouts, batches, rewards, all_rewards, metrics = generation_round(samples, run)
@@ -421,10 +290,6 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     if logp_diffs:
         metrics["vllm/logp_abs_diff"] = sum(logp_diffs) / len(logp_diffs)
     return micro * cfg.num_iterations, metrics
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((values * mask).sum() / mask.sum().clamp(min=1))
 
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:

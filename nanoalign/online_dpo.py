@@ -22,11 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import grpo
 from nanoalign.batch import Batch
-from nanoalign.grpo import combine_rewards
 from nanoalign.mpo import mpo_loss
-from nanoalign.rollout import completion_batch, completion_metrics, per_step_totals, rollout_chunks, score_rollouts, token_logps
+from nanoalign.rl import (
+    combine_rewards,
+    completion_batch,
+    completion_metrics,
+    per_step_totals,
+    rollout_chunks,
+    samples_per_round,  # part of the module interface train.py drives (G = 2, config.check_config)
+    score_rollouts,
+    token_logps,
+)
 
 
 def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
@@ -106,10 +113,6 @@ class MicroBatch:
 
 def needs_reference(cfg) -> bool:
     return True
-
-
-def samples_per_round(cfg) -> int:
-    return grpo.samples_per_round(cfg)  # G = 2 (config.check_config)
 
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:

@@ -25,11 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import grpo
 from nanoalign.batch import Batch
-from nanoalign.rollout import token_logps
-from nanoalign.runtime import all_gather_rows
-from nanoalign.grpo import (
+from nanoalign.rl import (
     STD_EPS,
     check_groups,
     check_token_inputs,
@@ -37,7 +34,13 @@ from nanoalign.grpo import (
     clipped_surrogate,
     combine_rewards,
     constant_groups,
+    generation_round,
+    keeps_old_logps,
+    masked_mean,
+    samples_per_round,  # part of the module interface train.py drives
+    token_logps,
 )
+from nanoalign.runtime import all_gather_rows
 
 
 def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
@@ -66,7 +69,7 @@ def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0
     baseline = (group_sum - grouped) / num_others.clamp(min=1)  # (P, G) (SUM_j R_j - R_i) / (G - 1)
     advantages = grouped - baseline  # A_i = R_i - baseline_i
     # rows that have both a reward and a baseline, in a group with signal: in a group of equal rewards
-    # the leave-one-out difference is float rounding noise, not a preference (grpo.constant_groups)
+    # the leave-one-out difference is float rounding noise, not a preference (rl.constant_groups)
     defined = valid & (num_others >= 1) & ~constant_groups(grouped).unsqueeze(1)  # (P, G)
     advantages = torch.where(defined, advantages, torch.zeros_like(advantages)).view(-1)  # (N,)
     defined = defined.view(-1)
@@ -102,8 +105,8 @@ def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_hig
 
 
 # -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo rloo). Rollouts, rewards and batching are GRPO's
-# (grpo.generation_round); only the advantages (leave-one-out, KL in the reward) and the loss differ.
+# The algorithm module train.py drives (--algo rloo). Rollouts, rewards and batching are the shared
+# generation round (rl.generation_round); only the advantages (leave-one-out, KL in the reward) and the loss differ.
 
 DATA_FORMAT = "rl"
 
@@ -119,14 +122,10 @@ def needs_reference(cfg) -> bool:
     return cfg.beta != 0
 
 
-def samples_per_round(cfg) -> int:
-    return grpo.samples_per_round(cfg)
-
-
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     cfg = run.cfg
-    _, batches, rewards, all_rewards, metrics = grpo.generation_round(samples, run)
-    keep_old = cfg.beta != 0 or grpo.keeps_old_logps(cfg)
+    _, batches, rewards, all_rewards, metrics = generation_round(samples, run)
+    keep_old = cfg.beta != 0 or keeps_old_logps(cfg)
     old = [token_logps(run.policy, b, cfg.temperature) if keep_old else None for b in batches]
     kl = None
     if cfg.beta != 0:  # KL goes into the reward: R_i -= beta * SUM_t M (l_old - l_ref)  (the objective above)
@@ -149,7 +148,7 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
     value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
     metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["entropy"] = grpo.masked_mean(entropy, micro.batch.mask)
+    metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
     return value / cfg.grad_accum_steps, metrics
 
 

@@ -1,6 +1,24 @@
-"""Sampling completions with images from the model being trained (in-process rollouts), and accuracy evals.
+"""Where rollouts come from: the rollout-backend interface, the in-process backend, and accuracy evals.
 
-Each prompt is repeated G times, processed (images included) and left-padded: the prompts of the
+A rollout backend is any object with
+
+    sample(chunks, n, *, max_tokens, temperature, top_p) -> list[Rollout]
+        chunks: lists of samples (dicts with "prompt", "images", "sample_id"); one Rollout per
+        chunk, its rows prompt-major [p0 s0, ..., p0 s(n-1), p1 s0, ...], each with the token ids
+        exactly as sampled and, when the backend has them, the sampler's own log-probs. Every rank
+        calls it, with the same number of chunks; a failure on any rank raises on every rank.
+    sync(step) -> metrics
+        make the backend sample from the weights of the policy it was built with, as they are after
+        `step` optimizer steps (every rank calls it at the start of each generation round; a backend
+        that samples from the policy itself has nothing to do).
+    close()
+
+Two exist: `InProcess` below (the policy being trained samples) and `VLLMServer`
+(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group) and
+`VLLMColocate` (nanoalign/vllm_colocate.py: a vLLM engine inside every training process). The
+algorithm modules only ever call `run.rollouts`, never a backend by name.
+
+In-process sampling: each prompt is repeated G times, processed (images included) and left-padded: the prompts of the
 training rows. nanoalign's sampler (nanoalign/sampler.py) prefills each distinct prompt once and
 decodes its G samples from copies of its KV cache; `--sampler hf` samples every row with HF
 `generate` instead. Under FSDP2 the call is wrapped in `gathered_for_generation`:
@@ -19,10 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from nanoalign.batch import Batch, image_token_ids, pack_rows, process_prompts, render
+from nanoalign.batch import image_token_ids, process_prompts, render
 from nanoalign.model import Policy, gathered_for_generation
-from nanoalign.rewards import score_completions, verify_answers
-from nanoalign.runtime import agree_on_failure, all_reduce_sum
+from nanoalign.rewards import verify_answers
 from nanoalign.sampler import sample, unsupported, warn_fallback
 
 
@@ -32,7 +49,7 @@ class Rollout:
     completion_ids: list[list[int]]  # sampled ids, up to and including the stop token
     has_eos: list[bool]  # False when max_new_tokens was reached first
     texts: list[str]  # decoded completions, for the reward functions
-    sampler_logps: list[list[float]] | None = None  # vLLM's log-prob of each sampled id (None in-process)
+    sampler_logps: list[list[float]] | None = None  # the sampler's log-prob of each sampled id (vLLM; None in-process)
     sample_ids: list[str] = field(default_factory=list)  # the dataset sample of each row, for error messages
 
 
@@ -130,138 +147,35 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
     return correct, float(len(samples)), num_tokens
 
 
-# -----------------------------------------------------------------------------
-# What GRPO / GSPO, RLOO and Online DPO share: rollouts in micro-batch chunks, scoring, training rows
+class InProcess:
+    """The rollout backend that samples with the policy being trained (its FSDP2 weights gathered once
+    per call): nanoalign's sampler or HF generate (--sampler). Nothing to sync."""
 
-NOT_REWARD_COLUMNS = ("prompt", "images", "sample_id", "index", "split")
+    def __init__(self, policy, processor, *, stop_ids: set[int], pad_id: int, device, sampler: str):
+        self.policy, self.processor, self.device, self.sampler = policy, processor, device, sampler
+        self.stop_ids, self.pad_id = stop_ids, pad_id
 
-
-def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollout]:
-    """G completions for every prompt, as one Rollout per micro-batch of run.cfg.batch_size rows.
-
-    Each chunk holds whole groups (batch_size / G prompts), so a micro-batch's rows share one
-    processor batch and its image tensors. Every rank makes the same number of calls.
-    """
-    prompts_per_chunk = run.cfg.batch_size // num_generations
-    cfg = run.cfg
-    chunks = [samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk)]
-    if run.vllm is not None:
-        rollouts = vllm_rollout_chunks(chunks, run, num_generations)
-    else:
-        with generating(run.policy):
+    def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
+        with generating(self.policy):
             rollouts = [
                 sample_completions(
-                    run.policy, run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                    num_generations=num_generations, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                    top_p=cfg.top_p, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device, sampler=cfg.sampler,
+                    self.policy, self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                    num_generations=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                    stop_ids=self.stop_ids, pad_id=self.pad_id, device=self.device, sampler=self.sampler,
                 )  # fmt: skip
                 for chunk in chunks
             ]
-    for rollout, chunk in zip(rollouts, chunks):
-        rollout.sample_ids = [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(num_generations)]
-    return rollouts
+        for rollout, chunk in zip(rollouts, chunks):
+            rollout.sample_ids = completion_ids_of(chunk, n)
+        return rollouts
+
+    def sync(self, step: int) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
-def vllm_rollout_chunks(chunks: list[list[dict]], run, num_generations: int) -> list[Rollout]:
-    """The same Rollouts, sampled by the vLLM server (every rank sends its own prompts in one batch)."""
-    from nanoalign.vllm_client import VLLMError, to_rollout  # vllm_client imports this module
-
-    cfg, error, rollouts = run.cfg, None, []
-    samples = [s for chunk in chunks for s in chunk]
-    try:
-        generations = run.vllm.generate(
-            [s["prompt"] for s in samples], [s["images"] for s in samples], n=num_generations,
-            max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=run.stop_ids,
-        )  # fmt: skip
-        start = 0
-        for chunk in chunks:
-            rollout, sampler_logps = to_rollout(
-                run.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
-            )  # fmt: skip
-            rollout.sampler_logps = sampler_logps
-            rollouts.append(rollout)
-            start += len(chunk)
-    except (VLLMError, ValueError) as err:
-        error = err
-    agree_on_failure(error, run.device)  # a dead server stops every rank, not just the one that asked
-    return rollouts
-
-
-def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_generations: int) -> tuple[torch.Tensor, dict]:
-    """(N, K) weighted rewards (NaN = unscorable) for this rank's completions, and reward metrics.
-
-    Reward functions get the completions plus the samples' other columns (e.g. `solution`), each
-    repeated G times, and the prompts. A function that raises stops every rank with its message.
-    """
-    texts = [t for r in rollouts for t in r.texts]
-    columns = {k: [s[k] for s in samples for _ in range(num_generations)] for k in samples[0] if k not in NOT_REWARD_COLUMNS}
-    columns["prompts"] = [s["prompt"] for s in samples for _ in range(num_generations)]
-    error, rewards, metrics = None, None, {}
-    try:
-        sample_ids = [i for r in rollouts for i in r.sample_ids] or None
-        rewards, metrics = score_completions(run.reward_funcs, list(run.cfg.reward_weights), texts, columns, sample_ids)
-    except (RuntimeError, ValueError) as err:
-        error = err
-    agree_on_failure(error, run.device)
-    return rewards.to(run.device), metrics
-
-
-def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
-    """Training rows prompt + sampled completion; the loss mask covers the completion tokens.
-
-    With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
-    (--mask-truncated-completions, as TRL's); its reward still counts in the group statistics.
-    """
-    image_ids = image_token_ids(run.processor)
-    completions, masks, num_image_tokens = [], [], 0
-    for ids, eos in zip(rollout.completion_ids, rollout.has_eos):
-        # A (weak) policy can sample an image placeholder token; as input it would ask the model for
-        # image features that do not exist. Cut the completion before it and train nothing on it.
-        cut = next((i for i, tok in enumerate(ids) if tok in image_ids), None)
-        if cut is not None:
-            num_image_tokens += 1
-            completions.append(ids[:cut])
-            masks.append([0] * cut)
-        else:
-            completions.append(ids)
-            masks.append([0 if (mask_truncated and not eos) else 1] * len(ids))
-    sample_ids = rollout.sample_ids or [f"completion {i}" for i in range(len(masks))]
-    batch = pack_rows(run.processor, rollout.prompt_enc, completions, masks, sample_ids, run.cfg.max_length, run.pad_id)
-    batch.num_skipped += num_image_tokens
-    return batch.to(run.device)
-
-
-def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]]) -> torch.Tensor:
-    """Per-completion-token values (e.g. vLLM's log-probs) laid out like the batch's rows: (B, T)."""
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    prompt_lengths = rollout.prompt_enc["attention_mask"].sum(1).tolist()
-    for row, (start, row_values) in enumerate(zip(prompt_lengths, values)):
-        row_values = row_values[: max(0, out.shape[1] - start)]  # the row may have been cut at max_length
-        out[row, start : start + len(row_values)] = torch.tensor(row_values)
-    return out.to(batch.input_ids.device)
-
-
-def per_step_totals(values: list[float], grad_accum_steps: int, device) -> list[float]:
-    """For each micro-batch of a generation batch, the sum of `values` (e.g. its counted tokens) over
-    every micro-batch of its optimizer step on every rank: a loss normaliser for the whole step.
-
-    values: one number per micro-batch, the same count on every rank; consecutive blocks of
-    grad_accum_steps micro-batches are one optimizer step (the loop takes them in order).
-    """
-    totals = all_reduce_sum(values, device)
-    steps = [sum(totals[i : i + grad_accum_steps]) for i in range(0, len(totals), grad_accum_steps)]
-    return [steps[i // grad_accum_steps] for i in range(len(totals))]
-
-
-@torch.no_grad()
-def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) per-token log-probs without gradient: old (sampling-time) or reference log-probs."""
-    return policy(**batch.model_inputs(), temperature=temperature, logps_mask=batch.mask)[0]
-
-
-def completion_metrics(rollouts: list[Rollout]) -> dict:
-    """completions/mean_length and completions/clipped_ratio (no EOS) over this rank's completions."""
-    lengths = [len(ids) for r in rollouts for ids in r.completion_ids]
-    eos = [e for r in rollouts for e in r.has_eos]
-    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}
+def completion_ids_of(chunk: list[dict], n: int) -> list[str]:
+    """The name of each row of a chunk's Rollout, for error messages: "<sample id> (completion g)"."""
+    return [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(n)]

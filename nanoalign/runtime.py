@@ -82,7 +82,7 @@ class Run:
     eval_data: object = None
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
     ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
-    vllm: object = None  # a nanoalign.vllm_client.VLLMClient when rollouts come from a vLLM server
+    rollouts: object = None  # the rollout backend (nanoalign/rollout.py): sample(...), sync(step), close()
     check_sample: object = None  # check_sample(sample) raises BadSampleError if it cannot fit (batch.check_prompt_fits)
 
 

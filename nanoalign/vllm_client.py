@@ -9,6 +9,8 @@ Start a server with `python -m nanoalign.serve --model MODEL` (nanoalign/serve.p
     gens = client.generate(prompts, images, n=G, max_tokens=256, temperature=1.0, stop_ids=stop_ids)  # rank 0
     rollout, sampler_logps = to_rollout(processor, prompts, images, gens)   # what sample_completions returns
 
+`VLLMServer` wraps the two as a rollout backend (nanoalign/rollout.py), which is what train.py uses.
+
 Generation goes through the OpenAI chat API (images as base64 PNG data URLs) with
 `return_token_ids`: vLLM returns the prompt ids it actually used (image placeholders expanded) and
 each sample's token ids, so the trainer scores exactly what was sampled and never re-tokenises text.
@@ -52,8 +54,9 @@ import torch.distributed as dist
 
 from nanoalign.batch import process_prompts, render
 from nanoalign.loading import gather_full
-from nanoalign.rollout import Rollout
+from nanoalign.rollout import Rollout, completion_ids_of
 from nanoalign.runtime import agree_on_failure
+from nanoalign.transfer import gloo_group, plan_buckets
 
 SERVE_HINT = "start one with `python -m nanoalign.serve --model MODEL --port PORT` and pass its URL with --vllm-url"
 
@@ -306,35 +309,52 @@ def to_rollout(processor, prompts: list[list[dict]], images: list[list], generat
     return rollout, [lps for g in generations for lps in g.logprobs]
 
 
+class VLLMServer:
+    """The rollout backend for a vLLM server (`--vllm-mode server`): every rank sends its own prompts,
+    and every vllm_sync_every steps the policy's weights are pushed into the server (`WeightSync`)."""
+
+    def __init__(self, policy, processor, *, url: str, timeout: float, sync_every: int, stop_ids: set[int], rank: int, device):
+        self.client = VLLMClient(url, timeout=timeout)
+        self.client.health()  # fail now, with the URL in the message, rather than at the first rollout
+        self.weight_sync = WeightSync(policy, self.client if rank == 0 else None, rank=rank, timeout=timeout)
+        self.processor, self.stop_ids, self.device = processor, stop_ids, device
+        self.sync_every, self.synced_step = sync_every, None  # the step whose weights the server has
+
+    def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
+        error, rollouts = None, []
+        samples = [s for chunk in chunks for s in chunk]
+        try:  # one batch of requests for the whole round: the server batches them together
+            generations = self.client.generate(
+                [s["prompt"] for s in samples], [s["images"] for s in samples], n=n, max_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
+            )  # fmt: skip
+            start = 0
+            for chunk in chunks:
+                rollout, sampler_logps = to_rollout(
+                    self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                    generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
+                )  # fmt: skip
+                rollout.sampler_logps = sampler_logps
+                rollout.sample_ids = completion_ids_of(chunk, n)
+                rollouts.append(rollout)
+                start += len(chunk)
+        except (VLLMError, ValueError) as err:
+            error = err
+        agree_on_failure(error, self.device)  # a dead server stops every rank, not just the one that asked
+        return rollouts
+
+    def sync(self, step: int) -> dict:
+        if self.synced_step is not None and step - self.synced_step < self.sync_every:
+            return {}
+        metrics = self.weight_sync.sync(version=str(step))  # every rank gathers; rank 0 sends
+        self.synced_step = step
+        return metrics
+
+    def close(self) -> None:
+        self.weight_sync.close()
+
+
 # --------------------------------------------------------------------------- weight sync
-
-
-def plan_buckets(dtype_names: list[str], shapes: list[list[int]], bucket_bytes: int) -> list[list[int]]:
-    """Cut the announced tensors (indices, in order) into buckets sent as one flat buffer each.
-
-    A bucket holds consecutive tensors of one dtype, at most bucket_bytes in all; a tensor bigger
-    than that travels alone. Trainer and vLLM engine both call this, so they cut at the same places.
-    """
-    buckets: list[list[int]] = []
-    size = 0
-    for i, (dtype_name, shape) in enumerate(zip(dtype_names, shapes)):
-        nbytes = torch.Size(shape).numel() * getattr(torch, dtype_name).itemsize
-        same_dtype = buckets and dtype_names[buckets[-1][0]] == dtype_name
-        if same_dtype and size + nbytes <= bucket_bytes:
-            buckets[-1].append(i)
-            size += nbytes
-        else:
-            buckets.append([i])
-            size = nbytes
-    return buckets
-
-
-def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, store=None):
-    """A gloo process group of its own (not the default group), rendezvousing at the TCPStore host:port."""
-    timeout = timedelta(seconds=timeout_s)
-    if store is None:
-        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
 def address_towards(url: str) -> str:

@@ -33,7 +33,7 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from nanoalign.vllm_client import gloo_group, plan_buckets
+from nanoalign.transfer import gloo_group, plan_buckets
 
 BACKEND = "gloo"
 

@@ -19,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))  # train.py
 sys.path.insert(0, str(TESTS))  # toy_rewards
 import train as train_module  # noqa: E402
-from nanoalign import grpo  # noqa: E402
+from nanoalign import rl  # noqa: E402
 from nanoalign.data import prepare_sample  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 
@@ -35,8 +35,8 @@ RUNS = [
 
 
 def probe_then_sample(out_root: Path):
-    """Wrap grpo.rollout_chunks: the first call first samples the same prompt on every rank."""
-    real = grpo.rollout_chunks
+    """Wrap rl.rollout_chunks (what every RL round samples through): the first call first samples the same prompt on every rank."""
+    real = rl.rollout_chunks
     state = {"done": False}
 
     def rollout_chunks(samples, run, num_generations):
@@ -55,7 +55,7 @@ def probe_then_sample(out_root: Path):
 
 def main(model_dir: str, out_root: str) -> None:
     out_root = Path(out_root)
-    grpo.rollout_chunks = probe_then_sample(out_root)
+    rl.rollout_chunks = probe_then_sample(out_root)
     for algo, flags in RUNS:
         argv = ["--algo", algo, "--model", model_dir, "--out-dir", str(out_root / algo), "--max-steps", "2",
                 "--batch-size", "8", "--max-completion-length", "16", "--warmup-steps", "1", "--eval-split", "",

@@ -26,7 +26,8 @@ from nanoalign import sft
 from nanoalign.batch import check_prompt_fits, pack_rows, render
 from nanoalign.data import BadSampleError
 from nanoalign.model import Policy, chunked_logps, export_hf, hf_state_dict, load_hf_model, load_processor, shard_policy, vision_module
-from nanoalign.rollout import completion_batch, generating, sample_completions
+from nanoalign.rl import completion_batch
+from nanoalign.rollout import generating, sample_completions
 from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nanoalign import grpo, online_dpo, rloo
+from nanoalign import grpo, online_dpo, rl, rloo
 from nanoalign.checkpoint import latest_checkpoint, save_checkpoint
 from nanoalign.config import APPLIES_TO, PRESETS, Config, check_config
 from nanoalign.data import load_split, prepare_sample
@@ -129,7 +129,7 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id)
     run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
     micro, _ = module.prepare(samples, run)
-    assert len(micro) == grpo.micro_batches_per_round(cfg) * (cfg.num_iterations if module is not online_dpo else 1)
+    assert len(micro) == rl.micro_batches_per_round(cfg) * (cfg.num_iterations if module is not online_dpo else 1)
     total = 0.0
     for m in micro[: cfg.grad_accum_steps]:  # the loop's first optimizer step
         loss, _ = module.loss(m, run)
@@ -157,7 +157,7 @@ def test_rl_accumulation_equals_the_doubled_batch(algo, overrides, warm_model, d
     # micro-batches of different token counts do not share with their union.
     module = {"grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}[algo]
     monkeypatch.setattr(module, "rollout_chunks", fixed_rollouts, raising=False)
-    monkeypatch.setattr(grpo, "rollout_chunks", fixed_rollouts)
+    monkeypatch.setattr(rl, "rollout_chunks", fixed_rollouts)  # generation_round's
     G = 2 if algo in ("rloo", "online_dpo") else 4
     base = dataclasses.replace(PRESETS[algo](), num_generations=G, max_length=512, steps_per_generation=1,
                                reward_funcs=("toy_rewards:shorter",), reward_weights=(1.0,), **overrides)  # fmt: skip
@@ -184,7 +184,7 @@ def test_equal_rewards_give_exactly_zero_advantages_and_gradient():
     two_groups = torch.tensor([1.2] * 4 + [0.0, 0.0, 1.0, 1.0])
     adv = grpo.group_advantages(two_groups, 4, "group")
     assert torch.equal(adv[:4], torch.zeros(4)) and adv[4] < 0 < adv[7]
-    assert grpo.constant_groups(two_groups.view(2, 4)).tolist() == [True, False]
+    assert rl.constant_groups(two_groups.view(2, 4)).tolist() == [True, False]
 
     logps = torch.randn(8, 5, requires_grad=True)
     mask = torch.ones(8, 5)

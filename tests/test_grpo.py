@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nanoalign.grpo import combine_rewards, group_advantages, grpo_loss, sampler_correction
+from nanoalign.grpo import group_advantages, grpo_loss, sampler_correction
+from nanoalign.rl import combine_rewards
 
 NAN = float("nan")
 

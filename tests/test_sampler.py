@@ -14,7 +14,8 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from nanoalign.batch import image_token_ids, process_prompts, render
 from nanoalign.model import Policy, shard_policy
-from nanoalign.rollout import Rollout, completion_batch, completion_values, generation_config, generating, sample_completions
+from nanoalign.rl import completion_batch, completion_values
+from nanoalign.rollout import Rollout, generation_config, generating, sample_completions
 from nanoalign.rollout import split_completions
 from nanoalign.sampler import filter_logits, sample, unsupported
 from nanoalign.shapes import user_turn

@@ -29,7 +29,8 @@ from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy 
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 from nanoalign.tiny import build_tiny  # noqa: E402
-from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port, plan_buckets, to_rollout  # noqa: E402
+from nanoalign.transfer import plan_buckets  # noqa: E402
+from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port, to_rollout  # noqa: E402
 
 # One prompt with one image and one with two; every test samples from these.
 SAMPLES = [shapes_sample("eval", 0, "rl"), shapes_sample("eval", 1, "rl", images_per_sample=2)]
@@ -296,6 +297,14 @@ def test_killed_server_gives_a_clear_error(server, processor, model_dir, warm_mo
     every client call says what happened."""
     url, proc = server
     out_dir = tmp_path / "run"
+    # The test's own client and weight sync are set up (and answered once) before the trainer starts:
+    # a second weight-transfer init while the trainer runs would take over the server's gloo group, and
+    # the trainer's next sync (and every request queued behind it) would wait on a sender that never sends.
+    init_distributed()
+    client = VLLMClient(url, timeout=120)
+    sync = WeightSync(perturbed_policy(model_dir, seed=3), client, rank=0)
+    assert len(sample(client, processor)) == 2
+    client.timeout = 10
     args = [*TOY_RL, "--model", warm_model, "--max-steps", "1000", "--save-every", "2", "--vllm-timeout", "20", "--out-dir", str(out_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
     trainer = subprocess.Popen([sys.executable, "train.py", *args, "--vllm-mode", "server", "--vllm-url", url],
@@ -306,13 +315,6 @@ def test_killed_server_gives_a_clear_error(server, processor, model_dir, warm_mo
         assert time.monotonic() < deadline, "waited 600 s for the trainer's first checkpoint (step 2)"
         time.sleep(0.5)
 
-    init_distributed()
-    # The trainer is sampling and syncing on the same server and the same 2 cores: give the first,
-    # healthy answer time (a 10 s limit once timed out in CI); the dead server is checked with 10 s.
-    client = VLLMClient(url, timeout=120)
-    sync = WeightSync(perturbed_policy(model_dir, seed=3), client, rank=0)
-    assert len(sample(client, processor)) == 2
-    client.timeout = 10
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     start = time.monotonic()

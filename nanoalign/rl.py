@@ -1,0 +1,270 @@
+"""What GRPO / GSPO, RLOO and Online DPO share: one generation round, reward statistics, the clipped ratio.
+
+A generation round (`generation_round`, called from each RL module's `prepare`):
+
+    samples --run.rollouts.sample--> Rollouts (token ids as sampled)    nanoalign/rollout.py: the backends
+            --score_rollouts------> (N, K) weighted rewards             nanoalign/rewards.py: the functions
+            --completion_batch----> training rows, mask = completion     nanoalign/batch.py: pack_rows
+            --all_gather_rows-----> every rank's rewards, for the group statistics
+
+Each algorithm then turns the gathered rewards into its advantages (grpo.group_advantages,
+rloo.rloo_advantages, online_dpo.select_pairs) and its loss. A round holds
+max(steps_per_generation, grad_accum_steps) micro-batches of batch_size rows (`micro_batches_per_round`),
+so an optimizer step never waits on a second round; the policy's log-probs at sampling time are kept
+only when the policy moves before a micro-batch's loss (`keeps_old_logps`).
+"""
+
+import torch
+
+from nanoalign.batch import Batch, image_token_ids, pack_rows
+from nanoalign.rollout import Rollout
+from nanoalign.rewards import score_completions
+from nanoalign.runtime import agree_on_failure, all_gather_rows, all_reduce_sum
+
+STD_EPS = 1e-4  # added to the std before dividing, as TRL does
+NOT_REWARD_COLUMNS = ("prompt", "images", "sample_id", "index", "split")
+
+
+# -----------------------------------------------------------------------------
+# Rewards -> group statistics
+
+
+def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """Sum K (already weighted) reward functions per completion: (N,) or (N, K) -> (N,).
+
+    NaN means "this reward function does not apply to this sample" and is skipped (nansum);
+    a row where every function returned NaN stays NaN so callers can tell "unscorable" from 0.
+    """
+    if rewards.dim() == 1:
+        return rewards
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N,) or (N, K), got shape {tuple(rewards.shape)}")
+    all_nan = torch.isnan(rewards).all(dim=1)  # (N,)
+    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (the objective above)
+    return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+
+
+def check_groups(num_rows: int, num_generations: int) -> None:
+    """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if num_rows % num_generations != 0:
+        raise ValueError(
+            f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "
+            "the generation batch must hold whole groups (make the batch size a multiple of num_generations)"
+        )
+
+
+def nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Std with Bessel's correction (ddof=1) over the non-NaN entries along dim (kept); 0 where < 2 exist.
+
+    0 (not NaN) for 0 or 1 valid values: their centred value is 0 (or NaN -> 0 later), so dividing
+    by (0 + 1e-4) gives an exact 0 advantage instead of a NaN.
+    """
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim=dim, keepdim=True)
+    mean = torch.nansum(x, dim=dim, keepdim=True) / count.clamp(min=1)
+    sq = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
+    var = sq.sum(dim=dim, keepdim=True) / (count - 1).clamp(min=1)
+    return torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))
+
+
+def constant_groups(grouped: torch.Tensor) -> torch.Tensor:
+    """(P, G) rewards, NaN = unscorable -> (P,) bool: True where the scorable rewards are all equal
+    (or fewer than 2 exist). Such a group carries no signal, and its advantages are set to exactly 0:
+    computed, R - mean(R) is float rounding noise (8 x 1.2 in float32: std 1.3e-7), which the std
+    division would blow up to ~1e-3 and Adam into a full lr-sized step on every weight."""
+    valid = ~torch.isnan(grouped)
+    highest = torch.where(valid, grouped, float("-inf")).amax(dim=1)
+    lowest = torch.where(valid, grouped, float("inf")).amin(dim=1)
+    return (highest == lowest) | (valid.sum(dim=1) < 2)
+
+
+# -----------------------------------------------------------------------------
+# Ratios and the clipped surrogate (GRPO / GSPO and RLOO)
+
+
+def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, delta=None) -> torch.Tensor:
+    """-min(w A, clamp(w, 1-eps, 1+eps_high) A), elementwise; ratio and advantages broadcast.
+
+    delta (INTELLECT-2) caps only the unclipped branch, as TRL does: it bounds how much a single
+    very off-policy token with A < 0 can push, which plain PPO clipping does not.
+    """
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # w2 = clamp(w, 1-eps, 1+eps_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)  # w = min(w, delta)
+    return -torch.min(ratio * advantages, clipped * advantages)  # L = -min(w A, w2 A)
+
+
+def clip_fractions(ratio, advantages, weights, epsilon: float, epsilon_high: float) -> dict:
+    """Weighted fraction of entries whose clipped branch is active (the ratio gets no gradient).
+
+    ratio, advantages, weights broadcast to one shape; weights are 1 on entries that count, 0 else.
+    """
+    low = ((ratio < 1 - epsilon) & (advantages < 0)).to(weights.dtype)
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(weights.dtype)
+    region = torch.clamp(low + high, max=1.0)  # low and high are disjoint; clamp only guards the invariant
+    weights = torch.broadcast_to(weights, low.shape)
+    denom = weights.sum().clamp(min=1)
+
+    def frac(x):
+        return ((x * weights).sum() / denom).detach()
+
+    return {
+        "clip_ratio/low_mean": frac(low),
+        "clip_ratio/high_mean": frac(high),
+        "clip_ratio/region_mean": frac(region),
+    }
+
+
+def check_token_inputs(logps, old_logps, advantages, mask) -> None:
+    """Shared by grpo_loss and rloo_loss: (B, T) log-probs and mask, (B,) advantages."""
+    if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
+        raise ValueError(
+            f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} "
+            "must all be (B, T)"
+        )
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with B={logps.shape[0]}")
+
+
+# -----------------------------------------------------------------------------
+# One generation round: sample, score, batch
+
+
+def micro_batches_per_round(cfg) -> int:
+    """Micro-batches per generation batch: steps_per_generation, but at least one optimizer step's
+    worth (grad_accum_steps), so that a step never waits on a second generation batch (check_config
+    makes the two divide one another)."""
+    return max(cfg.steps_per_generation, cfg.grad_accum_steps)
+
+
+def samples_per_round(cfg) -> int:
+    """Prompts each rank draws per generation batch: batch_size x micro_batches_per_round rows / G."""
+    return cfg.batch_size * micro_batches_per_round(cfg) // cfg.num_generations
+
+
+def keeps_old_logps(cfg) -> bool:
+    """Old log-probs must be stored when the policy moves between sampling and a micro-batch's loss."""
+    return cfg.num_iterations > 1 or cfg.steps_per_generation > cfg.grad_accum_steps
+
+
+def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollout]:
+    """G completions for every prompt from the run's rollout backend, one Rollout per micro-batch.
+
+    Each chunk holds whole groups (batch_size / G prompts), so a micro-batch's rows share one
+    processor batch and its image tensors. Every rank makes the same number of calls.
+    """
+    cfg = run.cfg
+    prompts_per_chunk = cfg.batch_size // num_generations
+    chunks = [samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk)]
+    return run.rollouts.sample(
+        chunks, num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+
+
+def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_generations: int) -> tuple[torch.Tensor, dict]:
+    """(N, K) weighted rewards (NaN = unscorable) for this rank's completions, and reward metrics.
+
+    Reward functions get the completions plus the samples' other columns (e.g. `solution`), each
+    repeated G times, and the prompts. A function that raises stops every rank with its message.
+    """
+    texts = [t for r in rollouts for t in r.texts]
+    columns = {k: [s[k] for s in samples for _ in range(num_generations)] for k in samples[0] if k not in NOT_REWARD_COLUMNS}
+    columns["prompts"] = [s["prompt"] for s in samples for _ in range(num_generations)]
+    error, rewards, metrics = None, None, {}
+    try:
+        sample_ids = [i for r in rollouts for i in r.sample_ids] or None
+        rewards, metrics = score_completions(run.reward_funcs, list(run.cfg.reward_weights), texts, columns, sample_ids)
+    except (RuntimeError, ValueError) as err:
+        error = err
+    agree_on_failure(error, run.device)
+    return rewards.to(run.device), metrics
+
+
+def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
+    """Training rows prompt + sampled completion; the loss mask covers the completion tokens.
+
+    With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
+    (--mask-truncated-completions, as TRL's); its reward still counts in the group statistics.
+    """
+    image_ids = image_token_ids(run.processor)
+    completions, masks, num_image_tokens = [], [], 0
+    for ids, eos in zip(rollout.completion_ids, rollout.has_eos):
+        # A (weak) policy can sample an image placeholder token; as input it would ask the model for
+        # image features that do not exist. Cut the completion before it and train nothing on it.
+        cut = next((i for i, tok in enumerate(ids) if tok in image_ids), None)
+        if cut is not None:
+            num_image_tokens += 1
+            completions.append(ids[:cut])
+            masks.append([0] * cut)
+        else:
+            completions.append(ids)
+            masks.append([0 if (mask_truncated and not eos) else 1] * len(ids))
+    sample_ids = rollout.sample_ids or [f"completion {i}" for i in range(len(masks))]
+    batch = pack_rows(run.processor, rollout.prompt_enc, completions, masks, sample_ids, run.cfg.max_length, run.pad_id)
+    batch.num_skipped += num_image_tokens
+    return batch.to(run.device)
+
+
+def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]]) -> torch.Tensor:
+    """Per-completion-token values (e.g. vLLM's log-probs) laid out like the batch's rows: (B, T)."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    prompt_lengths = rollout.prompt_enc["attention_mask"].sum(1).tolist()
+    for row, (start, row_values) in enumerate(zip(prompt_lengths, values)):
+        row_values = row_values[: max(0, out.shape[1] - start)]  # the row may have been cut at max_length
+        out[row, start : start + len(row_values)] = torch.tensor(row_values)
+    return out.to(batch.input_ids.device)
+
+
+def per_step_totals(values: list[float], grad_accum_steps: int, device) -> list[float]:
+    """For each micro-batch of a generation batch, the sum of `values` (e.g. its counted tokens) over
+    every micro-batch of its optimizer step on every rank: a loss normaliser for the whole step.
+
+    values: one number per micro-batch, the same count on every rank; consecutive blocks of
+    grad_accum_steps micro-batches are one optimizer step (the loop takes them in order).
+    """
+    totals = all_reduce_sum(values, device)
+    steps = [sum(totals[i : i + grad_accum_steps]) for i in range(0, len(totals), grad_accum_steps)]
+    return [steps[i // grad_accum_steps] for i in range(len(totals))]
+
+
+@torch.no_grad()
+def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) per-token log-probs without gradient: old (sampling-time) or reference log-probs."""
+    return policy(**batch.model_inputs(), temperature=temperature, logps_mask=batch.mask)[0]
+
+
+def completion_metrics(rollouts: list[Rollout]) -> dict:
+    """completions/mean_length and completions/clipped_ratio (no EOS) over this rank's completions."""
+    lengths = [len(ids) for r in rollouts for ids in r.completion_ids]
+    eos = [e for r in rollouts for e in r.has_eos]
+    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}
+
+
+def generation_round(samples: list[dict], run) -> tuple[list, list[Batch], torch.Tensor, torch.Tensor, dict]:
+    """Sample, score and batch one generation round (shared by GRPO/GSPO and RLOO).
+
+    Returns the rollouts and their micro-batches (rows in prompt-major order), this rank's (N, K)
+    weighted rewards, all ranks' rewards gathered (N * world_size, K), and the round's metrics.
+    """
+    cfg = run.cfg
+    rollouts = rollout_chunks(samples, run, cfg.num_generations)
+    rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
+    all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
+    batches = [completion_batch(r, run, cfg.mask_truncated_completions) for r in rollouts]
+    total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
+    group_std = nan_std(total, dim=1)  # (P_global, 1)
+    metrics.update(completion_metrics(rollouts))
+    metrics.update({
+        "skipped_rows": sum(b.num_skipped for b in batches),  # completions that sampled an image token
+        "truncated_rows": sum(b.num_truncated for b in batches),  # rows cut at --max-length
+        "reward": float(torch.nanmean(total)),
+        "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
+        "frac_reward_zero_std": float(constant_groups(total).float().mean()),  # groups without signal
+    })  # fmt: skip
+    return rollouts, batches, rewards, all_rewards, metrics
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum().clamp(min=1))

@@ -1,0 +1,39 @@
+"""What the trainer and nanoalign's vLLM weight-transfer engine share: how tensors are cut into
+buckets, and the private gloo group they travel through.
+
+Imported on both sides: by nanoalign/vllm_client.py in the trainer and by nanoalign/vllm_engine.py
+inside vLLM's worker processes, which is why it imports nothing but torch.
+"""
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def plan_buckets(dtype_names: list[str], shapes: list[list[int]], bucket_bytes: int) -> list[list[int]]:
+    """Cut the announced tensors (indices, in order) into buckets sent as one flat buffer each.
+
+    A bucket holds consecutive tensors of one dtype, at most bucket_bytes in all; a tensor bigger
+    than that travels alone. Trainer and vLLM engine both call this, so they cut at the same places.
+    """
+    buckets: list[list[int]] = []
+    size = 0
+    for i, (dtype_name, shape) in enumerate(zip(dtype_names, shapes)):
+        nbytes = torch.Size(shape).numel() * getattr(torch, dtype_name).itemsize
+        same_dtype = buckets and dtype_names[buckets[-1][0]] == dtype_name
+        if same_dtype and size + nbytes <= bucket_bytes:
+            buckets[-1].append(i)
+            size += nbytes
+        else:
+            buckets.append([i])
+            size = nbytes
+    return buckets
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, store=None):
+    """A gloo process group of its own (not the default group), rendezvousing at the TCPStore host:port."""
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
