@@ -18,6 +18,15 @@ branches on the algorithm's name; each algorithm is one module with the same six
     loss(micro_batch, run)       -> (loss to backward, metrics)
     evaluate(samples, run)       -> held-out metrics
 
+One normalisation rule for every loss: FSDP2 sums gradients over ranks (model.shard_policy sets its
+divide factor to 1), the loop backwards each micro-batch's loss as it is, and each loss is a sum over
+its micro-batch divided by a normaliser that `prepare` computed once: a count of the whole optimizer
+step, every micro-batch on every rank. Tokens for SFT and dapo, pairs (and chosen tokens for MPO's sft
+term) for DPO, MPO and online DPO, sequences for grpo and RLOO (x max_completion_length for dr_grpo).
+So the step's gradient is that of one big batch however it is split over ranks and micro-batches;
+bnpo alone keeps TRL's token mean per micro-batch (its normaliser: its own tokens x micro-batches x
+ranks).
+
 Non-goals: no Trainer class, no callbacks, no config nesting, no tensor/pipeline parallelism.
 """
 
@@ -345,7 +354,9 @@ def train(cfg: Config) -> dict:
         progress.update(1)
 
         # ------------------------------------------------------------ log, evaluate, checkpoint
-        metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum}, device)
+        # Each rank's loss is its share of the step's loss (the normalisation rule above): the step's
+        # loss is their sum, world_size x their mean.
+        metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
         if run.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))

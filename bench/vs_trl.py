@@ -352,7 +352,7 @@ def rl_check(batch, policy, processor, cfg, spec) -> dict:
     """nanoalign's grpo_loss on TRL's first generation batch, and its advantages on TRL's rewards."""
     import torch
 
-    from nanoalign.grpo import group_advantages, grpo_loss
+    from nanoalign.grpo import group_advantages, grpo_loss, trl_normaliser
     from nanoalign.rewards import load_reward_funcs, score_completions
 
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
@@ -366,8 +366,8 @@ def rl_check(batch, policy, processor, cfg, spec) -> dict:
         loss, _ = grpo_loss(
             logps, logps.detach(), None, batch["advantages"], mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
-            importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
-            num_items=float(batch["num_items_in_batch"]),
+            importance_sampling_level=cfg.importance_sampling_level,
+            normaliser=trl_normaliser(cfg.loss_type, mask, cfg.max_completion_length, float(batch["num_items_in_batch"])),
         )  # fmt: skip
         return loss
 

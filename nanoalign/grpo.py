@@ -22,7 +22,7 @@ where they deliberately differ.
 
 Simplified / decided here:
     - pure functions only: no model, no gather across ranks. The caller gathers rewards across ranks
-      before `group_advantages`, and passes `num_items` for dapo (see `grpo_loss`).
+      before `group_advantages`, and passes the step's `normaliser` (see `grpo_loss`).
     - a completion whose rewards are all NaN is excluded from its group's statistics and gets
       advantage 0 (TRL's nansum would count it as reward 0 in the group mean and std).
     - masked positions of logps / old_logps / ref_logps are replaced by 0 before any exp(), so
@@ -150,8 +150,7 @@ def grpo_loss(
     delta,
     beta: float,
     importance_sampling_level: str,
-    max_completion_length,
-    num_items,
+    normaliser,
     sampler_weights=None,
 ):
     """Clipped GRPO / GSPO loss on one micro-batch. Returns (loss, metrics).
@@ -160,14 +159,15 @@ def grpo_loss(
         0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
         generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
     advantages: (B,) from `group_advantages`.
-    loss_type: grpo | bnpo | dr_grpo | dapo (the aggregations below).
-    max_completion_length: the dr_grpo constant; num_items: the dapo normaliser, which the caller
-        must pass as (active tokens of the whole optimizer step summed over all ranks) / world_size,
-        so that FSDP's average of gradients over ranks gives SUM M L / (the step's active tokens).
+    loss_type: grpo | bnpo | dr_grpo | dapo. The loss is a sum divided by `normaliser`:
+        grpo     SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser    (each sequence's token mean)
+        others   SUM M L / normaliser
+    normaliser: a count of the whole optimizer step (every micro-batch, every rank), see
+        `step_normalisers`. On one micro-batch in one process TRL's formulas are normaliser = B (grpo),
+        max(SUM M, 1) (bnpo), B * max_completion_length (dr_grpo), SUM M (dapo). 0 (dapo, every
+        token masked) leaves the sum, which is 0, undivided.
     sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy
         term only, not the KL term.
-    This does NOT divide by the gradient-accumulation steps (TRL does for grpo/bnpo/dr_grpo): the
-    caller divides, so the same function serves every accumulation setting.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
     """
     if loss_type not in LOSS_TYPES:
@@ -179,13 +179,8 @@ def grpo_loss(
         )
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
-    if loss_type == "dr_grpo" and not max_completion_length:
-        raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length; pass max_completion_length > 0")
-    if loss_type == "dapo" and (num_items is None or float(num_items) < 0):
-        raise ValueError(
-            "loss_type='dapo' needs num_items >= 0: the active tokens of the whole optimizer step over all "
-            f"ranks divided by world size; got {num_items}"
-        )
+    if normaliser is None or float(normaliser) < 0:
+        raise ValueError(f"normaliser must be a count >= 0 of the optimizer step's sequences or tokens, got {normaliser}")
     check_token_inputs(logps, old_logps, advantages, mask)
     if beta > 0 and ref_logps.shape != logps.shape:
         raise ValueError(f"ref_logps {tuple(ref_logps.shape)} must match logps {tuple(logps.shape)}")
@@ -222,16 +217,10 @@ def grpo_loss(
 
     masked_loss = per_token_loss * mask  # (B, T) M L
     if loss_type == "grpo":
-        loss = (masked_loss.sum(dim=-1) / lengths.clamp(min=1)).mean()  # mean_i[SUM_t M L / max(SUM_t M, 1)]
-    elif loss_type == "bnpo":
-        loss = masked_loss.sum() / mask.sum().clamp(min=1)  # SUM M L / max(SUM M, 1)
-    elif loss_type == "dr_grpo":
-        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)  # SUM M L / (B * max_len)
+        summed = (masked_loss.sum(dim=-1) / lengths.clamp(min=1)).sum()  # SUM_i [SUM_t M L / max(SUM_t M, 1)]
     else:
-        # dapo: SUM M L / (the step's active tokens, all ranks / world_size); none at all (every
-        # completion masked, e.g. --mask-truncated-completions): the sum is 0, and stays 0 with no
-        # division, as bnpo's clamp gives.
-        loss = masked_loss.sum() / num_items if float(num_items) > 0 else masked_loss.sum()
+        summed = masked_loss.sum()  # SUM M L
+    loss = summed / normaliser if float(normaliser) > 0 else summed
 
     # TRL measures clipping on the delta-capped ratio; the same unless delta < 1 + eps_high.
     w_capped = (w if delta is None else torch.clamp(w, max=delta)).detach()
@@ -261,12 +250,35 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,)
     old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
     ref_logps: torch.Tensor | None  # (B, T) frozen reference, when beta > 0
-    num_items: float  # dapo normaliser: active tokens of this optimizer step, all ranks, / world_size
+    normaliser: float  # what its summed loss is divided by (step_normalisers)
     sampler_weights: torch.Tensor | None = None  # (B, T) or (B, 1) vLLM importance-sampling correction
 
 
 def needs_reference(cfg) -> bool:
     return cfg.beta > 0
+
+
+def trl_normaliser(loss_type: str, mask: torch.Tensor, max_completion_length=None, num_items=None):
+    """The normaliser that gives TRL's formula of `loss_type` on one micro-batch in one process (mask:
+    (B, T)); None when the loss type needs an argument it was not given. For tests and benchmarks."""
+    rows = mask.shape[0]
+    if loss_type == "dr_grpo":
+        return rows * max_completion_length if max_completion_length else None
+    return {"grpo": rows, "bnpo": max(float(mask.sum()), 1.0), "dapo": num_items}.get(loss_type)
+
+
+def step_normalisers(batches: list[Batch], cfg, run) -> list[float]:
+    """Each micro-batch's `grpo_loss` normaliser: the count of its whole optimizer step, all ranks.
+
+    grpo: sequences; dr_grpo: sequences x max_completion_length; dapo: counted tokens. bnpo is TRL's
+    token mean of each micro-batch on its own, averaged over the step's micro-batches and ranks:
+    its own tokens x grad_accum_steps x world_size.
+    """
+    if cfg.loss_type == "bnpo":
+        return [max(float(b.mask.sum()), 1.0) * cfg.grad_accum_steps * run.world_size for b in batches]
+    counts = [float(b.mask.sum()) if cfg.loss_type == "dapo" else float(b.mask.shape[0]) for b in batches]
+    totals = per_step_totals(counts, cfg.grad_accum_steps, run.device)
+    return [t * cfg.max_completion_length for t in totals] if cfg.loss_type == "dr_grpo" else totals
 
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
@@ -275,9 +287,8 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     advantages = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
     start = run.rank * rewards.shape[0]
     mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)  # this rank's rows
-    step_tokens = per_step_totals([float(b.mask.sum()) for b in batches], cfg.grad_accum_steps, run.device)
     micro, logp_diffs = [], []
-    for b, adv, rollout, active in zip(batches, mine, rollouts, step_tokens):
+    for b, adv, rollout, normaliser in zip(batches, mine, rollouts, step_normalisers(batches, cfg, run)):
         from_vllm = rollout.sampler_logps is not None  # the sampler's log-probs need the trainer's to compare
         old_logps = token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) or from_vllm else None
         sampler_weights = None
@@ -286,7 +297,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
             sampler_weights = sampler_correction(old_logps, sampler_logps, b.mask, mode=cfg.vllm_is_correction, cap=cfg.vllm_is_cap)
             logp_diffs.append(masked_mean((old_logps - sampler_logps).abs(), b.mask))  # trainer vs sampler
         ref_logps = token_logps(run.ref_policy, b, cfg.temperature) if cfg.beta > 0 else None
-        micro.append(MicroBatch(b, adv, old_logps, ref_logps, active / run.world_size, sampler_weights))
+        micro.append(MicroBatch(b, adv, old_logps, ref_logps, normaliser, sampler_weights))
     if logp_diffs:
         metrics["vllm/logp_abs_diff"] = sum(logp_diffs) / len(logp_diffs)
     return micro * cfg.num_iterations, metrics
@@ -302,11 +313,9 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     value, metrics = grpo_loss(
         logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
         epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
-        importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
-        num_items=micro.num_items, sampler_weights=micro.sampler_weights,
+        importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
+        sampler_weights=micro.sampler_weights,
     )  # fmt: skip
-    if cfg.loss_type != "dapo":  # dapo is already normalised by the whole batch's token count
-        value = value / cfg.grad_accum_steps
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
     return value, metrics

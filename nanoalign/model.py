@@ -190,7 +190,7 @@ def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: 
     The root group holds everything not in a block: token embeddings and lm_head (tied or not, they
     are used at the two ends of the forward, so grouping them with the root gathers them once),
     the final norm, and the vision patch embedding and merger.
-    On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the optimizer always
+    Gradients are summed over ranks (no division). On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the optimizer always
     sees the fp32 shards.
     """
     if activation_checkpointing:  # HF's per-layer checkpointing; must be set before wrapping
@@ -201,6 +201,13 @@ def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: 
     for layer in decoder_layers(policy.hf):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
+    # Gradients are SUMMED over ranks, not averaged (as torchtitan does): every loss divides by its own
+    # normaliser, a count over the whole optimizer step on all ranks (the rule in train.py's docstring).
+    # (Factor 1 alone is a PREMUL_SUM, which gloo lacks; forcing SUM makes it a plain sum everywhere.)
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     register_fsdp_forward_method(policy, "generate")
     register_fsdp_forward_method(policy, "sample")
     return policy

@@ -247,8 +247,8 @@ def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
     ref_chosen, ref_rejected = micro.ref_logps.chunk(2)
     lengths = micro.batch.mask.sum(1).chunk(2)
     num_pairs = chosen.shape[0]
-    # Normalise by the whole step (all micro-batches, all ranks), as SFT does, so accumulation and
-    # data parallelism give the big-batch gradient. mpo_loss averages the pair terms over this
+    # Normalise by the whole step (all micro-batches, all ranks; FSDP sums gradients), as SFT does, so
+    # accumulation and data parallelism give the big-batch gradient. mpo_loss averages the pair terms over this
     # micro-batch, so we scale its result by share = B / P_step; its sft term then needs
     # chosen_nll = (NLL sum / T_step) / share to come out as the step's token mean.
     share = num_pairs / micro.num_step_pairs
@@ -262,8 +262,7 @@ def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
 
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
-    value, metrics = _pair_loss(micro, run.policy, run)
-    return value * run.world_size, metrics  # x world_size: FSDP averages gradients over ranks
+    return _pair_loss(micro, run.policy, run)
 
 
 @torch.no_grad()

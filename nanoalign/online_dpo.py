@@ -108,7 +108,7 @@ class MicroBatch:
     chosen: torch.Tensor  # (P_valid,) row index of each rankable pair's chosen completion
     rejected: torch.Tensor  # (P_valid,)
     ref_logps: torch.Tensor  # (2P,) reference completion log-prob sums (no temperature)
-    num_step_pairs: float  # rankable pairs in this micro-batch's optimizer step, all ranks
+    normaliser: float  # rankable pairs in this micro-batch's optimizer step, all ranks
 
 
 def needs_reference(cfg) -> bool:
@@ -134,7 +134,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
         ref = (token_logps(run.ref_policy, batch) * batch.mask).sum(1)  # as TRL: no temperature
         micro.append(MicroBatch(batch, chosen[valid], rejected[valid], ref, 0.0))
     for m, num_pairs in zip(micro, per_step_totals([float(len(m.chosen)) for m in micro], cfg.grad_accum_steps, run.device)):
-        m.num_step_pairs = num_pairs
+        m.normaliser = num_pairs
     if num_skipped and run.rank == 0:
         print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were both empty or unscorable", flush=True)
     chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
@@ -158,9 +158,8 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
         sums[micro.chosen], sums[micro.rejected], micro.ref_logps[micro.chosen], micro.ref_logps[micro.rejected], run.cfg.beta
     )
     # The mean over this micro-batch's pairs -> its share of the step's pair mean (all micro-batches,
-    # all ranks), x world_size because FSDP averages gradients over ranks.
-    weight = len(micro.chosen) / micro.num_step_pairs * run.world_size
-    return value * weight, {k: float(v) for k, v in metrics.items()}
+    # all ranks): SUM over its pairs / the step's pairs.
+    return value * len(micro.chosen) / micro.normaliser, {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate(samples: list[dict], run) -> dict:

@@ -5,7 +5,7 @@ For the G completions of one prompt (G >= 2):
     R_i   = SUM_k w_k r_ik - beta * SUM_t M (l_old_t - l_ref_t)      (KL folded into the reward)
     A_i   = R_i - (SUM_{j in group} R_j - R_i) / (G - 1)              (mean of the *other* completions)
     rho_i = exp(SUM_t M l_t - SUM_t M l_old_t)                       (sequence-level ratio, not normalised)
-    L_i   = -min(rho_i A_i, clamp(rho_i, 1 - eps, 1 + eps_high) A_i);  loss = mean_i L_i
+    L_i   = -min(rho_i A_i, clamp(rho_i, 1 - eps, 1 + eps_high) A_i);  loss = mean_i L_i (over the step)
 
 Papers:
     RLOO for LLMs https://arxiv.org/abs/2402.14740 (Ahmadian et al., eq. 6)
@@ -37,6 +37,7 @@ from nanoalign.rl import (
     generation_round,
     keeps_old_logps,
     masked_mean,
+    per_step_totals,
     samples_per_round,  # part of the module interface train.py drives
     token_logps,
 )
@@ -83,11 +84,12 @@ def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0
     return advantages
 
 
-def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_high: float):
+def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_high: float, normaliser: float):
     """Clipped RLOO loss with one importance ratio per sequence. Returns (loss, metrics).
 
     logps, old_logps, mask: (B, T); advantages: (B,) from `rloo_advantages`.
-    loss = mean_i L_i over the B sequences (not divided by gradient-accumulation steps; the caller does).
+    loss = SUM_i L_i / normaliser: the sequences of the whole optimizer step (every micro-batch, every
+    rank); B for TRL's mean_i L_i on one micro-batch in one process.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean over sequences with a counted token.
     """
     check_token_inputs(logps, old_logps, advantages, mask)
@@ -98,7 +100,7 @@ def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_hig
     log_ratio = torch.where(counted, logps - old_logps, zeros)  # (B, T) M (l_t - l_old_t)
     rho = torch.exp(log_ratio.sum(dim=-1))  # (B,) rho_i = exp(SUM_t M l_t - SUM_t M l_old_t)
     per_sequence_loss = clipped_surrogate(rho, advantages, epsilon, epsilon_high)  # (B,) L_i
-    loss = per_sequence_loss.mean()  # mean_i L_i
+    loss = per_sequence_loss.sum() / normaliser  # SUM_i L_i / N_step
     has_tokens = (mask.sum(dim=-1) > 0).to(mask.dtype)  # (B,)
     metrics = clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
     return loss, metrics
@@ -116,6 +118,7 @@ class MicroBatch:
     batch: Batch
     advantages: torch.Tensor  # (B,)
     old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = current policy, detached
+    normaliser: float  # sequences in this micro-batch's optimizer step, all ranks
 
 
 def needs_reference(cfg) -> bool:
@@ -136,7 +139,8 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     advantages = rloo_advantages(all_rewards.cpu(), cfg.num_generations, kl=kl, beta=cfg.beta, normalize=cfg.normalize_advantages)
     start = run.rank * rewards.shape[0]
     mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)
-    micro = [MicroBatch(b, adv, o) for b, adv, o in zip(batches, mine, old)]
+    step_rows = per_step_totals([float(b.mask.shape[0]) for b in batches], cfg.grad_accum_steps, run.device)
+    micro = [MicroBatch(b, adv, o, n) for b, adv, o, n in zip(batches, mine, old, step_rows)]
     return micro * cfg.num_iterations, metrics
 
 
@@ -146,10 +150,11 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
         **micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True, logps_mask=micro.batch.mask
     )
     old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
-    value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+    value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon,
+                               epsilon_high=cfg.epsilon_high, normaliser=micro.normaliser)  # fmt: skip
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
-    return value / cfg.grad_accum_steps, metrics
+    return value, metrics
 
 
 def evaluate(samples: list[dict], run) -> dict:

@@ -38,7 +38,7 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tupl
 @dataclass
 class MicroBatch:
     batch: Batch
-    num_step_tokens: float  # counted tokens over all micro-batches of the step, all ranks
+    normaliser: float  # counted tokens over all micro-batches of the step, all ranks
 
 
 def needs_reference(cfg) -> bool:
@@ -79,8 +79,7 @@ def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
 
 def loss(micro: MicroBatch, run: Run) -> tuple[torch.Tensor, dict]:
     logps, _ = run.policy(**micro.batch.model_inputs(), logps_mask=micro.batch.mask)
-    # x world_size: FSDP averages gradients over ranks, and we want the sum over ranks / N.
-    value, stats = sft_loss(logps, micro.batch.mask, micro.num_step_tokens / run.world_size)
+    value, stats = sft_loss(logps, micro.batch.mask, micro.normaliser)
     return value, {"num_tokens": float(stats["num_tokens"])}
 
 

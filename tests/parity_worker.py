@@ -74,9 +74,9 @@ def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int
         loss, _ = algo.loss(micro, run)
         loss.backward()
         loss_sum += float(loss.detach())
-    loss_mean = mean_over_ranks({"loss": loss_sum}, device)["loss"]  # what train.py logs
+    loss_mean = mean_over_ranks({"loss": loss_sum * world_size}, device)["loss"]  # what train.py logs
     grads = {name: p.grad.full_tensor().detach().clone() for name, p in policy.named_parameters()}  # collective
-    step_tokens = micro_batches[0].num_step_tokens if algo is sft else micro_batches[0].num_step_chosen_tokens
+    step_tokens = micro_batches[0].normaliser if algo is sft else micro_batches[0].num_step_chosen_tokens
     return {"loss": loss_mean, "grads": grads, "num_tokens": step_tokens,
             "rank_tokens": [float(m.batch.mask.sum()) for m in micro_batches]}  # fmt: skip
 

@@ -191,7 +191,7 @@ def test_equal_rewards_give_exactly_zero_advantages_and_gradient():
     for loss_type in grpo.LOSS_TYPES:
         loss, _ = grpo.grpo_loss(logps, logps.detach(), None, grpo.group_advantages(rewards, 8, "group"), mask,
                                  loss_type=loss_type, epsilon=0.2, epsilon_high=0.2, delta=None, beta=0.0,
-                                 importance_sampling_level="token", max_completion_length=5, num_items=40.0)  # fmt: skip
+                                 importance_sampling_level="token", normaliser=40.0)  # fmt: skip
         (grad,) = torch.autograd.grad(loss, logps)
         assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad)), loss_type
 
@@ -201,7 +201,7 @@ def test_dapo_with_every_completion_masked_gives_zero_loss():
     logps = torch.randn(4, 3, requires_grad=True)
     loss, _ = grpo.grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.zeros(4, 3),
                              loss_type="dapo", epsilon=0.2, epsilon_high=0.2, delta=None, beta=0.0,
-                             importance_sampling_level="token", max_completion_length=3, num_items=0.0)  # fmt: skip
+                             importance_sampling_level="token", normaliser=0.0)  # fmt: skip
     (grad,) = torch.autograd.grad(loss, logps)
     assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
 

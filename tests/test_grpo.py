@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nanoalign.grpo import group_advantages, grpo_loss, sampler_correction
+from nanoalign.grpo import group_advantages, grpo_loss, sampler_correction, trl_normaliser
 from nanoalign.rl import combine_rewards
 
 NAN = float("nan")
@@ -17,6 +17,7 @@ def t(*rows):
 
 
 def loss_fn(logps, old_logps, advantages, mask, **overrides):
+    """grpo_loss with TRL's arguments: max_completion_length (dr_grpo), num_items (dapo)."""
     kwargs = dict(
         ref_logps=None,
         loss_type="grpo",
@@ -30,6 +31,8 @@ def loss_fn(logps, old_logps, advantages, mask, **overrides):
     )
     kwargs.update(overrides)
     ref_logps = kwargs.pop("ref_logps")
+    normaliser = trl_normaliser(kwargs["loss_type"], mask, kwargs.pop("max_completion_length"), kwargs.pop("num_items"))
+    kwargs.setdefault("normaliser", normaliser)
     return grpo_loss(logps, old_logps, ref_logps, advantages, mask, **kwargs)
 
 
@@ -133,10 +136,12 @@ def test_aggregation_and_on_policy_gradient(loss_type, extra, expected_loss, exp
 
 def test_loss_type_inputs_are_required():
     logps, old = on_policy_logps()
-    with pytest.raises(ValueError, match="max_completion_length"):
-        loss_fn(logps, old, ADV, MASK, loss_type="dr_grpo")
-    with pytest.raises(ValueError, match="num_items"):
-        loss_fn(logps, old, ADV, MASK, loss_type="dapo")
+    with pytest.raises(ValueError, match="normaliser"):
+        loss_fn(logps, old, ADV, MASK, loss_type="dr_grpo")  # no max_completion_length: no normaliser
+    with pytest.raises(ValueError, match="normaliser"):
+        loss_fn(logps, old, ADV, MASK, loss_type="dapo")  # no token count
+    with pytest.raises(ValueError, match="normaliser"):
+        loss_fn(logps, old, ADV, MASK, normaliser=-1.0)
     with pytest.raises(ValueError, match="loss_type"):
         loss_fn(logps, old, ADV, MASK, loss_type="ppo")
     with pytest.raises(ValueError, match="importance_sampling_level"):

@@ -64,7 +64,7 @@ def test_group_size_errors():
 def test_on_policy_loss_and_gradient():
     logps = t([-0.5, -1.0], [-0.2, -math.inf]).requires_grad_(True)
     mask = t([1.0, 1.0], [1.0, 0.0])
-    loss, m = rloo_loss(logps, logps.detach(), t(1.0, -2.0), mask, epsilon=0.2, epsilon_high=0.2)
+    loss, m = rloo_loss(logps, logps.detach(), t(1.0, -2.0), mask, epsilon=0.2, epsilon_high=0.2, normaliser=2)  # TRL: the mean
     # rho = 1: L = -A = [-1, 2] -> mean 0.5
     assert_close(loss, torch.tensor(0.5, dtype=torch.float64))
     loss.backward()
@@ -77,7 +77,7 @@ def test_sequence_ratio_clipping_and_metrics():
     old = t([0.0, 0.0], [0.0, 0.0])
     logps = t([math.log(1.1), math.log(1.2)], [math.log(0.5), 5.0]).requires_grad_(True)
     mask = t([1.0, 1.0], [1.0, 0.0])
-    loss, m = rloo_loss(logps, old, t(1.0, -1.0), mask, epsilon=0.2, epsilon_high=0.2)
+    loss, m = rloo_loss(logps, old, t(1.0, -1.0), mask, epsilon=0.2, epsilon_high=0.2, normaliser=2)
     # rho_0 = 1.1 * 1.2 = 1.32, A = 1: -min(1.32, 1.2) = -1.2   (high-clipped)
     # rho_1 = 0.5 (masked token ignored), A = -1: -min(-0.5, -0.8) = 0.8   (low-clipped)
     assert_close(loss, torch.tensor((-1.2 + 0.8) / 2, dtype=torch.float64))
