@@ -51,7 +51,7 @@ from nanoalign import grpo, mpo, online_dpo, rloo, sft
 from nanoalign.batch import check_prompt_fits
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoalign.config import PRESETS, Config, check_config
-from nanoalign.data import fetch_samples, load_split, stream_indices
+from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
 from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_processor, shard_policy, vision_module
@@ -66,7 +66,7 @@ from nanoalign.runtime import (
     mean_over_ranks,
     on_every_rank,
 )
-from nanoalign.tiny import BUILDERS, TINY_VERSION, cache_dir, ensure_tiny
+from nanoalign.tiny import BUILDERS, ensure_tiny, ensure_tiny_sft
 from nanoalign.vllm_client import VLLMServer
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
@@ -85,34 +85,11 @@ def parse_config(argv: list[str]) -> Config:
     return tyro.cli(Config, default=PRESETS[algo](), args=argv)
 
 
-def warm_start_configs() -> list[Config]:
-    """The two SFT runs that build the built-in "tiny-sft" (cached like the other built-ins).
-
-    First the default SFT run on clean data, in which the tiny model learns to see; then 100 steps on
-    a teacher that over-counts (60% of its "how many" answers are one too many). The result reads the
-    images well but has picked up the teacher's bias, a mistake imitation cannot see and a verifiable
-    reward (RL) or correct/incorrect pairs (DPO, MPO) can fix: what the demos of those methods show.
-    """
-    root = cache_dir() / f"tiny-sft-{TINY_VERSION}"
-    quiet = dict(eval_every=0, save_every=0, seed=0)
-    clean = dataclasses.replace(PRESETS["sft"](), out_dir=str(root / "clean"), **quiet)
-    biased = dataclasses.replace(
-        PRESETS["sft"](), model=str(root / "clean" / "final"), out_dir=str(root / "biased"), max_steps=100, lr=5e-4,
-        warmup_steps=5, shapes_overcount=0.6, **quiet,
-    )  # fmt: skip
-    return [clean, biased]
-
-
 def resolve_model(cfg: Config, rank: int, device) -> str:
     """--model as a local directory: built-in models are built (once, by one rank) and cached, a hub
     id is downloaded once (by the first process of each node); anything else fails now, clearly."""
     if cfg.model == "tiny-sft":
-        for warm in warm_start_configs():
-            if not (Path(warm.out_dir) / "final" / "config.json").exists():
-                if rank == 0:
-                    print(f"building the SFT-warmed tiny model: {warm.out_dir} (first use only)", flush=True)
-                train(warm)
-        return str(Path(warm.out_dir) / "final")
+        return ensure_tiny_sft(train, rank)  # two SFT runs of this loop, cached
     if cfg.model in BUILDERS:
         if rank == 0:  # on a shared filesystem one rank builds; the others wait at the barrier
             ensure_tiny(cfg.model)
@@ -264,13 +241,7 @@ def train(cfg: Config) -> dict:
                   "--eval-split '' to say so, or the name of its held-out split.", flush=True)  # fmt: skip
     if run.eval_data is not None:
         algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run, run.check_sample)
-        if algo.DATA_FORMAT == "rl":
-            accuracy_eval = algo_eval
-        elif cfg.dataset == "shapes":  # the built-in task has gold answers in every format
-            shapes_rl = load_split(cfg.dataset, cfg.eval_split, "rl", cfg.num_eval_samples)
-            accuracy_eval = eval_samples(shapes_rl, "rl", cfg, run)
-        if accuracy_eval and "solution" not in accuracy_eval[0]:
-            accuracy_eval = []  # no gold answers to check generations against
+        accuracy_eval = accuracy_prompts(algo_eval)  # the held-out samples with a gold `solution`, if any
 
     # ---------------------------------------------------------------- resume
     step, num_drawn = 0, 0  # optimizer steps done; samples drawn from the data stream (all ranks)

@@ -7,6 +7,9 @@ renames others):
     preference: prompt, chosen, rejected (+ images)
     rl:         prompt (+ images) (+ any other column, e.g. solution, handed to reward functions)
 
+A `solution` column (a gold answer, in any format) makes the held-out samples an accuracy eval too:
+greedy answers to their prompts checked against it with math-verify (`accuracy_prompts`).
+
 Messages are TRL's conversational layout: [{"role": ..., "content": str | [{"type": "image"} |
 {"type": "text", "text": ...}]}]. A string prompt becomes a user turn; a string completion an
 assistant turn; a user turn with images but no image placeholder gets them in front (as TRL does).
@@ -217,7 +220,24 @@ def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
         sample.update({k: v for k, v in raw.items() if k not in ("prompt", "images", "image")})
     else:
         raise ValueError(f"unknown data format {fmt!r}")
+    if "solution" in raw:  # a gold answer (RL: also a reward column): the accuracy eval uses it
+        sample["solution"] = raw["solution"]
     return sample
+
+
+def accuracy_prompts(samples: list[dict]) -> list[dict]:
+    """The samples with a gold `solution`, as prompts to answer: an SFT conversation is cut before its
+    last assistant turn; preference and RL samples have a prompt already."""
+    prompts = []
+    for s in samples:
+        if "solution" not in s:
+            continue
+        prompt = s.get("prompt")
+        if prompt is None:
+            last = max(i for i, m in enumerate(s["messages"]) if m["role"] == "assistant")
+            prompt = s["messages"][:last]
+        prompts.append({"prompt": prompt, "images": s["images"], "solution": s["solution"], "sample_id": s["sample_id"]})
+    return prompts
 
 
 def _text(message: dict) -> str:

@@ -119,10 +119,11 @@ def shapes_sample(split: str, index: int, fmt: str, image_size: int = 112, image
     ex = make_example(split, index, image_size, images_per_sample)
     prompt = [user_turn(ex["question"], len(ex["images"]))]
     correct = completion_text(ex["kind"], ex["answer"])
+    solution = f"${ex['answer']}$"  # the gold answer, in every format (the held-out accuracy eval reads it)
     if fmt == "sft":
         if ex["kind"] == "count" and random.Random(f"overcount-{split}-{index}").random() < overcount:
             correct = completion_text("count", ex["answer"] + 1)
-        return {"messages": prompt + [assistant_turn(correct)], "images": ex["images"]}
+        return {"messages": prompt + [assistant_turn(correct)], "images": ex["images"], "solution": solution}
     if fmt == "preference":
         # The rejected answer is a wrong number in the same layout: only the image tells them apart.
         low, high = (1, 4 * images_per_sample) if ex["kind"] == "count" else (3, 6)
@@ -132,9 +133,10 @@ def shapes_sample(split: str, index: int, fmt: str, image_size: int = 112, image
             "chosen": [assistant_turn(correct)],
             "rejected": [assistant_turn(completion_text(ex["kind"], wrong))],
             "images": ex["images"],
+            "solution": solution,
         }
     if fmt == "rl":
-        return {"prompt": prompt, "images": ex["images"], "solution": f"${ex['answer']}$"}
+        return {"prompt": prompt, "images": ex["images"], "solution": solution}
     raise ValueError(f"unknown dataset format {fmt!r}; use 'sft', 'preference' or 'rl'")
 
 

@@ -14,6 +14,7 @@ builder is not Qwen-specific.
 Everything is deterministic (fixed seeds, fixed corpus): building twice gives identical files.
 """
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nanoalign.config import PRESETS, Config
 from nanoalign.shapes import corpus
 
 # Bump when anything below changes, so stale caches are rebuilt instead of silently reused.
@@ -510,3 +512,36 @@ def ensure_tiny(name: str) -> Path:
     if not (out / "config.json").exists():
         build_tiny(name, out)
     return out
+
+
+# -----------------------------------------------------------------------------
+# "tiny-sft": the warm start of the preference and RL demos, trained by train.py's own loop
+
+
+def warm_start_configs() -> list[Config]:
+    """The two SFT runs that build the built-in "tiny-sft" (cached like the other built-ins).
+
+    First the default SFT run on clean data, in which the tiny model learns to see; then 100 steps on
+    a teacher that over-counts (60% of its "how many" answers are one too many). The result reads the
+    images well but has picked up the teacher's bias, a mistake imitation cannot see and a verifiable
+    reward (RL) or correct/incorrect pairs (DPO, MPO) can fix: what the demos of those methods show.
+    """
+    root = cache_dir() / f"tiny-sft-{TINY_VERSION}"
+    quiet = dict(eval_every=0, save_every=0, seed=0)
+    clean = dataclasses.replace(PRESETS["sft"](), out_dir=str(root / "clean"), **quiet)
+    biased = dataclasses.replace(
+        PRESETS["sft"](), model=str(root / "clean" / "final"), out_dir=str(root / "biased"), max_steps=100, lr=5e-4,
+        warmup_steps=5, shapes_overcount=0.6, **quiet,
+    )  # fmt: skip
+    return [clean, biased]
+
+
+def ensure_tiny_sft(train, rank: int) -> str:
+    """The built-in "tiny-sft" as a local directory: `train` (train.py's loop) runs the two SFT runs
+    of `warm_start_configs` the first time, each cached like the other built-ins."""
+    for warm in warm_start_configs():
+        if not (Path(warm.out_dir) / "final" / "config.json").exists():
+            if rank == 0:
+                print(f"building the SFT-warmed tiny model: {warm.out_dir} (first use only)", flush=True)
+            train(warm)
+    return str(Path(warm.out_dir) / "final")
