@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from nanoalign.data import BadSampleError, fetch_samples, load_split, prepare_sample, stream_indices
+from nanoalign.data import BadSampleError, accuracy_prompts, fetch_samples, load_split, prepare_sample, stream_indices
 
 
 def user(text="How many shapes?", num_images=1):
@@ -237,3 +237,24 @@ def test_parquet_with_image_features_decodes_lazily_and_names_corrupt_rows(tmp_p
         fetch_samples(ds, [1], "sft", "train", skip_bad=False)
     samples, num_skipped = fetch_samples(ds, [1], "sft", "train", skip_bad=True)
     assert samples[0]["sample_id"] == "sample 2 of split 'train'" and num_skipped == 1
+
+
+def test_a_solution_column_makes_any_format_an_accuracy_eval(image_path):
+    # The held-out accuracy eval reads `solution` in every format: an SFT conversation is answered
+    # from the turns before its last assistant turn; samples without a gold answer are left out.
+    sft = prepare_sample({**good(image_path), "solution": "$2$"}, "sft", "sample 0")
+    plain = prepare_sample(good(image_path), "sft", "sample 1")
+    pair = prepare_sample({"prompt": [user()], "chosen": [assistant()], "rejected": [assistant("There are 3.")],
+                           "images": [str(image_path)], "solution": "$2$"}, "preference", "sample 2")  # fmt: skip
+    prompts = accuracy_prompts([sft, plain, pair])
+    assert [p["sample_id"] for p in prompts] == ["sample 0", "sample 2"]
+    assert prompts[0]["prompt"] == sft["messages"][:1] and prompts[0]["prompt"][0]["role"] == "user"
+    assert prompts[1]["prompt"] == pair["prompt"] and all(p["solution"] == "$2$" and len(p["images"]) == 1 for p in prompts)
+
+
+def test_the_built_in_task_has_gold_answers_in_every_format():
+    # what lets an SFT / DPO / MPO run on it report held-out accuracy without knowing its name
+    samples = [prepare_sample(load_split("shapes", "eval", fmt, 4)[0], fmt, "s") for fmt in ("sft", "preference", "rl")]
+    prompts = accuracy_prompts(samples)
+    assert len(prompts) == 3 and len({json.dumps(p["prompt"]) for p in prompts}) == 1  # the same question
+    assert len({p["solution"] for p in prompts}) == 1
