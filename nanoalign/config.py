@@ -211,6 +211,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--loss-weights has {len(cfg.loss_weights)} values for {len(cfg.loss_types)} --loss-types; give one each")
     if cfg.algo not in RL_ALGOS:
         return
+    if not cfg.reward_funcs:
+        raise ValueError("--reward-funcs is empty: an RL run needs at least one reward function (e.g. accuracy format)")
     if len(cfg.reward_weights) != len(cfg.reward_funcs):
         raise ValueError(f"--reward-weights has {len(cfg.reward_weights)} values for {len(cfg.reward_funcs)} --reward-funcs; give one each")
     if cfg.batch_size % cfg.num_generations:

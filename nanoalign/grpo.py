@@ -93,13 +93,12 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 # The sampler (vLLM) correction
 
 
-def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float, cap_min=None) -> torch.Tensor:
+def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float) -> torch.Tensor:
     """Importance weight rho correcting for the sampler (vLLM) not being exactly the trained policy.
 
     TRL's vLLM importance-sampling correction: d_t = (l_old_t - l_vllm_t) M;
     token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
-    *_truncate: rho = min(rho, cap). *_mask: rho = 0 outside [cap_min, cap]; TRL v1.x only masks
-    rho > cap, so the default cap_min=None means no lower bound (rho >= 0 always).
+    *_truncate: rho = min(rho, cap). *_mask: rho = 0 where rho > cap (TRL v1.x: no lower bound).
     Returned detached: it is a fixed per-sample weight, never something to differentiate.
     The caller multiplies the per-token policy loss by it (`grpo_loss(..., sampler_weights=rho)`).
     """
@@ -107,10 +106,6 @@ def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float,
         raise ValueError(f"sampler correction mode={mode!r} is not one of {SAMPLER_CORRECTION_MODES}")
     if cap <= 0:
         raise ValueError(f"sampler correction cap must be > 0, got {cap}")
-    if cap_min is not None and not mode.endswith("_mask"):
-        raise ValueError(f"cap_min only applies to the *_mask modes, got mode={mode!r}; drop it or use a mask mode")
-    if cap_min is not None and cap_min >= cap:
-        raise ValueError(f"cap_min={cap_min} must be smaller than cap={cap}")
     if old_logps.shape != sampler_logps.shape or old_logps.shape != mask.shape:
         raise ValueError(
             f"old_logps {tuple(old_logps.shape)}, sampler_logps {tuple(sampler_logps.shape)} and mask "
@@ -126,10 +121,7 @@ def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float,
         if mode.endswith("_truncate"):
             rho = torch.clamp(rho, max=cap)  # truncated importance sampling: min(rho, C)
         else:
-            outside = rho > cap
-            if cap_min is not None:
-                outside = outside | (rho < cap_min)
-            rho = rho.masked_fill(outside, 0.0)  # masked importance sampling: 0 outside [C_min, C]
+            rho = rho.masked_fill(rho > cap, 0.0)  # masked importance sampling: 0 above C
     return rho
 
 

@@ -14,8 +14,7 @@ A rollout backend is any object with
     close()
 
 Two exist: `InProcess` below (the policy being trained samples) and `VLLMServer`
-(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group) and
-`VLLMColocate` (nanoalign/vllm_colocate.py: a vLLM engine inside every training process). The
+(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group). The
 algorithm modules only ever call `run.rollouts`, never a backend by name.
 
 In-process sampling: each prompt is repeated G times, processed (images included) and left-padded: the prompts of the

@@ -381,6 +381,7 @@ def test_cross_field_rules_are_checked_at_config_time():
         (dict(algo="online_dpo", num_generations=4, batch_size=8), "--num-generations 2"),
         (dict(algo="rloo", num_generations=1, batch_size=8), "--num-generations >= 2"),
         (dict(algo="grpo", reward_weights=(1.0,)), "--reward-weights has 1 values for 2"),
+        (dict(algo="gspo", reward_funcs=(), reward_weights=()), "--reward-funcs is empty"),
         (dict(algo="sft", grad_accum_steps=0), "--grad-accum-steps must be >= 1"),
     ]
     for fields, message in cases:

@@ -186,7 +186,7 @@ def test_load_custom_import_path(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="no attribute 'missing'"):
         load_reward_funcs(["my_rewards_mod:missing"])
-    with pytest.raises(ValueError, match="'my_rewards_mod:NOT_CALLABLE' is a int, not a callable"):
+    with pytest.raises(ValueError, match=r"'my_rewards_mod:NOT_CALLABLE' is not a callable \(a int\)"):
         load_reward_funcs(["my_rewards_mod:NOT_CALLABLE"])
 
 
@@ -279,6 +279,3 @@ def test_score_raising_function_is_runtime_error_with_advice():
     assert isinstance(info.value.__cause__, KeyError)
 
 
-def test_score_weights_length_names_flag():
-    with pytest.raises(ValueError, match="--reward-weights"):
-        score_completions([const_reward, half_reward], [1.0], ["a", "b", "c"], {})
