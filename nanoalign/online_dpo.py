@@ -24,15 +24,9 @@ import torch
 
 from nanoalign.batch import Batch
 from nanoalign.mpo import mpo_loss
-from nanoalign.rl import (
-    combine_rewards,
-    completion_batch,
-    completion_metrics,
-    per_step_totals,
-    rollout_chunks,
-    samples_per_round,  # part of the module interface train.py drives (G = 2, config.check_config)
-    score_rollouts,
-    token_logps,
+from nanoalign.rl import (  # samples_per_round: part of the module interface train.py drives (G = 2)
+    combine_rewards, completion_batch, completion_metrics, per_step_totals, rollout_chunks, samples_per_round,
+    score_rollouts, token_logps,
 )
 
 

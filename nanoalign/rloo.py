@@ -26,20 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign.batch import Batch
-from nanoalign.rl import (
-    STD_EPS,
-    check_groups,
-    check_token_inputs,
-    clip_fractions,
-    clipped_surrogate,
-    combine_rewards,
-    constant_groups,
-    generation_round,
-    keeps_old_logps,
-    masked_mean,
-    per_step_totals,
-    samples_per_round,  # part of the module interface train.py drives
-    token_logps,
+from nanoalign.rl import (  # samples_per_round: part of the module interface train.py drives
+    STD_EPS, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards, constant_groups,
+    generation_round, keeps_old_logps, masked_mean, per_step_totals, samples_per_round, token_logps,
 )
 from nanoalign.runtime import all_gather_rows
 
