@@ -108,6 +108,11 @@ def logp_gap(policy, processor, generations, temperature: float) -> float:
     (more placeholders than images), so its tokens are replaced by padding and not compared.
     """
     rollout, sampler_logps = to_rollout(processor, PROMPTS, IMAGES, generations)
+    return rollout_logp_gap(policy, processor, rollout, sampler_logps, temperature)
+
+
+def rollout_logp_gap(policy, processor, rollout, sampler_logps, temperature: float) -> float:
+    """logp_gap for samples already turned into a Rollout (what a rollout backend returns)."""
     image_ids, pad_id = image_token_ids(processor), processor.tokenizer.pad_token_id
     usable = [not (set(ids) & image_ids) for ids in rollout.completion_ids]
     assert sum(usable) >= len(usable) // 2, "too many samples contain image placeholder tokens"
