@@ -8,7 +8,7 @@ train.py builds one `VLLMColocate` per torchrun rank, after the policy is sharde
 
 The engine is `vllm.LLM(..., distributed_executor_backend="external_launcher")`: vLLM runs in this
 process, on this rank's device, with no server, no HTTP and no second process group for weights. Each
-rank samples its own prompts with its own engine (seeded by rank), as the in-process sampler does.
+rank samples its own prompts with its own engine (seeded seed + rank), as the in-process sampler does.
 
 Weight sync goes through vLLM's public `LLM.apply_model(fn)`, which calls fn(model) on the engine's
 model, here in this process. For every parameter of the policy, in the same order on every rank, the
@@ -58,8 +58,10 @@ class VLLMColocate:
     """The rollout backend with a vLLM engine in every rank (see the module docstring). Build it,
     and call every method, on EVERY rank: the constructor, `sync` and `sample` are collective.
 
-    Engine g (ranks g*k .. g*k + k-1 for tensor_parallel_size k) is seeded seed + g; dtype is the
-    trainer's compute dtype ("float32" on CPUs), so that vLLM's log-probs can match the trainer's."""
+    Engine g (ranks g*k .. g*k + k-1 for tensor_parallel_size k) is seeded seed + g (vLLM also seeds
+    this process's global random generators with it, as train.py already did with seed + rank for
+    k = 1); dtype is the trainer's compute dtype ("float32" on CPUs), so that vLLM's log-probs can
+    match the trainer's."""
 
     def __init__(self, policy, processor, *, model_dir: str, stop_ids: set[int], rank: int, world_size: int, device,
                  dtype: str, seed: int, sync_every: int, tensor_parallel_size: int, gpu_memory_utilization: float,
