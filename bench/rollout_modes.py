@@ -68,7 +68,8 @@ def run_mode(model: str, mode: str, args, out_dir: Path, url: str | None) -> dic
            __file__, "--rank", json.dumps({"argv": argv})]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    peaks = [json.loads(line[len(RESULT_PREFIX) :])["peak_mem_bytes"] for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    lines = [line[len(RESULT_PREFIX) :] for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    peaks = [json.loads(line)["peak_mem_bytes"] for line in lines]  # one per rank
     if proc.returncode != 0 or len(peaks) != args.nproc:
         return {"mode": mode, "error": (proc.stdout + proc.stderr)[-3000:]}
     records = [json.loads(line) for line in (out_dir / mode / "metrics.jsonl").read_text().splitlines()]

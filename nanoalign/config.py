@@ -245,7 +245,8 @@ def check_config(cfg: Config) -> None:
     if cfg.vllm_mode != "colocate":
         for name in COLOCATE_ONLY:
             if getattr(cfg, name) != getattr(default, name):
-                raise ValueError(f"--{name.replace('_', '-')} sets up the colocated vLLM engine; it does nothing without --vllm-mode colocate")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} sets up the colocated vLLM engine; it does nothing without --vllm-mode colocate")
     if cfg.vllm_tensor_parallel_size < 1 or cfg.vllm_max_images < 0 or not 0 < cfg.vllm_gpu_memory_utilization <= 1:
         raise ValueError(
             f"--vllm-tensor-parallel-size must be >= 1 (got {cfg.vllm_tensor_parallel_size}), --vllm-max-images >= 0 "

