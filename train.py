@@ -220,6 +220,16 @@ def train(cfg: Config) -> dict:
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
         run.rollouts = VLLMServer(policy, processor, url=cfg.vllm_url, timeout=cfg.vllm_timeout, sync_every=cfg.vllm_sync_every,
                                   stop_ids=stop_ids, rank=rank, device=device)  # fmt: skip
+    elif cfg.vllm_mode == "colocate":  # a vLLM engine in this process (vllm is optional: imported only here)
+        from nanoalign.vllm_colocate import VLLMColocate
+
+        run.rollouts = VLLMColocate(
+            policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank, world_size=world_size, device=device,
+            dtype="bfloat16" if bf16 else "float32", seed=cfg.seed, sync_every=cfg.vllm_sync_every,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager, model_impl=cfg.vllm_model_impl,
+            max_images=cfg.vllm_max_images,
+        )  # fmt: skip
     else:  # the policy being trained samples
         run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=cfg.sampler)
 
@@ -337,7 +347,6 @@ def train(cfg: Config) -> dict:
             save_checkpoint(out_dir, step, policy, optimizer, scheduler, resume_state(step, num_drawn, cfg), rank)
             next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress.close()
-    run.rollouts.close()
 
     # ---------------------------------------------------------------- export, final check, plot
     if cfg.export:
@@ -356,16 +365,18 @@ def train(cfg: Config) -> dict:
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
+    run.rollouts.close()  # last: a colocated vLLM engine's shutdown also ends the process group
     return metrics
 
 
 # Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
 # --skip-bad-samples (the fix a stop on a bad sample suggests), and where rollouts come from (a run
-# whose vLLM server died may go on in-process). Anything else would continue a run under settings it
-# was not trained with.
+# whose vLLM server died may go on in-process, or colocated with other engine settings). Anything else
+# would continue a run under settings it was not trained with.
 RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
-                     "sampler"}  # fmt: skip
+                     "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
@@ -428,4 +439,5 @@ def first_logged(out_dir: Path, key: str) -> float | None:
 
 if __name__ == "__main__":
     train(parse_config(sys.argv[1:]))
-    dist.destroy_process_group()
+    if dist.is_initialized():  # a colocated vLLM engine's shutdown (at the end of train()) already ended it
+        dist.destroy_process_group()

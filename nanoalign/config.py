@@ -150,12 +150,32 @@ class Config:
     every row (for comparison)."""
 
     # --- vLLM rollouts ---
-    vllm_mode: Literal["none", "server"] = "none"
-    """none = generate with the training model in-process; server = ask a running vLLM server."""
+    vllm_mode: Literal["none", "server", "colocate"] = "none"
+    """none = generate with the training model in-process; server = ask a running vLLM server;
+    colocate = a vLLM engine inside every training process, on its device (README: which to pick)."""
     vllm_url: str = "http://127.0.0.1:8000"
     """Base URL of the vLLM server (vllm_mode server)."""
     vllm_sync_every: int = 1
     """Push weights to vLLM every this many optimizer steps."""
+    vllm_tensor_parallel_size: int = 1
+    """Colocate: ranks that share one engine, split by tensor parallelism (groups of consecutive
+    ranks; must divide the number of ranks). 1 = an engine per rank."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Colocate: fraction of the device's memory (host RAM on CPUs) vLLM may take for its weights,
+    activations and KV cache; the trainer must fit in the rest. vLLM keeps it during the training
+    step (no sleep mode), so this is the lever to lower when training runs out of memory."""
+    vllm_max_model_len: int | None = None
+    """Colocate: longest prompt + completion vLLM reserves KV cache for (None: the model's maximum).
+    About --max-length is enough and saves memory."""
+    vllm_enforce_eager: bool = True
+    """Colocate: run vLLM without CUDA graphs and torch.compile: starts in seconds (what CPUs need);
+    --no-vllm-enforce-eager decodes faster on GPUs after a longer start."""
+    vllm_model_impl: Literal["auto", "vllm", "transformers"] = "auto"
+    """Colocate: vLLM's own implementation of the architecture (vllm), the Transformers backend for
+    architectures vLLM does not implement (transformers), or vLLM's choice (auto). For a server,
+    pass it to `python -m nanoalign.serve --model-impl`."""
+    vllm_max_images: int = 2
+    """Colocate: most images in one prompt (vLLM reserves memory for that many)."""
     vllm_timeout: float = 120.0
     """Seconds to wait for one vLLM request before failing with an error."""
     vllm_is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
@@ -181,6 +201,12 @@ APPLIES_TO = {
     "reward_funcs": RL_ALGOS,
     "reward_weights": RL_ALGOS,
     "vllm_mode": RL_ALGOS,
+    "vllm_tensor_parallel_size": RL_ALGOS,
+    "vllm_gpu_memory_utilization": RL_ALGOS,
+    "vllm_max_model_len": RL_ALGOS,
+    "vllm_enforce_eager": RL_ALGOS,
+    "vllm_model_impl": RL_ALGOS,
+    "vllm_max_images": RL_ALGOS,
     "epsilon": ("grpo", "gspo", "rloo"),
     "epsilon_high": ("grpo", "gspo", "rloo"),
     "num_iterations": ("grpo", "gspo", "rloo"),  # online DPO trains on each pair once (as TRL's)
@@ -193,6 +219,11 @@ APPLIES_TO = {
     "normalize_advantages": ("rloo",),
     "missing_eos_penalty": ("online_dpo",),
 }
+
+
+# The colocated engine's settings: refused with another --vllm-mode, where nothing would read them.
+COLOCATE_ONLY = ("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager",
+                 "vllm_model_impl", "vllm_max_images")  # fmt: skip
 
 
 def check_config(cfg: Config) -> None:
@@ -213,6 +244,16 @@ def check_config(cfg: Config) -> None:
         return
     if not cfg.reward_funcs:
         raise ValueError("--reward-funcs is empty: an RL run needs at least one reward function (e.g. accuracy format)")
+    if cfg.vllm_mode != "colocate":
+        for name in COLOCATE_ONLY:
+            if getattr(cfg, name) != getattr(default, name):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} sets up the colocated vLLM engine; it does nothing without --vllm-mode colocate")
+    if cfg.vllm_tensor_parallel_size < 1 or cfg.vllm_max_images < 0 or not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"--vllm-tensor-parallel-size must be >= 1 (got {cfg.vllm_tensor_parallel_size}), --vllm-max-images >= 0 "
+            f"(got {cfg.vllm_max_images}), --vllm-gpu-memory-utilization in (0, 1] (got {cfg.vllm_gpu_memory_utilization})"
+        )
     if len(cfg.reward_weights) != len(cfg.reward_funcs):
         raise ValueError(f"--reward-weights has {len(cfg.reward_weights)} values for {len(cfg.reward_funcs)} --reward-funcs; give one each")
     if cfg.batch_size % cfg.num_generations:

@@ -13,8 +13,9 @@ A rollout backend is any object with
         that samples from the policy itself has nothing to do).
     close()
 
-Two exist: `InProcess` below (the policy being trained samples) and `VLLMServer`
-(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group). The
+Three exist: `InProcess` below (the policy being trained samples), `VLLMServer`
+(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group) and
+`VLLMColocate` (nanoalign/vllm_colocate.py: a vLLM engine inside every training process). The
 algorithm modules only ever call `run.rollouts`, never a backend by name.
 
 In-process sampling: each prompt is repeated G times, processed (images included) and left-padded: the prompts of the

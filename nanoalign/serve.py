@@ -63,6 +63,8 @@ def vllm_command(args: argparse.Namespace, extra: list[str]) -> tuple[list[str],
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.model_impl != "auto":
+        cmd += ["--model-impl", args.model_impl]
     if gpu:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization or 0.9)]
     else:
@@ -80,6 +82,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the weight-sync routes to the network")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: the model's)")
     p.add_argument("--max-images", type=int, default=2, help="most images in one prompt")
+    p.add_argument("--model-impl", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="vLLM's own implementation, or its Transformers backend for an architecture vLLM does not implement")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.9 on GPUs, 0.1 (of host RAM) on CPUs")
     p.add_argument("--kv-cache-gib", type=float, default=1, help="CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--cpu", action="store_true", help="use the CPU flags even if a GPU is visible")

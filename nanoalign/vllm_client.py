@@ -309,6 +309,22 @@ def to_rollout(processor, prompts: list[list[dict]], images: list[list], generat
     return rollout, [lps for g in generations for lps in g.logprobs]
 
 
+def chunk_rollouts(processor, chunks: list[list[dict]], generations: list[Generation], n: int) -> list[Rollout]:
+    """One Rollout per chunk (`to_rollout`) from the generations of all the chunks' samples, in order,
+    with the sampler's log-probs and each row's name attached: what a vLLM backend's `sample` returns."""
+    rollouts, start = [], 0
+    for chunk in chunks:
+        rollout, sampler_logps = to_rollout(
+            processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+            generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
+        )  # fmt: skip
+        rollout.sampler_logps = sampler_logps
+        rollout.sample_ids = completion_ids_of(chunk, n)
+        rollouts.append(rollout)
+        start += len(chunk)
+    return rollouts
+
+
 class VLLMServer:
     """The rollout backend for a vLLM server (`--vllm-mode server`): every rank sends its own prompts,
     and every vllm_sync_every steps the policy's weights are pushed into the server (`WeightSync`)."""
@@ -328,16 +344,7 @@ class VLLMServer:
                 [s["prompt"] for s in samples], [s["images"] for s in samples], n=n, max_tokens=max_tokens,
                 temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
             )  # fmt: skip
-            start = 0
-            for chunk in chunks:
-                rollout, sampler_logps = to_rollout(
-                    self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                    generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
-                )  # fmt: skip
-                rollout.sampler_logps = sampler_logps
-                rollout.sample_ids = completion_ids_of(chunk, n)
-                rollouts.append(rollout)
-                start += len(chunk)
+            rollouts = chunk_rollouts(self.processor, chunks, generations, n)
         except (VLLMError, ValueError) as err:
             error = err
         agree_on_failure(error, self.device)  # a dead server stops every rank, not just the one that asked

@@ -361,7 +361,7 @@ def test_model_that_is_not_built_in_local_or_a_hub_id_fails_fast(dist_world, tmp
 @pytest.mark.parametrize("name", sorted(APPLIES_TO))
 def test_a_flag_the_algorithm_never_reads_is_refused(name):
     default = getattr(Config(), name)
-    value = {bool: not default, int: 2, float: 0.5, str: "server", tuple: ("x",), type(None): 1.0}[type(default)]
+    value = {bool: not default, int: 3 if default == 2 else 2, float: 0.5, str: "server", tuple: ("x",), type(None): 1.0}[type(default)]
     if name == "vllm_is_correction":
         value = "token_mask"
     elif name in ("loss_type", "importance_sampling_level", "scale_rewards"):

