@@ -103,12 +103,16 @@ def perturbed_policy(model_dir: str, seed: int, world_size: int = 1) -> Policy:
 
 
 def logp_gap(policy, processor, generations, temperature: float) -> float:
-    """Max |trainer log-prob - vLLM log-prob| over the sampled tokens. A collective under FSDP.
+    """Max |trainer log-prob - vLLM log-prob| over the tokens the server sampled for PROMPTS."""
+    return rollout_logp_gap(policy, processor, *to_rollout(processor, PROMPTS, IMAGES, generations), temperature)
+
+
+def rollout_logp_gap(policy, processor, rollout, sampler_logps, temperature: float) -> float:
+    """Max |trainer log-prob - sampler log-prob| over a Rollout's sampled tokens. A collective under FSDP.
 
     A random model may sample an image placeholder token; such a row cannot go through the model
     (more placeholders than images), so its tokens are replaced by padding and not compared.
     """
-    rollout, sampler_logps = to_rollout(processor, PROMPTS, IMAGES, generations)
     image_ids, pad_id = image_token_ids(processor), processor.tokenizer.pad_token_id
     usable = [not (set(ids) & image_ids) for ids in rollout.completion_ids]
     assert sum(usable) >= len(usable) // 2, "too many samples contain image placeholder tokens"

