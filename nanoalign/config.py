@@ -6,7 +6,7 @@ Nothing here is resolved later: what you see in `--help` (and in the run's confi
 """
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Algo = Literal["sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo"]
