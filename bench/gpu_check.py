@@ -166,6 +166,7 @@ def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, 
     from nanoalign.config import PRESETS
     from nanoalign.data import prepare_sample
     from nanoalign.model import load_processor
+    from nanoalign.rollout import InProcess
     from nanoalign.runtime import Run
     from nanoalign.shapes import shapes_sample
 
@@ -182,6 +183,7 @@ def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, 
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     run = Run(cfg, processor, policy, None, rank, world_size, device, stop_ids, processor.tokenizer.pad_token_id)
     run.reward_funcs = [boxed_reward]
+    run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=run.pad_id, device=device, sampler=cfg.sampler)  # as train.py
     if algo is grpo:
         cfg = run.cfg = dataclasses.replace(cfg, reward_funcs=("boxed",), reward_weights=(1.0,))
         suppress_image_token_in_rollouts(path)  # a random model samples <|image_pad|> like any token
