@@ -176,6 +176,12 @@ class InProcess:
         pass
 
 
+def sync_due(synced_step: int | None, step: int, sync_every: int) -> bool:
+    """Whether a backend that holds its own copy of the weights must load them at `step`: always the
+    first time (it holds the checkpoint's, a resumed run others), then every sync_every steps."""
+    return synced_step is None or step - synced_step >= sync_every
+
+
 def completion_ids_of(chunk: list[dict], n: int) -> list[str]:
     """The name of each row of a chunk's Rollout, for error messages: "<sample id> (completion g)"."""
     return [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(n)]

@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from nanoalign.batch import process_prompts, render
 from nanoalign.loading import gather_full
-from nanoalign.rollout import Rollout, completion_ids_of
+from nanoalign.rollout import Rollout, completion_ids_of, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.transfer import gloo_group, plan_buckets
 
@@ -351,7 +351,7 @@ class VLLMServer:
         return rollouts
 
     def sync(self, step: int) -> dict:
-        if self.synced_step is not None and step - self.synced_step < self.sync_every:
+        if not sync_due(self.synced_step, step, self.sync_every):
             return {}
         metrics = self.weight_sync.sync(version=str(step))  # every rank gathers; rank 0 sends
         self.synced_step = step

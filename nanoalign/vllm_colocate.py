@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nanoalign.rollout import Rollout
+from nanoalign.rollout import Rollout, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.vllm_client import Generation, chunk_rollouts, openai_messages
 
@@ -130,7 +130,7 @@ class VLLMColocate:
     def sync(self, step: int) -> dict:
         """Load the policy's weights into this rank's engine if `sync_every` steps have passed (always
         on the first call: the engine holds the checkpoint's weights, a resumed run others)."""
-        if self.synced_step is not None and step - self.synced_step < self.sync_every:
+        if not sync_due(self.synced_step, step, self.sync_every):
             return {}
         start = time.perf_counter()
         num_bytes, error = self.llm.apply_model(self._load_weights)[0]

@@ -35,7 +35,7 @@ from nanoalign.data import load_split, prepare_sample
 from nanoalign.metrics import read_metrics
 from nanoalign.model import load_processor
 from nanoalign.rewards import verify_answers
-from nanoalign.rollout import Rollout
+from nanoalign.rollout import Rollout, completion_ids_of
 from nanoalign.batch import process_prompts, render
 from nanoalign.runtime import Run
 from nanoalign.shapes import make_example, shapes_sample
@@ -113,7 +113,7 @@ def fixed_rollouts(samples, run, num_generations):
                 eos.append(with_eos)
                 decoded.append(text)
         rollout = Rollout(enc, ids, eos, decoded)
-        rollout.sample_ids = [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(num_generations)]
+        rollout.sample_ids = completion_ids_of(chunk, num_generations)
         rollouts.append(rollout)
     return rollouts
 
