@@ -27,7 +27,7 @@ from nanoalign.config import PRESETS, Config
 from nanoalign.shapes import corpus
 
 # Bump when anything below changes, so stale caches are rebuilt instead of silently reused.
-TINY_VERSION = "v2"  # v2: tiny-llava's template renders a system turn as "SYSTEM:", not "ASSISTANT:"
+TINY_VERSION = "v3"  # v2: tiny-llava's template renders a system turn as "SYSTEM:"; v3: the tokenizer knows the colour words
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
