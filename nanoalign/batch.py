@@ -43,15 +43,20 @@ class Batch:
     sample_ids: list[str] = field(default_factory=list)
     num_truncated: int = 0  # rows whose tail text was cut at max_length
     num_skipped: int = 0  # rows kept with an all-zero mask (RL: a completion that sampled an image token)
+    # RL rows in groups that share one prompt: the distinct prompts' processor batch, so the policy
+    # reads each prompt once (model.shared_prompt_hidden); empty: each row is forwarded whole.
+    shared_prompts: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.mm_inputs}
+    def model_inputs(self) -> dict:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.mm_inputs}
+        return {**inputs, "shared_prompts": self.shared_prompts} if self.shared_prompts else inputs
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Batch(
             move(self.input_ids), move(self.attention_mask), move(self.mask),
             {k: move(v) for k, v in self.mm_inputs.items()}, self.sample_ids, self.num_truncated, self.num_skipped,
+            {k: move(v) for k, v in self.shared_prompts.items()},
         )  # fmt: skip
 
 

@@ -81,10 +81,14 @@ class Policy(nn.Module):
         self.logit_softcap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
 
     def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False,
-                logps_mask=None, **mm_inputs):  # fmt: skip
+                logps_mask=None, shared_prompts: dict | None = None, **mm_inputs):  # fmt: skip
         # The base model (vision tower + decoder, no lm_head) gives the final normed hidden states.
-        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm_inputs)
-        hidden = hidden.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        # HF's checkpointed layers drop the KV cache in train mode, which the shared-prompt forward needs.
+        if shared_prompts and not self.hf.is_gradient_checkpointing:
+            hidden = shared_prompt_hidden(self.hf, input_ids, attention_mask, shared_prompts)
+        else:
+            hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm_inputs).last_hidden_state
+        hidden = hidden[:, :-1]  # (B, T-1, H): position t predicts token t+1
         targets = input_ids[:, 1:]  # (B, T-1)
         weight = self.hf.get_output_embeddings().weight  # (V, H), gathered: we are inside the root forward
         keep = torch.ones_like(targets, dtype=torch.bool) if logps_mask is None else logps_mask[:, 1:].bool()
@@ -109,6 +113,56 @@ class Policy(nn.Module):
         from nanoalign.sampler import sample
 
         return sample(self.hf, prompt_enc, **kwargs)
+
+
+def shared_prompt_hidden(hf_model, input_ids, attention_mask, prompts: dict) -> torch.Tensor:
+    """The base model's hidden states (B, T, H) of B right-padded rows prompt + completion, computed
+    with each prompt (and its images) through the model once, as the sampler does, not G times.
+
+    Rows come in P groups of G = B / P that share one prompt: prompts is the P distinct prompts'
+    processor batch, left-padded exactly as the rows' prompts (rollout.Rollout.shared_prompts). The
+    prompts run once with a KV cache, which is repeated for the G rows of each; the completions then
+    run on top of it, at the positions that follow their prompt. The cache keeps its autograd graph,
+    so every completion's gradient flows back into its prompt and images. The same function as the
+    whole-row forward, up to float rounding (~1e-6): for RL rows (prompt ~ 5x the completion) the
+    decoder reads ~1/G of the prompt tokens and the vision tower 1/G of the images.
+    """
+    from nanoalign.sampler import expand_row_state, prompt_positions
+
+    num_prompts, prompt_width = prompts["input_ids"].shape  # (P, Tp), left-padded
+    group = input_ids.shape[0] // num_prompts
+    prompt_lengths = prompts["attention_mask"].sum(1).repeat_interleave(group)  # (B,) real prompt tokens per row
+    positions = prompt_positions(hf_model, prompts)  # (P, Tp) or (C, P, Tp)
+    out = hf_model.model(**prompts, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group)
+    expand_row_state(hf_model, group)
+    # Row b's completion is input_ids[b, prompt_lengths[b]:]; lay the completions out as (B, L).
+    width = input_ids.shape[1]
+    steps = torch.arange(width - int(prompt_lengths.min()), device=input_ids.device)  # (L,)
+    source = prompt_lengths[:, None] + steps  # (B, L) column of each completion token in its row
+    valid = source < width
+    source = source.clamp(max=width - 1)
+    completion_ids = input_ids.gather(1, source).masked_fill(~valid, 0)
+    completion_mask = attention_mask.gather(1, source) * valid
+    completion_positions = positions[..., -1:].repeat_interleave(group, dim=-2) + 1 + steps  # (B, L) or (C, B, L)
+    completion = hf_model.model(
+        input_ids=completion_ids, position_ids=completion_positions, past_key_values=cache, use_cache=True,
+        attention_mask=torch.cat([prompts["attention_mask"].repeat_interleave(group, dim=0), completion_mask], dim=1),
+    ).last_hidden_state  # (B, L, H)
+    # Back to the rows' layout: column t < prompt length reads the prompt's states (shifted past
+    # its left padding), the rest the completion's.
+    columns = torch.arange(width, device=input_ids.device)[None]  # (1, T)
+    in_prompt = columns < prompt_lengths[:, None]  # (B, T)
+    prompt_index = (columns + prompt_width - prompt_lengths[:, None]).clamp(max=prompt_width - 1)
+    completion_index = (columns - prompt_lengths[:, None]).clamp(0, completion.shape[1] - 1)
+    prompt_hidden = out.last_hidden_state.repeat_interleave(group, dim=0)  # (B, Tp, H)
+    size = completion.shape[-1]
+    return torch.where(
+        in_prompt[..., None],
+        prompt_hidden.gather(1, prompt_index[..., None].expand(-1, -1, size)),
+        completion.gather(1, completion_index[..., None].expand(-1, -1, size)),
+    )
 
 
 class _ChunkedLogps(torch.autograd.Function):

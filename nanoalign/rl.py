@@ -204,6 +204,7 @@ def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
     sample_ids = rollout.sample_ids or [f"completion {i}" for i in range(len(masks))]
     batch = pack_rows(run.processor, rollout.prompt_enc, completions, masks, sample_ids, run.cfg.max_length, run.pad_id)
     batch.num_skipped += num_image_tokens
+    batch.shared_prompts = rollout.shared_prompts
     return batch.to(run.device)
 
 

@@ -51,6 +51,9 @@ class Rollout:
     texts: list[str]  # decoded completions, for the reward functions
     sampler_logps: list[list[float]] | None = None  # the sampler's log-prob of each sampled id (vLLM; None in-process)
     sample_ids: list[str] = field(default_factory=list)  # the dataset sample of each row, for error messages
+    # The distinct prompts (left-padded as their rows in prompt_enc) when rows come G per prompt and the
+    # model is one nanoalign's sampler serves; training then reads each prompt once (Batch.shared_prompts).
+    shared_prompts: dict = field(default_factory=dict)
 
 
 def generation_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, stop_ids, pad_id) -> GenerationConfig:
@@ -108,6 +111,7 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
             end_ids=image_token_ids(processor),  # a sampled image placeholder ends the completion (see completion_batch)
         )  # fmt: skip
         completion_ids, has_eos = samples.ids, samples.has_eos
+        shared = distinct if num_generations > 1 else {}
     else:
         if sampler == "nanoalign":
             warn_fallback(reason)
@@ -116,8 +120,9 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
         )
         out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
         completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
+        shared = {}  # HF generate's path stays TRL's all the way: every row forwarded whole in training too
     decoded = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(enc, completion_ids, has_eos, decoded)
+    return Rollout(enc, completion_ids, has_eos, decoded, shared_prompts=shared)
 
 
 def generating(model):

@@ -110,17 +110,17 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
     return ids, scaled.log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
 
 
-def prefill(hf_model, prompt_enc: dict):
-    """One forward over the P distinct prompts -> last logits (P, V) fp32, the KV cache, positions.
+def prompt_positions(hf_model, prompt_enc: dict) -> torch.Tensor:
+    """The family's own positions of a left-padded processor batch, (P, T) or (C, P, T) (Qwen2.5-VL:
+    C = 4, a text row + t/h/w rows); a token that follows sits one past its row's last position."""
+    mm_inputs = {k: v for k, v in prompt_enc.items() if k != "input_ids"}
+    return hf_model._prepare_position_ids_for_generation(prompt_enc["input_ids"], mm_inputs)
 
-    positions: the family's own, (P, T) or (C, P, T) (Qwen2.5-VL: C = 4, a text row + t/h/w rows).
-    """
-    input_ids, attention_mask = prompt_enc["input_ids"], prompt_enc["attention_mask"]  # (P, T) each, left-padded
-    mm_inputs = {k: v for k, v in prompt_enc.items() if k not in ("input_ids", "attention_mask")}
-    positions = hf_model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask, **mm_inputs})
-    out = hf_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1, **mm_inputs
-    )
+
+def prefill(hf_model, prompt_enc: dict):
+    """One forward over the P distinct prompts -> last logits (P, V) fp32, the KV cache, positions."""
+    positions = prompt_positions(hf_model, prompt_enc)
+    out = hf_model(**prompt_enc, position_ids=positions, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values, positions
 
 

@@ -112,7 +112,9 @@ def fixed_rollouts(samples, run, num_generations):
                 ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([end] if with_eos else []))
                 eos.append(with_eos)
                 decoded.append(text)
-        rollout = Rollout(enc, ids, eos, decoded)
+        # As nanoalign's sampler returns them: with the distinct prompts, so training reads each once.
+        distinct = process_prompts(run.processor, texts[::num_generations], [s["images"] for s in chunk], "left")
+        rollout = Rollout(enc, ids, eos, decoded, shared_prompts=distinct)
         rollout.sample_ids = completion_ids_of(chunk, num_generations)
         rollouts.append(rollout)
     return rollouts

@@ -5,6 +5,9 @@ row greedily repeats one token whatever its prompt, which would let a wrong posi
 copy or a lost image go unnoticed. Sharpened, greedy paths differ per prompt, image and position.
 """
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,13 +16,16 @@ from torch.testing import assert_close
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from nanoalign.batch import image_token_ids, process_prompts, render
-from nanoalign.model import Policy, shard_policy
+from nanoalign.model import Policy, shard_policy, vision_module
 from nanoalign.rl import completion_batch, completion_values
 from nanoalign.rollout import Rollout, generation_config, generating, sample_completions
 from nanoalign.rollout import split_completions
 from nanoalign.sampler import filter_logits, sample, unsupported
 from nanoalign.shapes import user_turn
 
+from conftest import subprocess_env  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["tiny", "tiny-llava"]
 MAX_NEW_TOKENS = 20
 # Prompts of different lengths (left padding), with one and with two images of different sizes.
@@ -86,14 +92,19 @@ def sample_kwargs(processor, stop_ids, **overrides):
 @pytest.mark.parametrize("num_generations", [1, 3])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_matches_hf_generate(name, num_generations, sharp, prompts):
-    # Token for token, per row, with each row stopping on its own: besides the real stop ids, the
-    # 5th token our sampler picks for the first prompt is made a stop id too, so rows end at
-    # different steps (a sharp random model seldom samples its real EOS).
-    processor, model, stop_ids = sharp(name)
+    # Token for token, per row, with each row stopping on its own: besides the real stop ids, one
+    # token of the first prompt's greedy path is made a stop id too (the first from its 3rd on with
+    # which some rows stop and some run to the cap), so rows end at different steps (a sharp random
+    # model seldom samples its real EOS).
+    processor, model, real_stop_ids = sharp(name)
     distinct, rows = encode(processor, prompts, num_generations)
     assert len(set(distinct["attention_mask"].sum(1).tolist())) == len(PROMPTS)  # really left-padded
-    first = sample(model, distinct, num_samples=1, greedy=True, **sample_kwargs(processor, stop_ids))
-    stop_ids = stop_ids | {first.ids[0][4]}
+    first = sample(model, distinct, num_samples=1, greedy=True, **sample_kwargs(processor, real_stop_ids))
+    for token in first.ids[0][2:]:
+        stop_ids = real_stop_ids | {token}
+        trial = sample(model, distinct, num_samples=1, greedy=True, **sample_kwargs(processor, stop_ids))
+        if any(trial.has_eos) and any(len(ids) == MAX_NEW_TOKENS for ids in trial.ids):
+            break
 
     ours = sample(model, distinct, num_samples=num_generations, greedy=True, **sample_kwargs(processor, stop_ids))
     our_state = getattr(model.model, "rope_deltas", None)  # Qwen's per-row M-RoPE shift, one per decoded row
@@ -128,6 +139,56 @@ def test_logps_equal_the_trainers_recomputed_logps(name, sharp, prompts):
     image_ids = image_token_ids(processor)
     assert counted.sum() == sum(len(ids) for ids in samples.ids if not image_ids & set(ids)) > 0
     assert_close(sampler_logps[counted], trainer_logps[counted], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_shared_prompt_forward_equals_whole_rows(name, sharp, prompts):
+    # Training rows whose G completions share one prompt (an RL micro-batch): the policy reads each
+    # prompt and image once and runs the completions on its repeated KV cache. Log-probs, entropies
+    # and every parameter's gradient must equal the whole-row forward's, on prompts of different
+    # lengths with one and two images, and the vision tower must see only the distinct images.
+    processor, model, stop_ids = sharp(name, 3.0)
+    distinct, rows = encode(processor, prompts, 3)
+    samples = sample(model, distinct, num_samples=3, generator=torch.Generator().manual_seed(0), **sample_kwargs(processor, stop_ids))
+    rollout = Rollout(rows, samples.ids, samples.has_eos, texts=[], shared_prompts=distinct)
+    run = SimpleNamespace(processor=processor, cfg=SimpleNamespace(max_length=1024), pad_id=processor.tokenizer.pad_token_id, device="cpu")
+    batch = completion_batch(rollout, run, mask_truncated=False)
+    assert len({len(ids) for ids in samples.ids}) > 1  # completions of different lengths (right padding)
+    policy = Policy(model)
+    weights = torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(1)) * batch.mask
+    vision_inputs = []
+    hook = vision_module(model).register_forward_pre_hook(lambda m, args, kwargs: vision_inputs.append(next(iter(kwargs.values()), None) if not args else args[0]), with_kwargs=True)
+    results = []
+    for inputs in (batch.model_inputs(), {k: v for k, v in batch.model_inputs().items() if k != "shared_prompts"}):
+        model.zero_grad()
+        logps, entropy = policy(**inputs, temperature=0.7, with_entropy=True, logps_mask=batch.mask)
+        (logps * weights).sum().backward()
+        results.append((logps, entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    (shared, shared_entropy, shared_grads), (whole, whole_entropy, whole_grads) = results
+    assert "shared_prompts" in batch.model_inputs()
+    assert vision_inputs[0].shape[0] * 3 == vision_inputs[1].shape[0]  # the shared forward saw each image once
+    assert_close(shared, whole, atol=2e-5, rtol=0)
+    assert_close(shared_entropy, whole_entropy, atol=2e-5, rtol=0)
+    assert shared_grads.keys() == whole_grads.keys() and any(n.startswith("model." + "visual") or "vision" in n for n in shared_grads)
+    for n in whole_grads:
+        assert_close(shared_grads[n], whole_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+
+
+def test_shared_prompt_forward_on_two_fsdp_ranks_equals_whole_rows(tiny_dirs, tmp_path):
+    # Two forwards of every FSDP2 unit (prompts, then completions) before one backward: the gradients
+    # summed over ranks must be the whole-row forward's.
+    out = tmp_path / "result.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "shared_prompts_worker.py"), str(tiny_dirs["tiny"]), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    shared, whole = result["shared"], result["whole"]
+    assert result["world_size"] == 2 and shared["grads"].keys() == whole["grads"].keys() and whole["grads"]
+    assert_close(shared["logps"], whole["logps"], atol=1e-5, rtol=0)
+    for name, grad in whole["grads"].items():
+        assert_close(shared["grads"][name], grad, atol=1e-6, rtol=1e-3, msg=name)
 
 
 def test_seeded_sampling_is_reproducible(sharp, prompts):
