@@ -70,6 +70,8 @@ class Policy(nn.Module):
     logps_mask (B, T), optional: compute them only where it is 1 and return 0 elsewhere. Losses only
     read completion tokens, and prompts (image tokens included) are most of a row, so this skips most
     of the lm_head work, which dominates at real vocabulary sizes (TRL's logits_to_keep does the same).
+    shared_prompts, optional: the distinct prompts of rows that come G per prompt (RL); each prompt
+    is then read once (`shared_prompt_hidden`; TRL reads every row whole), same numbers to rounding.
     """
 
     def __init__(self, hf_model, logps_chunk_size: int = 128):
