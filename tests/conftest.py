@@ -49,15 +49,18 @@ def dist_world():
 
 @pytest.fixture(scope="session")
 def load_family(tiny_dirs):
-    """load_family(name) -> (processor, fresh fp32 HF model, stop ids) for "tiny" or "tiny-llava".
+    """load_family(name) -> (processor, fresh fp32 HF model, stop ids) for any built-in family
+    ("tiny" and "tiny-llava" are built for the session; the others on first use).
 
     The stop ids are derived exactly as train.py does (tokenizer EOS + generation-config EOS).
     """
     from nanoalign.model import load_hf_model, load_processor
+    from nanoalign.tiny import ensure_tiny
 
     def load(name: str):
-        processor = load_processor(str(tiny_dirs[name]))
-        model = load_hf_model(str(tiny_dirs[name])).eval()
+        model_dir = str(tiny_dirs[name] if name in tiny_dirs else ensure_tiny(name))
+        processor = load_processor(model_dir)
+        model = load_hf_model(model_dir).eval()
         eos = model.generation_config.eos_token_id
         stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         return processor, model, stop_ids

@@ -44,16 +44,6 @@ def sharpen(model, factor: float = 6.0):
     return model
 
 
-def load_other_family(name: str):
-    """A built-in family beyond tiny / tiny-llava, loaded as load_family does."""
-    from nanoalign.model import load_hf_model, load_processor
-    from nanoalign.tiny import ensure_tiny
-
-    processor, model = load_processor(str(ensure_tiny(name))), load_hf_model(str(ensure_tiny(name))).eval()
-    eos = model.generation_config.eos_token_id
-    return processor, model, {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-
-
 @pytest.fixture(scope="module")
 def sharp(load_family):
     """sharp(name, factor=6) -> (processor, eval-mode sharpened model, stop ids), built once each."""
@@ -61,7 +51,7 @@ def sharp(load_family):
 
     def get(name: str, factor: float = 6.0):
         if (name, factor) not in built:
-            processor, model, stop_ids = load_family(name) if name in FAMILIES else load_other_family(name)
+            processor, model, stop_ids = load_family(name)
             built[name, factor] = (processor, sharpen(model, factor), stop_ids)
         return built[name, factor]
 
