@@ -361,7 +361,7 @@ def train(cfg: Config) -> dict:
             if rank == 0:
                 print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
     if rank == 0:
-        if first_eval_accuracy := first_logged(out_dir, "eval/accuracy"):
+        if (first_eval_accuracy := first_logged(out_dir, "eval/accuracy")) is not None:  # 0.0 is a start too
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)

@@ -204,6 +204,15 @@ def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_di
             assert_close(cut[step][key], full[step][key], rtol=1e-6, atol=1e-7, msg=f"step {step} {key}")
 
 
+def test_summary_line_reports_a_start_accuracy_of_zero(tmp_path, tiny_dirs, capsys):
+    # The random tiny model answers no held-out question right at step 0, so the run starts at 0.0:
+    # the summary must still say where it started (it once took 0.0 for "no accuracy eval").
+    argv = flags(tmp_path, **{"max-steps": 1, "save-every": 0, "eval-split": "eval", "num-eval-samples": 4, "no-export": None})
+    metrics = train_module.train(train_module.parse_config(argv))
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/accuracy"] == 0.0
+    assert f"eval accuracy: start 0.000 -> end {metrics['eval/accuracy']:.3f}" in capsys.readouterr().out
+
+
 @pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # a half-written one may be rewritten
 def test_resume_after_sigkill(tmp_path, tiny_dirs):
     # A real kill: `python train.py` is SIGKILLed as soon as a checkpoint exists (it may be anywhere
