@@ -4,10 +4,12 @@
     bash bench/gpu_check.sh --cpu           # the same stages at tiny sizes on CPU (CI runs this)
 
 Stages (each reports "ok", "skipped: why" or "failed: error"; one failing does not stop the others):
-  1. sft_3b, gspo_3b: bf16 FSDP2 training steps on a random-init Qwen2.5-VL with the 3B model's
-     configuration (text 2048 x 36 layers, vision 1280 x 32 blocks; the tokenizer, and so the
-     vocabulary, is nanoalign's tiny one, so lm_head is small). GSPO samples in-process (HF generate
-     under gathered_for_generation). Reported: median step time, tokens/s, MFU and peak memory.
+  1. sft_3b, gspo_3b: bf16 FSDP2 training steps, run by train.train (train.py's own setup and loop),
+     on a random-init Qwen2.5-VL with the 3B model's configuration (text 2048 x 36 layers, vision
+     1280 x 32 blocks; the tokenizer, and so the vocabulary, is nanoalign's tiny one, so lm_head is
+     small). GSPO samples in-process (nanoalign's sampler under gathered_for_generation). Reported:
+     median step time (train.py's step_time without the prepare/rollout part, which is reported
+     apart), tokens/s, MFU and peak memory; the step times come from the run's metrics.jsonl.
      MFU = 6 * (text parameters * text tokens + vision parameters * patches) / step time / peak, the
      peak being the GPU's dense bf16 figure from its data sheet (attention's T^2 term left out: under
      2% at these lengths).
@@ -19,8 +21,8 @@ Stages (each reports "ok", "skipped: why" or "failed: error"; one failing does n
 
 It needs torch, transformers, tokenizers, pillow and safetensors; datasets and vLLM are not used.
 tyro (train.py's command line) and math-verify + sympy (the accuracy reward) are replaced by inert
-stand-ins when missing, with a note: the check calls train.py's functions directly, and GSPO scores
-a "\\boxed{}" format reward.
+stand-ins when missing, with a note: the check builds train.py's Config itself (the preset with
+dataclasses.replace) and calls train.train, and GSPO scores a "\\boxed{}" format reward.
 Results: a table on stdout and bench/results/gpu_check.json (or --out).
 """
 
@@ -64,7 +66,7 @@ def stub_missing_packages() -> list[str]:
         module = types.ModuleType(name)
         module.__getattr__ = lambda attr, _name=name: Unavailable
         sys.modules[name] = module
-        why = "train.py's command line is unavailable; its functions are called directly" if name == "tyro" else "the accuracy reward is unavailable"
+        why = "train.py's command line is unavailable; train.train is called with a Config" if name == "tyro" else "the accuracy reward is unavailable"
         notes.append(f"{name} is not installed: a stand-in is used ({why})")
     return notes
 
@@ -103,9 +105,9 @@ def bf16_peak(device) -> tuple[float, str]:
 
 
 def random_weights(policy, model_dir: str, device) -> None:
-    """Stands in for train.py's checkpoint loading: allocate the shards and draw N(0, 0.02) weights
-    (norm weights 1, biases 0). Writing and reading 14 GB of random fp32 weights would take longer
-    than the steps; the loader itself is exercised by bf16_vs_fp32."""
+    """Stands in for the checkpoint loading of train.py's build_policy: allocate the shards and draw
+    N(0, 0.02) weights (norm weights 1, biases 0). Writing and reading 14 GB of random fp32 weights
+    would take longer than the steps; the loader itself is exercised by bf16_vs_fp32."""
     import torch
 
     from nanoalign.loading import materialize
@@ -120,24 +122,15 @@ def random_weights(policy, model_dir: str, device) -> None:
                 p.fill_(0.0 if name.endswith("bias") else 1.0)
 
 
-def random_policy(size: ModelSize, cfg, mesh):
-    """train.build_policy (meta device, train mode, dropout off, FSDP2 bf16 plan) of a config-only
-    directory for `size`, with random weights instead of a checkpoint. Returns (policy, directory)."""
-    import train
-
+def config_only_dir(size: ModelSize) -> str:
+    """A model directory for `size` with a config and the tiny model's tokenizer and processor, no weights."""
     out = Path(tempfile.mkdtemp(prefix="gpu_check_config_"))
     tiny = Path(model_dir("tiny"))
     model_config(tiny, size).save_pretrained(out)
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
         if (tiny / name).exists():
             (out / name).write_bytes((tiny / name).read_bytes())
-    load = train.load_hf_weights
-    train.load_hf_weights = random_weights
-    try:
-        policy = train.build_policy(str(out), cfg, mesh, bf16=True, trainable=True)
-    finally:
-        train.load_hf_weights = load
-    return policy, str(out)
+    return str(out)
 
 
 def counts(policy) -> dict:
@@ -158,69 +151,82 @@ def model_flops(n: dict, batch) -> float:
     return 6 * (n["text"] * tokens + n["vision"] * patches)
 
 
-def train_steps(algo_name: str, size: ModelSize, args, device, mesh, rank: int, world_size: int) -> dict:
-    """A few bf16 optimizer steps of SFT or GSPO on the random-init model; timings of the measured ones."""
-    import torch
+class Measured:
+    """An algorithm module as train.py calls it, with prepare() timed (GSPO: the rollouts) and the
+    tokens and FLOPs of each step's micro-batches counted, keyed by the step (run.step) they serve."""
 
-    from nanoalign import grpo, sft
+    def __init__(self, algo, device):
+        self.algo, self.device = algo, device
+        self.prepare_s, self.tokens, self.flops, self.params = {}, {}, {}, None
+
+    def __getattr__(self, name):  # DATA_FORMAT, needs_reference, samples_per_round, evaluate
+        return getattr(self.algo, name)
+
+    def prepare(self, samples, run):
+        sync(self.device)
+        t0 = time.perf_counter()
+        prepared = self.algo.prepare(samples, run)
+        sync(self.device)
+        self.prepare_s[run.step] = time.perf_counter() - t0
+        return prepared
+
+    def loss(self, micro, run):
+        if self.params is None:
+            self.params = counts(run.policy)
+        self.tokens[run.step] = self.tokens.get(run.step, 0.0) + float(micro.batch.attention_mask.sum())
+        self.flops[run.step] = self.flops.get(run.step, 0.0) + model_flops(self.params, micro.batch)
+        return self.algo.loss(micro, run)
+
+
+def train_steps(algo_name: str, size: ModelSize, args, device) -> dict:
+    """A few bf16 optimizer steps of SFT or GSPO on the random-init model, run by train.train itself
+    (its setup, loop and metrics.jsonl); timings of the steps after the warm-up ones."""
+    import train
     from nanoalign.config import PRESETS
-    from nanoalign.data import prepare_sample
-    from nanoalign.model import load_processor
-    from nanoalign.rollout import InProcess
-    from nanoalign.runtime import Run
-    from nanoalign.shapes import shapes_sample
+    from nanoalign.metrics import read_metrics
 
     from common import suppress_image_token_in_rollouts
 
-    algo = {"sft": sft, "gspo": grpo}[algo_name]
-    cfg = dataclasses.replace(
-        PRESETS[algo_name](), batch_size=args.batch_size, max_length=1024, max_completion_length=args.completion_length,
-        num_generations=args.generations, steps_per_generation=1, lr=1e-5,
+    path, out_dir = config_only_dir(size), tempfile.mkdtemp(prefix="gpu_check_run_")
+    overrides = dict(
+        model=path, out_dir=out_dir, dtype="bfloat16", batch_size=args.batch_size, max_length=1024,
+        max_completion_length=args.completion_length, lr=1e-5, max_steps=args.warmup + args.steps, eval_split="",
+        log_every=1, save_every=0, export=False, resume=False,
     )  # fmt: skip
-    policy, path = random_policy(size, cfg, mesh)
-    processor = load_processor(path)
-    eos = policy.hf.generation_config.eos_token_id
-    stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    run = Run(cfg, processor, policy, None, rank, world_size, device, stop_ids, processor.tokenizer.pad_token_id)
-    run.reward_funcs = [boxed_reward]
-    run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=run.pad_id, device=device, sampler=cfg.sampler)  # as train.py
-    if algo is grpo:
-        cfg = run.cfg = dataclasses.replace(cfg, reward_funcs=("boxed",), reward_weights=(1.0,))
+    if algo_name == "gspo":  # one generation per step; the accuracy reward needs math-verify, a format reward nothing
+        overrides.update(num_generations=args.generations, steps_per_generation=1,
+                         reward_funcs=("bench.gpu_check:boxed_reward",), reward_weights=(1.0,))  # fmt: skip
         suppress_image_token_in_rollouts(path)  # a random model samples <|image_pad|> like any token
-    n = counts(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # as train.py
+    # The preset with these flags: what train.parse_config builds from a command line, without tyro
+    # (not installed on the bare GPU image).
+    cfg = dataclasses.replace(PRESETS[algo_name](), **overrides)
+    measured = Measured(train.ALGOS[algo_name], device)
+    # Names train.train looks up in its module: the measured algorithm, random weights instead of a
+    # checkpoint (build_policy's loader; follow build_policy if it moves), and no checkpoint of 3B
+    # parameters and their optimizer state at the last step.
+    replaced = {"ALGOS": {**train.ALGOS, algo_name: measured}, "load_hf_weights": random_weights,
+                "save_checkpoint": lambda *args, **kwargs: None}  # fmt: skip
+    saved = {name: getattr(train, name) for name in replaced}
+    for name, value in replaced.items():
+        setattr(train, name, value)
+    try:
+        train.train(cfg)
+    finally:
+        for name, value in saved.items():
+            setattr(train, name, value)
+    records = read_metrics(Path(out_dir) / "metrics.jsonl")
+    steps = []
+    for record in records[args.warmup :]:
+        index = record["step"] - 1  # run.step while the step was prepared and computed
+        step_s = record["step_time"] - measured.prepare_s.get(index, 0.0)  # training alone, as MFU counts it
+        steps.append({"step_s": step_s, "prepare_s": measured.prepare_s.get(index, 0.0), "tokens": measured.tokens[index],
+                      "flops": measured.flops[index]})  # fmt: skip
     peak, peak_source = bf16_peak(device)
-    per_round = algo.samples_per_round(cfg)
-    fmt = algo.DATA_FORMAT
-    steps, losses = [], []
-    for step in range(args.warmup + args.steps):
-        samples = [prepare_sample(shapes_sample("train", step * per_round + i, fmt), fmt, f"sample {i}") for i in range(per_round)]
-        sync(device)
-        t0 = time.perf_counter()
-        micro_batches, _ = algo.prepare(samples, run)  # GSPO: the rollouts (generation) happen here
-        sync(device)
-        t1 = time.perf_counter()
-        flops = 0.0
-        for micro in micro_batches:
-            loss, _ = algo.loss(micro, run)
-            loss.backward()
-            flops += model_flops(n, micro.batch)
-            losses.append(float(loss.detach()))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        t2 = time.perf_counter()
-        if step >= args.warmup:
-            tokens = sum(float(m.batch.attention_mask.sum()) for m in micro_batches)
-            steps.append({"step_s": t2 - t1, "prepare_s": t1 - t0, "tokens": tokens, "flops": flops})
     step_s = median([s["step_s"] for s in steps])
-    flops = median([s["flops"] for s in steps])
     return {
-        "params_M": n["total"] / 1e6, "step_s": step_s, "prepare_s": median([s["prepare_s"] for s in steps]),
-        "tokens_per_s": median([s["tokens"] for s in steps]) / step_s, "mfu": flops / step_s / peak,
-        "peak_source": peak_source, "peak_mem_gib": peak_memory_gib(device), "first_loss": losses[0],
+        "params_M": measured.params["total"] / 1e6, "step_s": step_s, "prepare_s": median([s["prepare_s"] for s in steps]),
+        "tokens_per_s": median([s["tokens"] for s in steps]) / step_s, "mfu": median([s["flops"] for s in steps]) / step_s / peak,
+        "peak_source": peak_source, "peak_mem_gib": peak_memory_gib(device), "first_loss": records[0]["loss"],
     }  # fmt: skip
 
 
@@ -320,8 +326,8 @@ def main() -> None:
     small = model_dir("tiny") if args.cpu else model_dir("small", SIZES["small"])
     num_gpus = torch.cuda.device_count()
     stages = {
-        "sft_3b": lambda: train_steps("sft", big, args, device, mesh, rank, world_size),
-        "gspo_3b": lambda: train_steps("gspo", big, args, device, mesh, rank, world_size),
+        "sft_3b": lambda: train_steps("sft", big, args, device),
+        "gspo_3b": lambda: train_steps("gspo", big, args, device),
         "bf16_vs_fp32": lambda: bf16_vs_fp32(small, device, mesh, rank, world_size),
         "two_process_grads": lambda: two_process_grads(small, device),
     }

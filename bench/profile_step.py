@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_model_flags, child_spec, emit, median, model_from_args, print_table, run_child  # noqa: E402
+from bench.common import add_model_flags, child_spec, emit, median, model_from_args, print_table, run_child, write_json  # noqa: E402
 
 PATCHES = ("adamw_foreach", "adamw_fused", "no_reshard", "no_fsdp")
 PROPOSED = ["adamw_fused", "no_fsdp"]  # the changes BENCHMARKS.md proposes for nanoalign (no_fsdp: one fp32 process)
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--combine", action="store_true", help="also time the proposed set together: " + "+".join(PROPOSED))
     parser.add_argument("--repeats", type=int, default=2, help="A/B rounds (interleaved)")
     parser.add_argument("--trees", nargs="*", default=[], help="other checkouts to time as variants (their own train.py and nanoalign/)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="--ab: JSON output (default bench/results/profile_step-<model>-ab.json)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     model = model_from_args(args)
@@ -192,10 +192,8 @@ def main() -> None:
     name = args.model if args.model in ("tiny", "small") else Path(model).name
     print_table(rows, [("variant", "variant", "s"), ("step (s)", "step_s", ".4f"), ("speed-up vs baseline", "speedup", ".2f"),
                        ("peak mem (MiB)", "peak_mib", ".0f"), ("steps timed", "n", "d")], title=f"A/B: {args.algo} on {name}, {args.threads} threads")  # fmt: skip
-    if args.out:
-        from bench.common import write_json
-
-        write_json(args.out, {"model": model, "args": vars(args), "rows": rows, "times": times, "peaks_mib": peaks})
+    out = args.out or Path(__file__).parent / "results" / f"profile_step-{name}-ab.json"
+    write_json(out, {"model": model, "args": vars(args), "rows": rows, "times": times, "peaks_mib": peaks})
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_modes.json"))
+    parser.add_argument("--out", default=None, help="JSON output (default bench/results/rollout_modes-<models>.json)")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / f"rollout_modes-{'-'.join(args.models)}.json")
     from nanoalign.vllm_client import VLLMClient, free_port
 
     rows = []

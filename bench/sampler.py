@@ -1,7 +1,7 @@
 """In-process generation: nanoalign's sampler against HF generate, P prompts x G samples.
 
-    python bench/bench_sampler.py                              # tiny and small, G = 1 4 8 16
-    python bench/bench_sampler.py --models small --generations 8 --repeats 5
+    python bench/sampler.py                              # tiny and small, G = 1 4 8 16
+    python bench/sampler.py --models small --generations 8 --repeats 5
 
 One measurement = one `nanoalign.rollout.sample_completions` call, what an RL step pays for its
 rollouts: the processor on the P*G training rows, then either nanoalign's sampler (--sampler

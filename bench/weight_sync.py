@@ -1,8 +1,8 @@
 """Weight sync into a real vLLM server: seconds per sync, against a raw broadcast of the same bytes.
 
-    python bench/bench_weight_sync.py                       # built-in tiny model, starts its own server
-    python bench/bench_weight_sync.py --model small         # ~70M parameters (bench/common.py sizes)
-    python bench/bench_weight_sync.py --url http://127.0.0.1:8000 --model DIR   # a server already running
+    python bench/weight_sync.py                       # built-in tiny model, starts its own server
+    python bench/weight_sync.py --model small         # ~70M parameters (bench/common.py sizes)
+    python bench/weight_sync.py --url http://127.0.0.1:8000 --model DIR   # a server already running
 
 One sync = what train.py does per `--vllm-sync-every` steps (nanoalign.vllm_client.WeightSync.sync):
 pause, start, gather every FSDP2 parameter, broadcast them in buckets while the server loads them,
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--url", default=None, help="use this running server instead of starting one (it must serve --model)")
     p.add_argument("--steps", type=int, default=5, help="timed syncs (after one warm-up sync)")
     p.add_argument("--bucket-mb", type=float, default=16.0, help="WeightSync bucket size")
-    p.add_argument("--out", default="runs/bench_weight_sync.json")
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/weight_sync-<model>.json)")
     args = p.parse_args()
 
     import torch
@@ -92,6 +92,8 @@ def main() -> None:
     from nanoalign.vllm_client import VLLMClient, WeightSync, free_port, plan_buckets
 
     model = model_from_args(args)
+    name = args.model if args.model in ("tiny", "small") else Path(model).name
+    args.out = args.out or str(Path(__file__).parent / "results" / f"weight_sync-{name}.json")
     proc, startup_s = None, None
     url = args.url
     if url is None:
