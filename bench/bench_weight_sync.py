@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_model_flags, machine_info, model_from_args, print_table, write_json  # noqa: E402
+from bench.common import add_model_flags, load_hf_model, machine_info, model_from_args, print_table, write_json  # noqa: E402
 
 
 def raw_receiver(port: int, buckets: list[tuple[int, str]], rounds: int) -> None:
@@ -86,7 +86,7 @@ def main() -> None:
 
     import torch
 
-    from nanoalign.model import Policy, load_hf_model, shard_policy
+    from nanoalign.model import Policy, shard_policy
     from nanoalign.runtime import device_mesh, init_distributed
     from nanoalign.shapes import shapes_sample
     from nanoalign.vllm_client import VLLMClient, WeightSync, free_port, plan_buckets

@@ -42,11 +42,6 @@ from nanoalign.rl import (  # samples_per_round: part of the module interface tr
     token_logps,
 )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
 
 # -----------------------------------------------------------------------------
 # Rewards -> advantages
@@ -58,12 +53,10 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     rewards: (N,) or (N, K) weighted rewards, NaN = not scorable; N = num_prompts * num_generations,
         the G completions of one prompt in consecutive rows, gathered across ranks by the caller.
     scale_rewards: "group" (divide by the group std, ddof=1), "batch" (by the std of all non-NaN
-        rewards) or "none" (Dr. GRPO).
+        rewards) or "none" (Dr. GRPO): Config's Literal, checked when the flags are parsed.
     Returns advantages (N,), never NaN: unscorable rows, and groups whose scorable rewards are all
     equal (constant_groups), get exactly 0.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
     R = combine_rewards(rewards)  # (N,)
     check_groups(R.numel(), num_generations)
     grouped = R.view(-1, num_generations)  # (P, G)
@@ -87,11 +80,10 @@ def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float)
     TRL's vLLM importance-sampling correction: d_t = (l_old_t - l_vllm_t) M;
     token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
     *_truncate: rho = min(rho, cap). *_mask: rho = 0 where rho > cap (TRL v1.x: no lower bound).
+    mode: one of Config.vllm_is_correction's Literal names but "none" (the caller skips the call then).
     Returned detached: it is a fixed per-sample weight, never something to differentiate.
     The caller multiplies the per-token policy loss by it (`grpo_loss(..., sampler_weights=rho)`).
     """
-    if mode not in SAMPLER_CORRECTION_MODES:
-        raise ValueError(f"sampler correction mode={mode!r} is not one of {SAMPLER_CORRECTION_MODES}")
     if cap <= 0:
         raise ValueError(f"sampler correction cap must be > 0, got {cap}")
     if old_logps.shape != sampler_logps.shape or old_logps.shape != mask.shape:
@@ -139,6 +131,8 @@ def grpo_loss(
         0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
         generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
     advantages: (B,) from `group_advantages`.
+    loss_type, importance_sampling_level: names from Config's Literals (checked when the flags are
+        parsed, not here); importance_sampling_level "token" = GRPO, "sequence" = GSPO.
     loss_type: grpo | bnpo | dr_grpo | dapo. The loss is a sum divided by `normaliser`:
         grpo     SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser    (each sequence's token mean)
         others   SUM M L / normaliser
@@ -150,13 +144,6 @@ def grpo_loss(
         term only, not the KL term.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS} "
-            "('token' = GRPO, 'sequence' = GSPO)"
-        )
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
     if normaliser is None or float(normaliser) < 0:
@@ -236,15 +223,6 @@ class MicroBatch:
 
 def needs_reference(cfg) -> bool:
     return cfg.beta > 0
-
-
-def trl_normaliser(loss_type: str, mask: torch.Tensor, max_completion_length=None, num_items=None):
-    """The normaliser that gives TRL's formula of `loss_type` on one micro-batch in one process (mask:
-    (B, T)); None when the loss type needs an argument it was not given. For tests and benchmarks."""
-    rows = mask.shape[0]
-    if loss_type == "dr_grpo":
-        return rows * max_completion_length if max_completion_length else None
-    return {"grpo": rows, "bnpo": max(float(mask.sum()), 1.0), "dapo": num_items}.get(loss_type)
 
 
 def step_normalisers(batches: list[Batch], cfg, run) -> list[float]:

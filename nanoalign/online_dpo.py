@@ -34,7 +34,7 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     """Pick (chosen, rejected) for each prompt. Returns (chosen_index, rejected_index, metrics).
 
     rewards: (2P,) or (2P, K) weighted rewards, NaN = not scorable; rows 2p and 2p+1 are the two
-        completions of prompt p. has_eos: (2P,) bool, False for completions cut at the length limit.
+        completions of prompt p (check_config sets num_generations = 2 for online DPO). has_eos: (2P,) bool, False for completions cut at the length limit.
     missing_eos_penalty: subtracted from the reward of completions without EOS (None = off).
     chosen_index, rejected_index: (P,) long row indices into the 2P completions.
     metrics: "valid" (P,) bool, False where both completions are unscorable (skip those pairs);
@@ -42,8 +42,6 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
         as detached 0-dim float tensors.
     """
     R = combine_rewards(rewards)  # (2P,)
-    if R.numel() % 2 != 0:
-        raise ValueError(f"online DPO needs 2 completions per prompt, got {R.numel()} rewards (odd)")
     if has_eos.shape != R.shape:
         raise ValueError(f"has_eos {tuple(has_eos.shape)} must be (2P,)={tuple(R.shape)}, one flag per completion")
     if missing_eos_penalty is not None:

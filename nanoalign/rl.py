@@ -46,8 +46,6 @@ def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
 
 def check_groups(num_rows: int, num_generations: int) -> None:
     """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     if num_rows % num_generations != 0:
         raise ValueError(
             f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "

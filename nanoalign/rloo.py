@@ -36,15 +36,10 @@ from nanoalign.runtime import all_gather_rows
 def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
     """Leave-one-out advantages (the objective above). Returns (N,), never NaN.
 
-    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations
-        consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations (>= 2,
+        check_config's rule for rloo) consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
     normalize: (A - mean) / (std + 1e-4) over the batch (TRL's normalize_advantages).
     """
-    if num_generations < 2:
-        raise ValueError(
-            f"RLOO needs num_generations >= 2 (each completion's baseline is the mean of the others), "
-            f"got {num_generations}"
-        )
     R = combine_rewards(rewards)  # (N,)
     check_groups(R.numel(), num_generations)
     if beta != 0:

@@ -26,7 +26,8 @@ if importlib.util.find_spec("vllm") is None:
 
 from conftest import subprocess_env  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
-from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy  # noqa: E402
+from bench.common import load_hf_model  # noqa: E402
+from nanoalign.model import Policy, load_processor, shard_policy  # noqa: E402
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 from nanoalign.tiny import build_tiny  # noqa: E402
