@@ -55,8 +55,8 @@ from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_i
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
 from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_processor, shard_policy, vision_module
-from nanoalign.rewards import load_reward_funcs
-from nanoalign.rollout import InProcess, accuracy
+from nanoalign.rewards import accuracy, load_reward_funcs
+from nanoalign.rollout import InProcess
 from nanoalign.runtime import (
     Run,
     agree_on_failure,
@@ -67,7 +67,7 @@ from nanoalign.runtime import (
     on_every_rank,
 )
 from nanoalign.tiny import BUILDERS, ensure_tiny, ensure_tiny_sft
-from nanoalign.vllm_client import VLLMServer
+from nanoalign.vllm_server import VLLMServer
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
 

@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_modes.json"))
     args = parser.parse_args()
-    from nanoalign.vllm_client import VLLMClient, free_port
+    from nanoalign.vllm_server import VLLMClient, free_port
 
     rows = []
     for name in args.models:

@@ -32,7 +32,8 @@ from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 from nanoalign.tiny import build_tiny  # noqa: E402
 from nanoalign.transfer import plan_buckets  # noqa: E402
-from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port, to_rollout  # noqa: E402
+from nanoalign.rollout import to_rollout  # noqa: E402
+from nanoalign.vllm_server import VLLMClient, VLLMError, WeightSync, free_port  # noqa: E402
 
 # One prompt with one image and one with two; every test samples from these.
 SAMPLES = [shapes_sample("eval", 0, "rl"), shapes_sample("eval", 1, "rl", images_per_sample=2)]
