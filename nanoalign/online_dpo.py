@@ -30,7 +30,8 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     """Pick (chosen, rejected) for each prompt. Returns (chosen_index, rejected_index, metrics).
 
     rewards: (2P,) or (2P, K) weighted rewards, NaN = not scorable; rows 2p and 2p+1 are the two
-        completions of prompt p (check_config sets num_generations = 2 for online DPO). has_eos: (2P,) bool, False for completions cut at the length limit.
+        completions of prompt p (check_config sets num_generations = 2 for online DPO).
+    has_eos: (2P,) bool, False for completions cut at the length limit.
     missing_eos_penalty: subtracted from the reward of completions without EOS (None = off).
     chosen_index, rejected_index: (P,) long row indices into the 2P completions.
     metrics: "valid" (P,) bool, False where both completions are unscorable (skip those pairs);
@@ -95,8 +96,7 @@ def pair_advantages(all_rewards, rollouts, micro, run) -> tuple[torch.Tensor, di
     for rollout, chunk_rewards in zip(rollouts, rewards.split(run.cfg.batch_size)):
         has_eos = torch.tensor(rollout.has_eos, device=chunk_rewards.device)
         chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=run.cfg.missing_eos_penalty)
-        texts = rollout.texts
-        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(texts[::2], texts[1::2])], device=has_eos.device)
+        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=has_eos.device)
         valid = pair_metrics["valid"] & ~empty  # unrankable (all rewards None) or both answers empty: skipped
         num_skipped += int((~valid).sum())
         totals = combine_rewards(chunk_rewards)  # (2P,)
