@@ -9,14 +9,14 @@ The loop reads top to bottom: set up the process group, model, reference model, 
 then for each optimizer step ask the algorithm module for micro-batches (`prepare`: for SFT/DPO the
 step's encoded samples, for RL a generation batch: rollouts, rewards, advantages) and for each
 micro-batch's loss (`loss`), backward, clip, step, log, evaluate, checkpoint. The loop never
-branches on the algorithm's name; each algorithm is one module with the same six names:
+branches on the algorithm's name; each algorithm is one module with the same names:
 
     DATA_FORMAT                  "sft" | "preference" | "rl": which columns its samples carry
     needs_reference(cfg)         whether a frozen reference model is loaded
     samples_per_round(cfg)       samples each rank draws per prepare() call
     prepare(samples, run)        -> (micro_batches, metrics); may span several optimizer steps (RL)
     loss(micro_batch, run)       -> (loss to backward, metrics)
-    evaluate(samples, run)       -> held-out metrics
+    evaluate(samples, run)       -> held-out metrics (optional; every run gets train.py's accuracy eval)
 
 One normalisation rule for every loss: FSDP2 sums gradients over ranks (model.shard_policy sets its
 divide factor to 1), the loop backwards each micro-batch's loss as it is, and each loss is a sum over
@@ -55,8 +55,8 @@ from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_i
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
 from nanoalign.metrics import MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_processor, shard_policy, vision_module
-from nanoalign.rewards import load_reward_funcs
-from nanoalign.rollout import InProcess, accuracy
+from nanoalign.rewards import accuracy, load_reward_funcs
+from nanoalign.rollout import InProcess
 from nanoalign.runtime import (
     Run,
     agree_on_failure,
@@ -67,7 +67,7 @@ from nanoalign.runtime import (
     on_every_rank,
 )
 from nanoalign.tiny import BUILDERS, ensure_tiny, ensure_tiny_sft
-from nanoalign.vllm_client import VLLMServer
+from nanoalign.vllm_server import VLLMServer
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
 
@@ -173,7 +173,8 @@ def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> list[d
 
 def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], model=None) -> dict:
     """Held-out metrics: the algorithm's own (e.g. eval loss) and greedy-decoding accuracy."""
-    metrics = algo.evaluate(algo_eval, run) if algo_eval else {}
+    own_eval = getattr(algo, "evaluate", None)  # optional: the RL methods have no held-out metric of their own
+    metrics = own_eval(algo_eval, run) if own_eval and algo_eval else {}
     if accuracy_eval:
         counts = accuracy(
             model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),

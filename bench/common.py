@@ -136,6 +136,23 @@ def build_model(tiny_dir: Path, size: ModelSize, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def load_hf_model(model_dir: str):
+    """A whole fp32 HF model in this process (benchmarks and tests; training loads sharded, nanoalign/loading.py)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def trl_normaliser(loss_type: str, mask, max_completion_length=None, num_items=None):
+    """The grpo_loss normaliser that gives TRL's formula of `loss_type` on one micro-batch in one process
+    (mask: (B, T)); None when the loss type needs an argument it was not given (tests, vs_trl.py)."""
+    rows = mask.shape[0]
+    if loss_type == "dr_grpo":
+        return rows * max_completion_length if max_completion_length else None
+    return {"grpo": rows, "bnpo": max(float(mask.sum()), 1.0), "dapo": num_items}.get(loss_type)
+
+
 def num_params(model_path: str) -> dict[str, int]:
     """Parameter counts of a saved model: total, text decoder (without embeddings) and vision tower."""
     from safetensors import safe_open

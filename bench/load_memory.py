@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULT_PREFIX, ROOT, SIZES, ModelSize, machine_info, mib, model_dir, num_params, print_table, write_json  # noqa: E402
+from common import RESULT_PREFIX, ROOT, SIZES, ModelSize, load_hf_model, machine_info, mib, model_dir, num_params, print_table, write_json  # noqa: E402
 
 # ~0.5B parameters: the 3B model's width class, fewer layers (fits 2 ranks x the old path's copies in RAM)
 SIZES_HERE = {**SIZES, "500m": dataclasses.replace(ModelSize(), hidden=1536, layers=14, heads=12, kv_heads=2, intermediate=6144,
@@ -78,7 +78,7 @@ def child(spec: dict) -> None:
     import train
     from nanoalign.config import Config
     from nanoalign.loading import export_hf
-    from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy
+    from nanoalign.model import Policy, load_processor, shard_policy
     from nanoalign.runtime import device_mesh, init_distributed
 
     torch.set_num_threads(1)

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/rollout_modes-<models>.json)")
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "bench" / "results" / f"rollout_modes-{'-'.join(args.models)}.json")
-    from nanoalign.vllm_client import VLLMClient, free_port
+    from nanoalign.vllm_server import VLLMClient, free_port
 
     rows = []
     for name in args.models:

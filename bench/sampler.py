@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import child_spec, emit, machine_info, model_dir, num_params, print_table, run_child, write_json  # noqa: E402
+from bench.common import child_spec, emit, load_hf_model, machine_info, model_dir, num_params, print_table, run_child, write_json  # noqa: E402
 
 SAMPLERS = ("nanoalign", "hf")
 
@@ -39,7 +39,7 @@ def child(spec: dict) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from nanoalign.batch import process_prompts, render
-    from nanoalign.model import load_hf_model, load_processor
+    from nanoalign.model import load_processor
     from nanoalign.rollout import sample_completions
     from nanoalign.sampler import prefill
     from nanoalign.shapes import shapes_sample

@@ -57,8 +57,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    add_step_flags, child_spec, current_rss_bytes, emit, machine_info, median, mib, model_from_args,
-    num_params, print_table, run_child, suppress_image_token_in_rollouts, write_json,
+    add_step_flags, child_spec, current_rss_bytes, emit, load_hf_model, machine_info, median, mib, model_from_args,
+    num_params, print_table, run_child, suppress_image_token_in_rollouts, trl_normaliser, write_json,
 )  # fmt: skip
 
 ALGOS = ["sft", "dpo", "mpo", "grpo", "gspo"]
@@ -269,7 +269,7 @@ def child_trl(spec: dict) -> None:
 def child_check(spec: dict) -> None:
     import torch
 
-    from nanoalign.model import Policy, load_hf_model, load_processor
+    from nanoalign.model import Policy, load_processor
 
     torch.set_num_threads(spec["threads"])
     algo = spec["algo"]
@@ -352,7 +352,7 @@ def rl_check(batch, policy, processor, cfg, spec) -> dict:
     """nanoalign's grpo_loss on TRL's first generation batch, and its advantages on TRL's rewards."""
     import torch
 
-    from nanoalign.grpo import group_advantages, grpo_loss, trl_normaliser
+    from nanoalign.grpo import group_advantages, grpo_loss
     from nanoalign.rewards import load_reward_funcs, score_completions
 
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]

@@ -4,7 +4,7 @@
     python bench/weight_sync.py --model small         # ~70M parameters (bench/common.py sizes)
     python bench/weight_sync.py --url http://127.0.0.1:8000 --model DIR   # a server already running
 
-One sync = what train.py does per `--vllm-sync-every` steps (nanoalign.vllm_client.WeightSync.sync):
+One sync = what train.py does per `--vllm-sync-every` steps (nanoalign.vllm_server.WeightSync.sync):
 pause, start, gather every FSDP2 parameter, broadcast them in buckets while the server loads them,
 finish (the server re-processes its layers), reset caches, resume. The baseline is the transport
 alone: the same buckets (same sizes, same dtypes) broadcast over gloo from this process to a second
@@ -25,14 +25,14 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_model_flags, machine_info, model_from_args, print_table, write_json  # noqa: E402
+from bench.common import add_model_flags, load_hf_model, machine_info, model_from_args, print_table, write_json  # noqa: E402
 
 
 def raw_receiver(port: int, buckets: list[tuple[int, str]], rounds: int) -> None:
     """The baseline's other end: receive `rounds` x the buckets into fresh buffers, nothing else."""
     import torch
 
-    from nanoalign.vllm_client import gloo_group
+    from nanoalign.transfer import gloo_group
 
     group = gloo_group("127.0.0.1", port, 1, 2, 300)
     for _ in range(rounds):
@@ -46,7 +46,7 @@ def raw_broadcast_seconds(buckets: list[tuple[int, str]], rounds: int) -> list[f
     import torch
     import torch.distributed as dist
 
-    from nanoalign.vllm_client import gloo_group
+    from nanoalign.transfer import gloo_group
 
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=300), wait_for_workers=False)
     receiver = torch.multiprocessing.get_context("spawn").Process(target=raw_receiver, args=(store.port, buckets, rounds + 1))
@@ -65,7 +65,7 @@ def raw_broadcast_seconds(buckets: list[tuple[int, str]], rounds: int) -> list[f
 
 
 def start_server(model: str, port: int, log_path: Path) -> tuple[subprocess.Popen, float]:
-    from nanoalign.vllm_client import VLLMClient
+    from nanoalign.vllm_server import VLLMClient
 
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "nanoalign.serve", "--model", model, "--port", str(port), "--max-model-len", "512"]
@@ -86,10 +86,11 @@ def main() -> None:
 
     import torch
 
-    from nanoalign.model import Policy, load_hf_model, shard_policy
+    from nanoalign.model import Policy, shard_policy
     from nanoalign.runtime import device_mesh, init_distributed
     from nanoalign.shapes import shapes_sample
-    from nanoalign.vllm_client import VLLMClient, WeightSync, free_port, plan_buckets
+    from nanoalign.transfer import plan_buckets
+    from nanoalign.vllm_server import VLLMClient, WeightSync, free_port
 
     model = model_from_args(args)
     name = args.model if args.model in ("tiny", "small") else Path(model).name

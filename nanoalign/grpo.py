@@ -31,21 +31,13 @@ Simplified / decided here:
       sequences, fully masked ones included); for every other input they agree.
 """
 
-from dataclasses import dataclass
-
 import torch
 
-from nanoalign.batch import Batch
-from nanoalign.rl import (  # samples_per_round: part of the module interface train.py drives
-    STD_EPS, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards, completion_values,
-    constant_groups, generation_round, keeps_old_logps, masked_mean, nan_std, per_step_totals, samples_per_round,
-    token_logps,
+from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per round, the same for every RL method
+    STD_EPS, MicroBatch, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards,
+    constant_groups, generation_round, group_statistics, keeps_old_logps, masked_mean, nan_std, per_step_totals,
+    policy_logps, rank_rows, samples_per_round,
 )
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 # -----------------------------------------------------------------------------
@@ -58,12 +50,10 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     rewards: (N,) or (N, K) weighted rewards, NaN = not scorable; N = num_prompts * num_generations,
         the G completions of one prompt in consecutive rows, gathered across ranks by the caller.
     scale_rewards: "group" (divide by the group std, ddof=1), "batch" (by the std of all non-NaN
-        rewards) or "none" (Dr. GRPO).
+        rewards) or "none" (Dr. GRPO): Config's Literal, checked when the flags are parsed.
     Returns advantages (N,), never NaN: unscorable rows, and groups whose scorable rewards are all
     equal (constant_groups), get exactly 0.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
     R = combine_rewards(rewards)  # (N,)
     check_groups(R.numel(), num_generations)
     grouped = R.view(-1, num_generations)  # (P, G)
@@ -87,11 +77,10 @@ def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float)
     TRL's vLLM importance-sampling correction: d_t = (l_old_t - l_vllm_t) M;
     token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
     *_truncate: rho = min(rho, cap). *_mask: rho = 0 where rho > cap (TRL v1.x: no lower bound).
+    mode: one of Config.vllm_is_correction's Literal names but "none" (the caller skips the call then).
     Returned detached: it is a fixed per-sample weight, never something to differentiate.
     The caller multiplies the per-token policy loss by it (`grpo_loss(..., sampler_weights=rho)`).
     """
-    if mode not in SAMPLER_CORRECTION_MODES:
-        raise ValueError(f"sampler correction mode={mode!r} is not one of {SAMPLER_CORRECTION_MODES}")
     if cap <= 0:
         raise ValueError(f"sampler correction cap must be > 0, got {cap}")
     if old_logps.shape != sampler_logps.shape or old_logps.shape != mask.shape:
@@ -139,6 +128,8 @@ def grpo_loss(
         0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
         generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
     advantages: (B,) from `group_advantages`.
+    loss_type, importance_sampling_level: names from Config's Literals (checked when the flags are
+        parsed, not here); importance_sampling_level "token" = GRPO, "sequence" = GSPO.
     loss_type: grpo | bnpo | dr_grpo | dapo. The loss is a sum divided by `normaliser`:
         grpo     SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser    (each sequence's token mean)
         others   SUM M L / normaliser
@@ -150,13 +141,6 @@ def grpo_loss(
         term only, not the KL term.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS} "
-            "('token' = GRPO, 'sequence' = GSPO)"
-        )
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
     if normaliser is None or float(normaliser) < 0:
@@ -216,68 +200,53 @@ def grpo_loss(
 # -----------------------------------------------------------------------------
 # The algorithm module train.py drives (--algo grpo / --algo gspo)
 #
-# One prepare() = one generation batch: each rank samples G completions for its prompts, rewards
-# are gathered over ranks for the advantages, and the rows are cut into micro-batches of batch_size
-# rows (max(steps_per_generation, grad_accum_steps) of them, repeated num_iterations times) that the
-# loop consumes grad_accum_steps at a time: one optimizer step.
+# One prepare() = one generation round (rl.generation_round): each rank samples G completions for
+# its prompts, rewards are gathered over ranks for the advantages, and the rows are cut into
+# micro-batches of batch_size rows (max(steps_per_generation, grad_accum_steps) of them, repeated
+# num_iterations times) that the loop consumes grad_accum_steps at a time: one optimizer step.
 
 DATA_FORMAT = "rl"
-
-
-@dataclass
-class MicroBatch:
-    batch: Batch  # prompt + completion rows; mask = completion tokens
-    advantages: torch.Tensor  # (B,)
-    old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
-    ref_logps: torch.Tensor | None  # (B, T) frozen reference, when beta > 0
-    normaliser: float  # what its summed loss is divided by (step_normalisers)
-    sampler_weights: torch.Tensor | None = None  # (B, T) or (B, 1) vLLM importance-sampling correction
 
 
 def needs_reference(cfg) -> bool:
     return cfg.beta > 0
 
 
-def trl_normaliser(loss_type: str, mask: torch.Tensor, max_completion_length=None, num_items=None):
-    """The normaliser that gives TRL's formula of `loss_type` on one micro-batch in one process (mask:
-    (B, T)); None when the loss type needs an argument it was not given. For tests and benchmarks."""
-    rows = mask.shape[0]
-    if loss_type == "dr_grpo":
-        return rows * max_completion_length if max_completion_length else None
-    return {"grpo": rows, "bnpo": max(float(mask.sum()), 1.0), "dapo": num_items}.get(loss_type)
+def advantages(all_rewards, rollouts, micro: list[MicroBatch], run) -> tuple[torch.Tensor, dict]:
+    """This rank's group-relative advantages (groups never straddle ranks) and the round's statistics."""
+    cfg = run.cfg
+    A = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
+    return rank_rows(A, run), group_statistics(all_rewards, micro, cfg.num_generations)
 
 
-def step_normalisers(batches: list[Batch], cfg, run) -> list[float]:
+def step_normalisers(micro: list[MicroBatch], run) -> list[float]:
     """Each micro-batch's `grpo_loss` normaliser: the count of its whole optimizer step, all ranks.
 
     grpo: sequences; dr_grpo: sequences x max_completion_length; dapo: counted tokens. bnpo is TRL's
     token mean of each micro-batch on its own, averaged over the step's micro-batches and ranks:
     its own tokens x grad_accum_steps x world_size.
     """
+    cfg = run.cfg
+    masks = [m.batch.mask for m in micro]
     if cfg.loss_type == "bnpo":
-        return [max(float(b.mask.sum()), 1.0) * cfg.grad_accum_steps * run.world_size for b in batches]
-    counts = [float(b.mask.sum()) if cfg.loss_type == "dapo" else float(b.mask.shape[0]) for b in batches]
+        return [max(float(mask.sum()), 1.0) * cfg.grad_accum_steps * run.world_size for mask in masks]
+    counts = [float(mask.sum()) if cfg.loss_type == "dapo" else float(mask.shape[0]) for mask in masks]
     totals = per_step_totals(counts, cfg.grad_accum_steps, run.device)
     return [t * cfg.max_completion_length for t in totals] if cfg.loss_type == "dr_grpo" else totals
 
 
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     cfg = run.cfg
-    rollouts, batches, rewards, all_rewards, metrics = generation_round(samples, run)
-    advantages = group_advantages(all_rewards.cpu(), cfg.num_generations, cfg.scale_rewards)  # (N_global,)
-    start = run.rank * rewards.shape[0]
-    mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)  # this rank's rows
-    micro, logp_diffs = [], []
-    for b, adv, rollout, normaliser in zip(batches, mine, rollouts, step_normalisers(batches, cfg, run)):
-        from_vllm = rollout.sampler_logps is not None  # the sampler's log-probs need the trainer's to compare
-        old_logps = token_logps(run.policy, b, cfg.temperature) if keeps_old_logps(cfg) or from_vllm else None
-        sampler_weights = None
-        if from_vllm and cfg.vllm_is_correction != "none":
-            sampler_logps = completion_values(b, rollout, rollout.sampler_logps)  # (B, T) l_vllm
-            sampler_weights = sampler_correction(old_logps, sampler_logps, b.mask, mode=cfg.vllm_is_correction, cap=cfg.vllm_is_cap)
-            logp_diffs.append(masked_mean((old_logps - sampler_logps).abs(), b.mask))  # trainer vs sampler
-        ref_logps = token_logps(run.ref_policy, b, cfg.temperature) if cfg.beta > 0 else None
-        micro.append(MicroBatch(b, adv, old_logps, ref_logps, normaliser, sampler_weights))
+    micro, metrics = generation_round(samples, run, advantages=advantages, normalisers=step_normalisers,
+                                      keep_old_logps=keeps_old_logps(cfg), temperature=cfg.temperature,
+                                      compare_sampler=True)  # fmt: skip
+    logp_diffs = []
+    for m in micro:
+        if m.sampler_logps is not None and cfg.vllm_is_correction != "none":  # vLLM's rollouts: correct for it
+            m.sampler_weights = sampler_correction(
+                m.old_logps, m.sampler_logps, m.batch.mask, mode=cfg.vllm_is_correction, cap=cfg.vllm_is_cap
+            )
+            logp_diffs.append(masked_mean((m.old_logps - m.sampler_logps).abs(), m.batch.mask))  # trainer vs sampler
     if logp_diffs:
         metrics["vllm/logp_abs_diff"] = sum(logp_diffs) / len(logp_diffs)
     return micro * cfg.num_iterations, metrics
@@ -285,21 +254,11 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     cfg = run.cfg
-    logps, entropy = run.policy(
-        **micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True, logps_mask=micro.batch.mask
-    )
-    # num_iterations = 1 and one step per generation: old = sg(l), ratio 1 in value, gradient kept.
-    old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
+    logps, old_logps, entropy = policy_logps(micro, run)
     value, metrics = grpo_loss(
         logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
         epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
         sampler_weights=micro.sampler_weights,
     )  # fmt: skip
-    metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
-    return value, metrics
-
-
-def evaluate(samples: list[dict], run) -> dict:
-    return {}  # held-out accuracy (greedy decoding, math-verify) is measured by train.py for every algorithm
+    return value, {**{k: float(v) for k, v in metrics.items()}, "entropy": entropy}

@@ -21,16 +21,6 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
-def load_hf_model(model_dir: str, *, freeze_vision: bool = False):
-    """The checkpoint's own *ForConditionalGeneration class, weights in fp32 (FSDP2 keeps fp32 masters)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    if freeze_vision:
-        vision_module(model).requires_grad_(False)
-    return model
-
-
 def load_processor(model_dir: str):
     from transformers import AutoProcessor
 
@@ -297,7 +287,3 @@ def gathered_for_generation(policy: Policy):
         for unit in units:  # restore the defaults: root keeps its weights (used at once by backward), others reshard
             unit.set_reshard_after_forward(unit is not policy, recurse=False)
 
-
-# Gathering the full weights (to rank 0 only) and writing a Hugging Face checkpoint live with the
-# loading code; they are importable from here too, next to the model they act on.
-from nanoalign.loading import export_hf, hf_state_dict  # noqa: E402, F401

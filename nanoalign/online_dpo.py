@@ -18,15 +18,11 @@ Simplified / decided here:
       (TRL's nansum would score NaN as 0.)
 """
 
-from dataclasses import dataclass
-
 import torch
 
-from nanoalign.batch import Batch
 from nanoalign.mpo import mpo_loss
-from nanoalign.rl import (  # samples_per_round: part of the module interface train.py drives (G = 2)
-    combine_rewards, completion_batch, completion_metrics, per_step_totals, rollout_chunks, samples_per_round,
-    score_rollouts, token_logps,
+from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per round, the same for every RL method
+    combine_rewards, generation_round, per_step_totals, rank_rows, samples_per_round,
 )
 
 
@@ -34,7 +30,8 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     """Pick (chosen, rejected) for each prompt. Returns (chosen_index, rejected_index, metrics).
 
     rewards: (2P,) or (2P, K) weighted rewards, NaN = not scorable; rows 2p and 2p+1 are the two
-        completions of prompt p. has_eos: (2P,) bool, False for completions cut at the length limit.
+        completions of prompt p (check_config sets num_generations = 2 for online DPO).
+    has_eos: (2P,) bool, False for completions cut at the length limit.
     missing_eos_penalty: subtracted from the reward of completions without EOS (None = off).
     chosen_index, rejected_index: (P,) long row indices into the 2P completions.
     metrics: "valid" (P,) bool, False where both completions are unscorable (skip those pairs);
@@ -42,8 +39,6 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
         as detached 0-dim float tensors.
     """
     R = combine_rewards(rewards)  # (2P,)
-    if R.numel() % 2 != 0:
-        raise ValueError(f"online DPO needs 2 completions per prompt, got {R.numel()} rewards (odd)")
     if has_eos.shape != R.shape:
         raise ValueError(f"has_eos {tuple(has_eos.shape)} must be (2P,)={tuple(R.shape)}, one flag per completion")
     if missing_eos_penalty is not None:
@@ -75,86 +70,73 @@ def online_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
     All inputs (P,) sums of completion-token log-probs (invalid pairs already dropped by the caller).
     """
-    return mpo_loss(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        None,  # chosen_nll: no sft term in online DPO
-        beta,
-        ["sigmoid"],
-        [1.0],
-    )
+    # chosen_nll None: no sft term in online DPO
+    return mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, None, beta, ["sigmoid"], [1.0])
 
 
 # -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo online_dpo). Rollouts and rewards are the RL ones
-# (nanoalign/rollout.py) with G = 2; the loss is mpo.py's sigmoid DPO loss.
+# The algorithm module train.py drives (--algo online_dpo). The generation round is the RL one
+# (rl.generation_round) with G = 2; its "advantages" are the pair selection: +1 for the chosen
+# completion, -1 for the rejected one, 0 for both of a pair that cannot be ranked. The loss is mpo.py's
+# sigmoid DPO loss.
 
 DATA_FORMAT = "rl"
 PAIR_METRICS = ("loss/sigmoid", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")  # fmt: skip
 
 
-@dataclass
-class MicroBatch:
-    batch: Batch  # 2 rows per prompt, adjacent, as sampled
-    chosen: torch.Tensor  # (P_valid,) row index of each rankable pair's chosen completion
-    rejected: torch.Tensor  # (P_valid,)
-    ref_logps: torch.Tensor  # (2P,) reference completion log-prob sums (no temperature)
-    normaliser: float  # rankable pairs in this micro-batch's optimizer step, all ranks
-
-
 def needs_reference(cfg) -> bool:
     return True
 
 
-def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
-    cfg = run.cfg
-    rollouts = rollout_chunks(samples, run, 2)
-    rewards, metrics = score_rollouts(rollouts, samples, run, 2)
-    metrics.update(completion_metrics(rollouts))
-    micro, scores, num_skipped = [], {"chosen": [], "rejected": []}, 0
-    for rollout, chunk_rewards in zip(rollouts, rewards.split(cfg.batch_size)):
-        has_eos = torch.tensor(rollout.has_eos, device=run.device)
-        chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
-        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=run.device)
+def pair_advantages(all_rewards, rollouts, micro, run) -> tuple[torch.Tensor, dict]:
+    """This rank's pairs, selected: (N,) +1 chosen, -1 rejected, 0 skipped; and the pair metrics."""
+    rewards = rank_rows(all_rewards, run)  # (N, K) this rank's completions, pairs adjacent
+    marks, scores, num_skipped = [], {"chosen": [], "rejected": []}, 0
+    for rollout, chunk_rewards in zip(rollouts, rewards.split(run.cfg.batch_size)):
+        has_eos = torch.tensor(rollout.has_eos, device=chunk_rewards.device)
+        chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=run.cfg.missing_eos_penalty)
+        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=has_eos.device)
         valid = pair_metrics["valid"] & ~empty  # unrankable (all rewards None) or both answers empty: skipped
         num_skipped += int((~valid).sum())
         totals = combine_rewards(chunk_rewards)  # (2P,)
         scores["chosen"] += totals[chosen[valid]].tolist()
         scores["rejected"] += totals[rejected[valid]].tolist()
-        batch = completion_batch(rollout, run, mask_truncated=False)
-        ref = (token_logps(run.ref_policy, batch) * batch.mask).sum(1)  # as TRL: no temperature
-        micro.append(MicroBatch(batch, chosen[valid], rejected[valid], ref, 0.0))
-    for m, num_pairs in zip(micro, per_step_totals([float(len(m.chosen)) for m in micro], cfg.grad_accum_steps, run.device)):
-        m.normaliser = num_pairs
-    if num_skipped and run.rank == 0:
-        print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were both empty or unscorable", flush=True)
+        mark = torch.zeros(len(totals))
+        mark[chosen[valid]], mark[rejected[valid]] = 1.0, -1.0
+        marks.append(mark)
     chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
-    metrics.update({
-        "skipped_pairs": float(num_skipped),
+    metrics = {
+        "skipped_pairs": float(num_skipped),  # both completions empty or unscorable
         "frac_ties": float((chosen_scores == rejected_scores).float().mean()) if len(chosen_scores) else 0.0,
         "scores/chosen": float(chosen_scores.nanmean()) if len(chosen_scores) else float("nan"),
         "scores/rejected": float(rejected_scores.nanmean()) if len(rejected_scores) else float("nan"),
         "reward": float(combine_rewards(rewards).nanmean()),
-    })  # fmt: skip
+    }
     metrics["scores/margin"] = metrics["scores/chosen"] - metrics["scores/rejected"]
-    return micro, metrics
+    return torch.cat(marks), metrics
 
 
-def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+def step_pairs(micro, run) -> list[float]:
+    """Each micro-batch's normaliser: the rankable pairs of its optimizer step, all ranks."""
+    return per_step_totals([float((m.advantages > 0).sum()) for m in micro], run.cfg.grad_accum_steps, run.device)
+
+
+def prepare(samples: list[dict], run) -> tuple[list, dict]:
+    # As TRL's: the log-probs of online DPO are taken without the sampling temperature.
+    return generation_round(samples, run, advantages=pair_advantages, normalisers=step_pairs, keep_old_logps=False,
+                            temperature=1.0)  # fmt: skip
+
+
+def loss(micro, run) -> tuple[torch.Tensor, dict]:
     logps, _ = run.policy(**micro.batch.model_inputs(), logps_mask=micro.batch.mask)
     sums = (logps * micro.batch.mask).sum(1)  # (2P,) SUM_t M l_t
-    if len(micro.chosen) == 0:  # nothing rankable here; still backward so FSDP's gradient reduction runs
+    ref_sums = (micro.ref_logps * micro.batch.mask).sum(1)  # (2P,)
+    # Row indices in pair order: each pair holds one chosen and one rejected row of its own two.
+    chosen, rejected = (micro.advantages > 0).nonzero().squeeze(1), (micro.advantages < 0).nonzero().squeeze(1)
+    if len(chosen) == 0:  # nothing rankable here; still backward so FSDP's gradient reduction runs
         return sums.sum() * 0.0, dict.fromkeys(PAIR_METRICS, float("nan"))  # same keys on every rank
-    value, metrics = online_dpo_loss(
-        sums[micro.chosen], sums[micro.rejected], micro.ref_logps[micro.chosen], micro.ref_logps[micro.rejected], run.cfg.beta
-    )
+    value, metrics = online_dpo_loss(sums[chosen], sums[rejected], ref_sums[chosen], ref_sums[rejected], run.cfg.beta)
     # The mean over this micro-batch's pairs -> its share of the step's pair mean (all micro-batches,
     # all ranks): SUM over its pairs / the step's pairs.
-    return value * len(micro.chosen) / micro.normaliser, {k: float(v) for k, v in metrics.items()}
-
-
-def evaluate(samples: list[dict], run) -> dict:
-    return {}  # held-out accuracy is measured by train.py for every algorithm
+    return value * len(chosen) / micro.normaliser, {k: float(v) for k, v in metrics.items()}

@@ -18,6 +18,7 @@ What is here:
   counts are per step and nothing accumulates in a global.
 - load_reward_funcs: "--reward-funcs" specs (built-in names or "package.module:function") -> callables.
 - score_completions: calls every function once on the batch -> ((N, K) weighted rewards, metrics).
+- accuracy: greedy answers to held-out prompts checked against their `solution` (train.py's eval).
 
 Simplified compared with TRL / open-r1:
 - Completions are plain strings; no conversational (list-of-messages) completions.
@@ -44,6 +45,8 @@ from typing import Any, Callable
 import torch
 from math_verify import LatexExtractionConfig, parse, verify
 from sympy import Basic, MatrixBase
+
+from nanoalign.rollout import generating, sample_completions
 
 logger = logging.getLogger(__name__)
 # We turn math-verify's signal-based timeouts off on purpose (see _verify_one) and enforce our own;
@@ -401,3 +404,28 @@ def score_completions(
     rewards = torch.tensor(per_func, dtype=torch.float32).T  # (N, K), unweighted
     rewards = rewards * torch.tensor(weights, dtype=torch.float32)  # (N, K); NaN * w stays NaN
     return rewards, metrics
+
+
+# -----------------------------------------------------------------------------
+# Held-out accuracy: greedy answers checked with math-verify (train.py's eval for every algorithm)
+
+
+def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,
+             sampler: str = "nanoalign") -> tuple[float, float, float]:  # fmt: skip
+    """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
+
+    Returns (number correct, number of samples, completion tokens) for this rank's share; an
+    unscorable sample counts as not correct.
+    """
+    correct = num_tokens = 0.0
+    with generating(model):
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            rollout = sample_completions(
+                model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
+                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
+            )  # fmt: skip
+            scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
+            correct += sum(1.0 for s in scores if s == 1.0)
+            num_tokens += sum(len(ids) for ids in rollout.completion_ids)
+    return correct, float(len(samples)), num_tokens

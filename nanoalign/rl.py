@@ -1,18 +1,24 @@
 """What GRPO / GSPO, RLOO and Online DPO share: one generation round, reward statistics, the clipped ratio.
 
-A generation round (`generation_round`, called from each RL module's `prepare`):
+A generation round (`generation_round`, called from each RL module's `prepare`) is written once:
 
     samples --run.rollouts.sample--> Rollouts (token ids as sampled)    nanoalign/rollout.py: the backends
             --score_rollouts------> (N, K) weighted rewards             nanoalign/rewards.py: the functions
+            --all_gather_rows-----> every rank's rewards, for the advantages and group statistics
             --completion_batch----> training rows, mask = completion     nanoalign/batch.py: pack_rows
-            --all_gather_rows-----> every rank's rewards, for the group statistics
+            --token_logps---------> old (sampling-time) and reference log-probs, where needed
+            --advantages----------> the method's: grpo.group_advantages, rloo.rloo_advantages,
+                                    online_dpo.select_pairs (+1 chosen, -1 rejected)
+            --normalisers---------> each micro-batch's loss normaliser, a count of its optimizer step
+            = MicroBatches, each method's loss() takes one at a time.
 
-Each algorithm then turns the gathered rewards into its advantages (grpo.group_advantages,
-rloo.rloo_advantages, online_dpo.select_pairs) and its loss. A round holds
-max(steps_per_generation, grad_accum_steps) micro-batches of batch_size rows (`micro_batches_per_round`),
-so an optimizer step never waits on a second round; the policy's log-probs at sampling time are kept
-only when the policy moves before a micro-batch's loss (`keeps_old_logps`).
+A round holds max(steps_per_generation, grad_accum_steps) micro-batches of batch_size rows
+(`micro_batches_per_round`), so an optimizer step never waits on a second round; the policy's
+log-probs at sampling time are kept only when the policy moves before a micro-batch's loss
+(`keeps_old_logps`) or the method needs them earlier.
 """
+
+from dataclasses import dataclass
 
 import torch
 
@@ -46,8 +52,6 @@ def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
 
 def check_groups(num_rows: int, num_generations: int) -> None:
     """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     if num_rows % num_generations != 0:
         raise ValueError(
             f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "
@@ -243,28 +247,84 @@ def completion_metrics(rollouts: list[Rollout]) -> dict:
     return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}
 
 
-def generation_round(samples: list[dict], run) -> tuple[list, list[Batch], torch.Tensor, torch.Tensor, dict]:
-    """Sample, score and batch one generation round (shared by GRPO/GSPO and RLOO).
+@dataclass
+class MicroBatch:
+    """One micro-batch of a generation round, ready for an RL method's loss."""
 
-    Returns the rollouts and their micro-batches (rows in prompt-major order), this rank's (N, K)
-    weighted rewards, all ranks' rewards gathered (N * world_size, K), and the round's metrics.
+    batch: Batch  # prompt + completion rows (prompt-major, G per prompt); mask = completion tokens
+    old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
+    ref_logps: torch.Tensor | None  # (B, T) the frozen reference's, when the method loads one
+    sampler_logps: torch.Tensor | None  # (B, T) the sampler's own (vLLM), when the method compares them
+    advantages: torch.Tensor | None = None  # (B,) from the method's advantage function
+    normaliser: float = 0.0  # what its summed loss is divided by: a count of its whole optimizer step
+    sampler_weights: torch.Tensor | None = None  # (B, T) or (B, 1) importance-sampling correction (GRPO)
+
+
+def rank_rows(values: torch.Tensor, run) -> torch.Tensor:
+    """This rank's rows of values gathered from every rank in rank order (all_gather_rows)."""
+    n = values.shape[0] // run.world_size
+    return values[run.rank * n : (run.rank + 1) * n]
+
+
+def group_statistics(all_rewards: torch.Tensor, micro: list[MicroBatch], num_generations: int) -> dict:
+    """What the group methods (GRPO/GSPO, RLOO) log of a round: reward statistics over every rank's
+    groups, and this rank's rows cut before an image token or at --max-length."""
+    total = combine_rewards(all_rewards).view(-1, num_generations)  # (P_global, G)
+    return {
+        "skipped_rows": sum(m.batch.num_skipped for m in micro),  # completions that sampled an image token
+        "truncated_rows": sum(m.batch.num_truncated for m in micro),  # rows cut at --max-length
+        "reward": float(torch.nanmean(total)),
+        "reward_std": float(nan_std(total, dim=1).mean()),  # mean over groups of the group std, as TRL logs it
+        "frac_reward_zero_std": float(constant_groups(total).float().mean()),  # groups without signal
+    }
+
+
+def generation_round(samples, run, *, advantages, normalisers, keep_old_logps: bool, temperature: float,
+                     compare_sampler: bool = False) -> tuple[list[MicroBatch], dict]:  # fmt: skip
+    """One generation round, written once for every RL method: this rank's micro-batches, ready.
+
+    advantages(all_rewards, rollouts, micro, run) -> (this rank's (N,) advantages, metrics): the
+        method's own (group-relative, leave-one-out, online DPO's pair selection); all_rewards are
+        every rank's (N * world_size, K) weighted rewards, in rank order.
+    normalisers(micro, run) -> one loss normaliser per micro-batch (a count of its optimizer step).
+    keep_old_logps: store the sampling policy's log-probs (it moves before the loss, or the
+        method's advantages need them). compare_sampler: also for rollouts that carry the sampler's
+        own log-probs (vLLM), and lay those out as sampler_logps.
+    temperature: of the old and reference log-probs (the one the loss uses).
     """
     cfg = run.cfg
     rollouts = rollout_chunks(samples, run, cfg.num_generations)
     rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
     all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
-    batches = [completion_batch(r, run, cfg.mask_truncated_completions) for r in rollouts]
-    total = combine_rewards(all_rewards).view(-1, cfg.num_generations)  # (P_global, G)
-    group_std = nan_std(total, dim=1)  # (P_global, 1)
     metrics.update(completion_metrics(rollouts))
-    metrics.update({
-        "skipped_rows": sum(b.num_skipped for b in batches),  # completions that sampled an image token
-        "truncated_rows": sum(b.num_truncated for b in batches),  # rows cut at --max-length
-        "reward": float(torch.nanmean(total)),
-        "reward_std": float(group_std.mean()),  # mean over groups of the group std, as TRL logs it
-        "frac_reward_zero_std": float(constant_groups(total).float().mean()),  # groups without signal
-    })  # fmt: skip
-    return rollouts, batches, rewards, all_rewards, metrics
+    micro = []
+    for rollout in rollouts:
+        batch = completion_batch(rollout, run, cfg.mask_truncated_completions)
+        from_sampler = compare_sampler and rollout.sampler_logps is not None
+        old_logps = token_logps(run.policy, batch, temperature) if keep_old_logps or from_sampler else None
+        ref_logps = token_logps(run.ref_policy, batch, temperature) if run.ref_policy is not None else None
+        sampler_logps = completion_values(batch, rollout, rollout.sampler_logps) if from_sampler else None
+        micro.append(MicroBatch(batch, old_logps, ref_logps, sampler_logps))
+    mine, advantage_metrics = advantages(all_rewards, rollouts, micro, run)  # (N,)
+    metrics.update(advantage_metrics)
+    for m, adv in zip(micro, mine.to(run.device).split(cfg.batch_size)):
+        m.advantages = adv
+    for m, normaliser in zip(micro, normalisers(micro, run)):
+        m.normaliser = normaliser
+    return micro, metrics
+
+
+def policy_logps(micro: MicroBatch, run) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The policy's (B, T) log-probs of a micro-batch at the sampling temperature (with gradient), its
+    old log-probs, and the mean entropy of the counted tokens (GRPO/GSPO and RLOO's losses).
+
+    Old log-probs not kept (num_iterations = 1, one generation batch per step) are the current ones
+    detached: old = sg(l), ratio 1 in value, gradient kept.
+    """
+    mask = micro.batch.mask
+    logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=run.cfg.temperature, with_entropy=True, logps_mask=mask)
+    old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
+    return logps, old_logps, masked_mean(entropy, mask)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -21,14 +21,12 @@ Simplified / decided here:
     - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
 """
 
-from dataclasses import dataclass
-
 import torch
 
-from nanoalign.batch import Batch
-from nanoalign.rl import (  # samples_per_round: part of the module interface train.py drives
-    STD_EPS, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards, constant_groups,
-    generation_round, keeps_old_logps, masked_mean, per_step_totals, samples_per_round, token_logps,
+from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per round, the same for every RL method
+    STD_EPS, MicroBatch, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards,
+    constant_groups, generation_round, group_statistics, keeps_old_logps, per_step_totals, policy_logps, rank_rows,
+    samples_per_round,
 )
 from nanoalign.runtime import all_gather_rows
 
@@ -36,15 +34,10 @@ from nanoalign.runtime import all_gather_rows
 def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
     """Leave-one-out advantages (the objective above). Returns (N,), never NaN.
 
-    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations
-        consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations (>= 2,
+        check_config's rule for rloo) consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
     normalize: (A - mean) / (std + 1e-4) over the batch (TRL's normalize_advantages).
     """
-    if num_generations < 2:
-        raise ValueError(
-            f"RLOO needs num_generations >= 2 (each completion's baseline is the mean of the others), "
-            f"got {num_generations}"
-        )
     R = combine_rewards(rewards)  # (N,)
     check_groups(R.numel(), num_generations)
     if beta != 0:
@@ -102,49 +95,37 @@ def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_hig
 DATA_FORMAT = "rl"
 
 
-@dataclass
-class MicroBatch:
-    batch: Batch
-    advantages: torch.Tensor  # (B,)
-    old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = current policy, detached
-    normaliser: float  # sequences in this micro-batch's optimizer step, all ranks
-
-
 def needs_reference(cfg) -> bool:
     return cfg.beta != 0
 
 
-def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+def advantages(all_rewards, rollouts, micro: list[MicroBatch], run) -> tuple[torch.Tensor, dict]:
+    """This rank's leave-one-out advantages, the KL in the reward gathered over ranks (the objective above)."""
     cfg = run.cfg
-    _, batches, rewards, all_rewards, metrics = generation_round(samples, run)
-    keep_old = cfg.beta != 0 or keeps_old_logps(cfg)
-    old = [token_logps(run.policy, b, cfg.temperature) if keep_old else None for b in batches]
+    metrics = group_statistics(all_rewards, micro, cfg.num_generations)
     kl = None
-    if cfg.beta != 0:  # KL goes into the reward: R_i -= beta * SUM_t M (l_old - l_ref)  (the objective above)
-        ref = [token_logps(run.ref_policy, b, cfg.temperature) for b in batches]
-        local_kl = torch.cat([((o - r) * b.mask).sum(1) for o, r, b in zip(old, ref, batches)])  # (N,)
+    if cfg.beta != 0:  # R_i -= beta * SUM_t M (l_old - l_ref)
+        local_kl = torch.cat([((m.old_logps - m.ref_logps) * m.batch.mask).sum(1) for m in micro])  # (N,)
         kl = all_gather_rows(local_kl).cpu()
         metrics["kl"] = float(kl.mean())
-    advantages = rloo_advantages(all_rewards.cpu(), cfg.num_generations, kl=kl, beta=cfg.beta, normalize=cfg.normalize_advantages)
-    start = run.rank * rewards.shape[0]
-    mine = advantages[start : start + rewards.shape[0]].to(run.device).split(cfg.batch_size)
-    step_rows = per_step_totals([float(b.mask.shape[0]) for b in batches], cfg.grad_accum_steps, run.device)
-    micro = [MicroBatch(b, adv, o, n) for b, adv, o, n in zip(batches, mine, old, step_rows)]
+    A = rloo_advantages(all_rewards.cpu(), cfg.num_generations, kl=kl, beta=cfg.beta, normalize=cfg.normalize_advantages)
+    return rank_rows(A, run), metrics
+
+
+def step_sequences(micro: list[MicroBatch], run) -> list[float]:
+    """Each micro-batch's normaliser: the sequences of its optimizer step, all ranks."""
+    return per_step_totals([float(m.batch.mask.shape[0]) for m in micro], run.cfg.grad_accum_steps, run.device)
+
+
+def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
+    cfg = run.cfg
+    micro, metrics = generation_round(samples, run, advantages=advantages, normalisers=step_sequences,
+                                      keep_old_logps=cfg.beta != 0 or keeps_old_logps(cfg), temperature=cfg.temperature)  # fmt: skip
     return micro * cfg.num_iterations, metrics
 
 
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
-    cfg = run.cfg
-    logps, entropy = run.policy(
-        **micro.batch.model_inputs(), temperature=cfg.temperature, with_entropy=True, logps_mask=micro.batch.mask
-    )
-    old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()
-    value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=cfg.epsilon,
-                               epsilon_high=cfg.epsilon_high, normaliser=micro.normaliser)  # fmt: skip
-    metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["entropy"] = masked_mean(entropy, micro.batch.mask)
-    return value, metrics
-
-
-def evaluate(samples: list[dict], run) -> dict:
-    return {}  # held-out accuracy is measured by train.py for every algorithm
+    logps, old_logps, entropy = policy_logps(micro, run)
+    value, metrics = rloo_loss(logps, old_logps, micro.advantages, micro.batch.mask, epsilon=run.cfg.epsilon,
+                               epsilon_high=run.cfg.epsilon_high, normaliser=micro.normaliser)  # fmt: skip
+    return value, {**{k: float(v) for k, v in metrics.items()}, "entropy": entropy}

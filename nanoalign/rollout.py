@@ -1,4 +1,5 @@
-"""Where rollouts come from: the rollout-backend interface, the in-process backend, and accuracy evals.
+"""Where rollouts come from: the rollout-backend interface, the in-process backend, and what the vLLM
+backends share: the chat messages they send and the conversion of vLLM's answers into Rollouts.
 
 A rollout backend is any object with
 
@@ -14,9 +15,10 @@ A rollout backend is any object with
     close()
 
 Three exist: `InProcess` below (the policy being trained samples), `VLLMServer`
-(nanoalign/vllm_client.py: a vLLM server whose weights are pushed over a process group) and
+(nanoalign/vllm_server.py: a vLLM server whose weights are pushed over a process group) and
 `VLLMColocate` (nanoalign/vllm_colocate.py: a vLLM engine inside every training process). The
-algorithm modules only ever call `run.rollouts`, never a backend by name.
+algorithm modules only ever call `run.rollouts`, never a backend by name, and each backend imports
+this file and nothing of another backend.
 
 In-process sampling: each prompt is repeated G times, processed (images included) and left-padded: the prompts of the
 training rows. nanoalign's sampler (nanoalign/sampler.py) prefills each distinct prompt once and
@@ -30,8 +32,10 @@ max_new_tokens without a stop token is marked has_eos = False (logged as complet
 --mask-truncated-completions drops it from the loss).
 """
 
+import base64
 import contextlib
 import functools
+import io
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +43,6 @@ from transformers import GenerationConfig
 
 from nanoalign.batch import image_token_ids, process_prompts, render
 from nanoalign.model import Policy, gathered_for_generation
-from nanoalign.rewards import verify_answers
 from nanoalign.sampler import sample, unsupported, warn_fallback
 
 
@@ -131,27 +134,6 @@ def generating(model):
     return gathered_for_generation(model) if isinstance(model, Policy) else contextlib.nullcontext()
 
 
-def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,
-             sampler: str = "nanoalign") -> tuple[float, float, float]:  # fmt: skip
-    """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
-
-    Returns (number correct, number of samples, completion tokens) for this rank's share; an
-    unscorable sample counts as not correct.
-    """
-    correct = num_tokens = 0.0
-    with generating(model):
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i : i + batch_size]
-            rollout = sample_completions(
-                model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
-                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
-            )  # fmt: skip
-            scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
-            correct += sum(1.0 for s in scores if s == 1.0)
-            num_tokens += sum(len(ids) for ids in rollout.completion_ids)
-    return correct, float(len(samples)), num_tokens
-
-
 class InProcess:
     """The rollout backend that samples with the policy being trained (its FSDP2 weights gathered once
     per call): nanoalign's sampler or HF generate (--sampler). Nothing to sync."""
@@ -190,3 +172,99 @@ def sync_due(synced_step: int | None, step: int, sync_every: int) -> bool:
 def completion_ids_of(chunk: list[dict], n: int) -> list[str]:
     """The name of each row of a chunk's Rollout, for error messages: "<sample id> (completion g)"."""
     return [f"{s['sample_id']} (completion {g})" for s in chunk for g in range(n)]
+
+
+# --------------------------------------------------------------------------- vLLM's side (both vLLM backends)
+# A vLLM backend sends OpenAI chat messages (images as PNG data URLs) and gets back, per prompt, the
+# prompt ids vLLM used and the sampled ids with their log-probs (a Generation); `chunk_rollouts` turns
+# those into the Rollouts in-process sampling returns, checking that the trainer's processor gives
+# exactly vLLM's prompt ids (which also yields the pixel values the trainer's forward needs).
+
+
+@dataclass
+class Generation:
+    """The n samples vLLM drew for one prompt."""
+
+    prompt_token_ids: list[int]  # the prompt as vLLM tokenised it (image placeholders expanded)
+    completion_ids: list[list[int]]  # n lists of sampled ids, up to and including the stop token
+    logprobs: list[list[float]]  # the sampler's log-prob of each sampled id (same lengths)
+    has_eos: list[bool]  # False when max_tokens was reached first (finish_reason "length")
+    texts: list[str]  # decoded completions, special tokens skipped
+
+
+def image_data_url(image) -> str:
+    """A PIL image as a lossless PNG data URL, so vLLM decodes exactly the pixels the trainer has."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # what the HF image processors do with other modes
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def openai_messages(messages: list[dict], images: list, name: str) -> list[dict]:
+    """TRL-style messages ({"type": "image"} placeholders, images in a list) -> OpenAI chat messages."""
+    remaining = list(images)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    if not remaining:
+                        raise ValueError(f"{name}: more image placeholders than images ({len(images)})")
+                    parts.append({"type": "image_url", "image_url": {"url": image_data_url(remaining.pop(0))}})
+                else:
+                    parts.append({"type": "text", "text": part["text"]})
+            content = parts
+        out.append({"role": message["role"], "content": content})
+    if remaining:
+        raise ValueError(f"{name}: {len(images)} images but only {len(images) - len(remaining)} image placeholders in the messages")
+    return out
+
+
+def to_rollout(processor, prompts: list[list[dict]], images: list[list], generations: list[Generation],
+               sample_ids: list[str] | None = None) -> tuple[Rollout, list[list[float]]]:  # fmt: skip
+    """vLLM's samples as the Rollout that in-process sampling returns, plus the sampler's log-probs.
+
+    Rows are prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) like `sample_completions`. The prompts go
+    through the trainer's processor (for pixel_values etc.) and must give exactly vLLM's prompt ids.
+    """
+    n = len(generations[0].completion_ids)
+    sample_ids = sample_ids or [f"prompt {i}" for i in range(len(prompts))]
+    texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(n)]
+    enc = process_prompts(processor, texts, [imgs for imgs in images for _ in range(n)], padding_side="left")
+    for i, gen in enumerate(generations):
+        row = i * n
+        ours = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        if ours != gen.prompt_token_ids:
+            k = next((j for j, (a, b) in enumerate(zip(ours, gen.prompt_token_ids)) if a != b), min(len(ours), len(gen.prompt_token_ids)))
+            raise ValueError(
+                f"{sample_ids[i]}: vLLM tokenised the prompt differently from the trainer's processor "
+                f"({len(gen.prompt_token_ids)} vs {len(ours)} tokens, first difference at position {k}). The server "
+                "must serve the trainer's tokenizer, chat template and image processor: restart it with "
+                "`python -m nanoalign.serve --model <the trainer's --model>`."
+            )
+    rollout = Rollout(
+        prompt_enc=enc,
+        completion_ids=[ids for g in generations for ids in g.completion_ids],
+        has_eos=[e for g in generations for e in g.has_eos],
+        texts=[t for g in generations for t in g.texts],
+    )
+    return rollout, [lps for g in generations for lps in g.logprobs]
+
+
+def chunk_rollouts(processor, chunks: list[list[dict]], generations: list[Generation], n: int) -> list[Rollout]:
+    """One Rollout per chunk (`to_rollout`) from the generations of all the chunks' samples, in order,
+    with the sampler's log-probs and each row's name attached: what a vLLM backend's `sample` returns."""
+    rollouts, start = [], 0
+    for chunk in chunks:
+        rollout, sampler_logps = to_rollout(
+            processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+            generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
+        )  # fmt: skip
+        rollout.sampler_logps = sampler_logps
+        rollout.sample_ids = completion_ids_of(chunk, n)
+        rollouts.append(rollout)
+        start += len(chunk)
+    return rollouts

@@ -35,7 +35,7 @@ import threading
 import torch
 
 from nanoalign.tiny import BUILDERS, ensure_tiny
-from nanoalign.vllm_client import VLLMClient, VLLMError
+from nanoalign.vllm_server import VLLMClient, VLLMError
 
 
 def resolve_model(model: str) -> str:

@@ -1,7 +1,7 @@
 """What the trainer and nanoalign's vLLM weight-transfer engine share: how tensors are cut into
 buckets, and the private gloo group they travel through.
 
-Imported on both sides: by nanoalign/vllm_client.py in the trainer and by nanoalign/vllm_engine.py
+Imported on both sides: by nanoalign/vllm_server.py in the trainer and by nanoalign/vllm_engine.py
 inside vLLM's worker processes, which is why it imports nothing but torch.
 """
 

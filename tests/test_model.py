@@ -7,12 +7,12 @@ from torch.distributed.fsdp import FSDPModule
 from torch.testing import assert_close
 
 from nanoalign.batch import encode_conversations
+from nanoalign.loading import hf_state_dict
 from nanoalign.model import (
     Policy,
     chunked_logps,
     decoder_layers,
     gathered_for_generation,
-    hf_state_dict,
     shard_policy,
     vision_blocks,
 )
@@ -204,7 +204,7 @@ def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_dirs):
     import train
 
     from nanoalign.config import Config
-    from nanoalign.model import load_hf_model
+    from bench.common import load_hf_model
 
     out = tmp_path / "run"
     train.train(Config(model="tiny", out_dir=str(out), max_steps=2, batch_size=2, eval_split="", save_every=0, freeze_vision=True))

@@ -1,11 +1,13 @@
 """Tests for nanoalign/online_dpo.py: pair selection (ties, NaN, missing EOS) and the DPO loss."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from nanoalign.config import check_config, online_dpo_preset
 from nanoalign.mpo import mpo_loss
 from nanoalign.online_dpo import online_dpo_loss, select_pairs
 
@@ -46,8 +48,8 @@ def test_multiple_reward_functions_are_summed():
 
 
 def test_select_pairs_errors():
-    with pytest.raises(ValueError, match="2 completions per prompt"):
-        select_pairs(t(1.0, 2.0, 3.0), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2 completions per prompt"):  # check_config's rule, before any pair
+        check_config(dataclasses.replace(online_dpo_preset(), num_generations=3, batch_size=6))
     with pytest.raises(ValueError, match="has_eos"):
         select_pairs(t(1.0, 2.0), torch.ones(3, dtype=torch.bool))
 

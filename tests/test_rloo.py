@@ -1,11 +1,13 @@
 """Tests for nanoalign/rloo.py: leave-one-out baseline, KL in the reward, normalisation, the loss."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from nanoalign.config import check_config, rloo_preset
 from nanoalign.rloo import rloo_advantages, rloo_loss
 
 NAN = float("nan")
@@ -55,8 +57,8 @@ def test_nan_rewards_are_left_out_of_the_baseline():
 
 
 def test_group_size_errors():
-    with pytest.raises(ValueError, match="num_generations >= 2"):
-        rloo_advantages(t(1.0, 2.0), num_generations=1)
+    with pytest.raises(ValueError, match="num-generations >= 2"):  # check_config's rule, before any advantage
+        check_config(dataclasses.replace(rloo_preset(), num_generations=1))
     with pytest.raises(ValueError, match="multiple of num_generations"):
         rloo_advantages(t(1.0, 2.0, 3.0), num_generations=2)
 

@@ -23,7 +23,9 @@ from nanoalign import sft
 from nanoalign.config import PRESETS, Config
 from nanoalign.checkpoint import latest_checkpoint, load_checkpoint
 from nanoalign.metrics import read_metrics
-from nanoalign.model import Policy, hf_state_dict, load_hf_model, load_processor, shard_policy
+from bench.common import load_hf_model
+from nanoalign.loading import hf_state_dict
+from nanoalign.model import Policy, load_processor, shard_policy
 from nanoalign.runtime import device_mesh
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,10 +39,14 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+# The rollout backends (nanoalign/rollout.py's interface): each file holds one.
+BACKENDS = ("nanoalign.rollout", "nanoalign.vllm_server", "nanoalign.vllm_colocate")
+
+
 def test_the_graph_sees_known_imports():
     graph = nanoalign_imports()
-    assert "nanoalign.rl" in graph["nanoalign.grpo"] and "nanoalign.rollout" in graph["nanoalign.vllm_client"]
-    assert "nanoalign.vllm_client" in graph["train"]
+    assert "nanoalign.rl" in graph["nanoalign.grpo"] and "nanoalign.rollout" in graph["nanoalign.vllm_server"]
+    assert "nanoalign.vllm_server" in graph["train"]
 
 
 def test_no_import_cycles():
@@ -56,6 +60,17 @@ def test_rl_modules_share_rl_not_grpo():
     for module in ("nanoalign.rloo", "nanoalign.online_dpo"):
         assert "nanoalign.grpo" not in graph[module], module
         assert "nanoalign.rl" in graph[module], module
+
+
+def test_backends_import_the_rollout_interface_and_no_other_backend():
+    # A backend is read (and forked) alone: what two backends share lives beside Rollout, in rollout.py.
+    graph = nanoalign_imports()
+    for backend in BACKENDS[1:]:  # rollout.py itself holds the interface and the in-process backend
+        assert "nanoalign.rollout" in graph[backend], backend
+    for backend in BACKENDS:
+        others = set(BACKENDS[1:]) - {backend}
+        assert not others & reachable(graph, backend), (backend, others & reachable(graph, backend))
+    assert "nanoalign.rewards" not in reachable(graph, "nanoalign.rollout")  # rollouts are scored elsewhere (rl.py)
 
 
 def test_vllm_plugin_imports_only_the_shared_transfer_code():

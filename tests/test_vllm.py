@@ -24,12 +24,14 @@ pytestmark = pytest.mark.vllm  # skipped without vLLM, failed in a full run (con
 
 from conftest import subprocess_env  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
-from nanoalign.model import Policy, load_hf_model, load_processor, shard_policy  # noqa: E402
+from bench.common import load_hf_model  # noqa: E402
+from nanoalign.model import Policy, load_processor, shard_policy  # noqa: E402
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 from nanoalign.tiny import build_tiny  # noqa: E402
 from nanoalign.transfer import plan_buckets  # noqa: E402
-from nanoalign.vllm_client import VLLMClient, VLLMError, WeightSync, free_port, to_rollout  # noqa: E402
+from nanoalign.rollout import to_rollout  # noqa: E402
+from nanoalign.vllm_server import VLLMClient, VLLMError, WeightSync, free_port  # noqa: E402
 
 # One prompt with one image and one with two; every test samples from these.
 SAMPLES = [shapes_sample("eval", 0, "rl"), shapes_sample("eval", 1, "rl", images_per_sample=2)]

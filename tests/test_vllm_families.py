@@ -23,7 +23,7 @@ pytestmark = pytest.mark.vllm  # skipped without vLLM, failed in a full run (con
 
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
-from nanoalign.vllm_client import VLLMClient, WeightSync  # noqa: E402
+from nanoalign.vllm_server import VLLMClient, WeightSync  # noqa: E402
 from conftest import subprocess_env  # noqa: E402
 from test_families import FAMILIES, family_dirs  # noqa: E402,F401  (family_dirs: the built tiny models fixture)
 from test_vllm import logp_gap, perturbed_policy, sample, serving  # noqa: E402

@@ -1,20 +1,22 @@
-"""Rollouts from a running vLLM server, and pushing the trainer's weights into it.
+"""The vLLM-server rollout backend: an HTTP client for a running vLLM server, and pushing the
+trainer's weights into it.
 
 Start a server with `python -m nanoalign.serve --model MODEL` (nanoalign/serve.py); train.py with
-`--vllm-mode server --vllm-url URL` then uses the two halves of this file:
+`--vllm-mode server --vllm-url URL` then uses the two halves of this file (the conversion of the
+answers into Rollouts lives in nanoalign/rollout.py, shared with the colocated backend):
 
     client = VLLMClient(url) if rank == 0 else None      # only rank 0 talks HTTP
     sync = WeightSync(policy, client, rank=rank)          # every rank; connects once
     sync.sync(version="0")                                # every rank; before the first rollout, then every k steps
     gens = client.generate(prompts, images, n=G, max_tokens=256, temperature=1.0, stop_ids=stop_ids)  # rank 0
-    rollout, sampler_logps = to_rollout(processor, prompts, images, gens)   # what sample_completions returns
+    rollout, sampler_logps = rollout.to_rollout(processor, prompts, images, gens)   # what sample_completions returns
 
 `VLLMServer` wraps the two as a rollout backend (nanoalign/rollout.py), which is what train.py uses.
 
 Generation goes through the OpenAI chat API (images as base64 PNG data URLs) with
 `return_token_ids`: vLLM returns the prompt ids it actually used (image placeholders expanded) and
 each sample's token ids, so the trainer scores exactly what was sampled and never re-tokenises text.
-`to_rollout` runs the trainer's processor on the same prompt and images and checks that it produces
+`to_rollout` (nanoalign/rollout.py) runs the trainer's processor on the same prompt and images and checks that it produces
 the same ids, which also yields the pixel values the trainer's forward needs. The server is started
 with `--logprobs-mode processed_logprobs`, so the returned log-probs are log softmax(z / temperature)
 (after top_p), the distribution the tokens were drawn from.
@@ -35,9 +37,7 @@ Simplifications: one server (no data-parallel fan-out of prompts across servers)
 frozen parameters are sent on every sync like the others.
 """
 
-import base64
 import http.client
-import io
 import json
 import socket
 import threading
@@ -46,15 +46,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from nanoalign.batch import process_prompts, render
 from nanoalign.loading import gather_full
-from nanoalign.rollout import Rollout, completion_ids_of, sync_due
+from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.transfer import gloo_group, plan_buckets
 
@@ -66,17 +64,6 @@ class VLLMError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- HTTP client
-
-
-@dataclass
-class Generation:
-    """The n samples vLLM drew for one prompt."""
-
-    prompt_token_ids: list[int]  # the prompt as vLLM tokenised it (image placeholders expanded)
-    completion_ids: list[list[int]]  # n lists of sampled ids, up to and including the stop token
-    logprobs: list[list[float]]  # the sampler's log-prob of each sampled id (same lengths)
-    has_eos: list[bool]  # False when max_tokens was reached first (finish_reason "length")
-    texts: list[str]  # decoded completions, special tokens skipped
 
 
 class VLLMClient:
@@ -224,37 +211,6 @@ class VLLMClient:
         self._post("/shutdown_weight_transfer_engine")
 
 
-def image_data_url(image) -> str:
-    """A PIL image as a lossless PNG data URL, so vLLM decodes exactly the pixels the trainer has."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # what the HF image processors do with other modes
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def openai_messages(messages: list[dict], images: list, name: str) -> list[dict]:
-    """TRL-style messages ({"type": "image"} placeholders, images in a list) -> OpenAI chat messages."""
-    remaining = list(images)
-    out = []
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str):
-            parts = []
-            for part in content:
-                if part.get("type") == "image":
-                    if not remaining:
-                        raise ValueError(f"{name}: more image placeholders than images ({len(images)})")
-                    parts.append({"type": "image_url", "image_url": {"url": image_data_url(remaining.pop(0))}})
-                else:
-                    parts.append({"type": "text", "text": part["text"]})
-            content = parts
-        out.append({"role": message["role"], "content": content})
-    if remaining:
-        raise ValueError(f"{name}: {len(images)} images but only {len(images) - len(remaining)} image placeholders in the messages")
-    return out
-
-
 def parse_generation(response: dict, n: int) -> Generation:
     """One chat-completion answer (return_token_ids + logprobs) -> Generation."""
     if "prompt_token_ids" not in response or response["prompt_token_ids"] is None:
@@ -276,53 +232,6 @@ def parse_generation(response: dict, n: int) -> Generation:
         has_eos=[c["finish_reason"] == "stop" for c in choices],
         texts=[c["message"]["content"] or "" for c in choices],
     )
-
-
-def to_rollout(processor, prompts: list[list[dict]], images: list[list], generations: list[Generation],
-               sample_ids: list[str] | None = None) -> tuple[Rollout, list[list[float]]]:  # fmt: skip
-    """vLLM's samples as the Rollout that in-process sampling returns, plus the sampler's log-probs.
-
-    Rows are prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) like `sample_completions`. The prompts go
-    through the trainer's processor (for pixel_values etc.) and must give exactly vLLM's prompt ids.
-    """
-    n = len(generations[0].completion_ids)
-    sample_ids = sample_ids or [f"prompt {i}" for i in range(len(prompts))]
-    texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(n)]
-    enc = process_prompts(processor, texts, [imgs for imgs in images for _ in range(n)], padding_side="left")
-    for i, gen in enumerate(generations):
-        row = i * n
-        ours = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
-        if ours != gen.prompt_token_ids:
-            k = next((j for j, (a, b) in enumerate(zip(ours, gen.prompt_token_ids)) if a != b), min(len(ours), len(gen.prompt_token_ids)))
-            raise ValueError(
-                f"{sample_ids[i]}: vLLM tokenised the prompt differently from the trainer's processor "
-                f"({len(gen.prompt_token_ids)} vs {len(ours)} tokens, first difference at position {k}). The server "
-                "must serve the trainer's tokenizer, chat template and image processor: restart it with "
-                "`python -m nanoalign.serve --model <the trainer's --model>`."
-            )
-    rollout = Rollout(
-        prompt_enc=enc,
-        completion_ids=[ids for g in generations for ids in g.completion_ids],
-        has_eos=[e for g in generations for e in g.has_eos],
-        texts=[t for g in generations for t in g.texts],
-    )
-    return rollout, [lps for g in generations for lps in g.logprobs]
-
-
-def chunk_rollouts(processor, chunks: list[list[dict]], generations: list[Generation], n: int) -> list[Rollout]:
-    """One Rollout per chunk (`to_rollout`) from the generations of all the chunks' samples, in order,
-    with the sampler's log-probs and each row's name attached: what a vLLM backend's `sample` returns."""
-    rollouts, start = [], 0
-    for chunk in chunks:
-        rollout, sampler_logps = to_rollout(
-            processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-            generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
-        )  # fmt: skip
-        rollout.sampler_logps = sampler_logps
-        rollout.sample_ids = completion_ids_of(chunk, n)
-        rollouts.append(rollout)
-        start += len(chunk)
-    return rollouts
 
 
 class VLLMServer:
