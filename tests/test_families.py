@@ -35,7 +35,8 @@ sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for
 from conftest import one_thread, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
-from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A/B/C conversations fixture)
+from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
+from test_batch import test_images_in_later_turns_stand_where_their_turn_puts_them as check_later_turn_images  # noqa: E402
 from test_tiny import test_build_is_byte_identical as assert_build_is_byte_identical  # noqa: E402
 
 FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
@@ -134,6 +135,11 @@ def test_loss_mask_and_image_tokens(family, samples):
         swapped = dict(samples, B=(samples["B"][0], [samples["C"][1][0], samples["B"][1][1]]))
         logps_swapped, _ = policy(**encode(family, swapped, ["B"]).model_inputs())
     assert (logps_swapped[0] - logps_both[1, : logps_swapped.shape[1]]).abs().max() > 1e-4
+
+
+def test_images_in_later_turns(family, samples):
+    # Three turns whose second user turn brings an image: rows and loss mask token by token (test_batch.py).
+    check_later_turn_images(family, samples)
 
 
 def test_truncation_never_cuts_image_tokens(family, samples):
