@@ -14,6 +14,7 @@ Per family, parametrized, sharing one session-scoped build of each model:
 """
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,64 @@ def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch
     assert any(r["grad_norm"] > 0 for r in records), records
     if algo in ("dpo", "online_dpo"):
         assert records[0]["loss"] == pytest.approx(LOG2, abs=1e-4)  # step 1: policy == reference
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-Instruct-style conversations: a later user turn brings an image
+
+ALL_FAMILIES = ("tiny", "tiny-llava", *FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def later_image_data(tmp_path_factory, make_image) -> Path:
+    """train.jsonl in TRL's layout: 4 three-turn conversations whose second user turn brings an
+    image (the odd ones open with a 168x84 image too), answers of different lengths."""
+    root = tmp_path_factory.mktemp("later_images")
+    text = lambda role, value, num_images=0: {"role": role, "content": [{"type": "image"}] * num_images + [{"type": "text", "text": value}]}  # noqa: E731
+    rows = []
+    for i in range(4):
+        paths = [root / f"{i}-{j}.png" for j in range(1 + i % 2)]
+        for j, path in enumerate(paths):
+            make_image(10 * i + j, (168, 84) if j < i % 2 else (112, 112)).save(path)
+        messages = [text("user", "Let us count shapes.", i % 2), text("assistant", "Sure, show me."),
+                    text("user", "How many here?", 1), text("assistant", f"I count {i + 1} shapes."),
+                    text("user", "Are you sure?"), text("assistant", "Yes, " * i + "sure.")]  # fmt: skip
+        rows.append({"messages": messages, "images": [str(p) for p in paths]})
+    (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root / "train.jsonl"
+
+
+def later_image_argv(name: str, data: Path, out_dir: Path, batch_size: int) -> list[str]:
+    return ["--algo", "sft", "--model", name, "--dataset", str(data), "--out-dir", str(out_dir), "--max-steps", "2",
+            "--batch-size", str(batch_size), "--max-length", "1024", "--warmup-steps", "1", "--eval-split", "",
+            "--save-every", "0", "--no-export"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_factory) -> Path:
+    """Every family's 2 SFT steps on later_image_data on 2 ranks (1 sample each), in one launch."""
+    root = tmp_path_factory.mktemp("later_images_two_ranks")
+    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in ALL_FAMILIES]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "train_worker.py"), str(root / "runs.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, later_image_two_ranks, tmp_path, monkeypatch):
+    # The same global batch of 2 conversations per step: 1 process x 2 samples, 2 ranks x 1 sample
+    # (rank r reads stream position 2 * step + r). Both train, and give the same loss and gradient norm.
+    monkeypatch.setattr(train_module, "plot_metrics", lambda *args: [])
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda *args, **kwargs: None)
+    train_module.train(train_module.parse_config(later_image_argv(name, later_image_data, tmp_path, 2)))
+    one, two = steps(tmp_path), steps(later_image_two_ranks / name)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    assert_logged(one, ("loss", "grad_norm"))
+    assert all(r["grad_norm"] > 0 for r in one), one
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
 # -----------------------------------------------------------------------------
