@@ -7,6 +7,9 @@ Per family, parametrized, sharing one session-scoped build of each model:
   * the loss mask counts answer tokens only; image tokens == vision features, per sample, with 1
     and 2 images per sample; each row gets its own images;
   * truncation never cuts image tokens (refused, naming the sample); answers are cut as text;
+  * conversations whose later user turns bring images: the rows and the loss mask token by token,
+    and 2 SFT steps over a dataset of them on 1 process and on 2 FSDP ranks (here with the two
+    families of test_batch.py);
   * 2-rank FSDP2 == 1 process: the loss and every parameter's gradient;
   * 2 steps of sft, dpo, mpo, grpo, gspo, rloo and online_dpo through train.train with finite losses;
   * export round trip: from_pretrained reloads the trained weights and gives the same log-probs;
