@@ -235,9 +235,10 @@ def test_images_in_later_turns_stand_where_their_turn_puts_them(family, samples)
     image_at = torch.isin(batch.input_ids[0], torch.tensor(sorted(image_token_ids(processor)))).nonzero()
     max_length = int(image_at.max())  # D's last image token lands just past max_length
     check = partial(check_prompt_fits, processor, max_length, "sft")
+    sample_d = {"sample_id": "sample D", "messages": samples["D"][0], "images": samples["D"][1]}
     with pytest.raises(BadSampleError, match=r"^sample D: .* image tokens lie past --max-length"):
-        check({"sample_id": "sample D", "messages": samples["D"][0], "images": samples["D"][1]})
-    check_prompt_fits(processor, max_length + 1, "sft", {"sample_id": "sample D", "messages": samples["D"][0], "images": samples["D"][1]})
+        check(sample_d)
+    check_prompt_fits(processor, max_length + 1, "sft", sample_d)
     drawing = [user("Draw one."), {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "Here."}]}]
     raw = [{"messages": samples["D"][0], "images": samples["D"][1]}, {"messages": drawing, "images": samples["C"][1]},
            {"messages": samples["C"][0], "images": samples["C"][1]}]  # fmt: skip
@@ -245,6 +246,12 @@ def test_images_in_later_turns_stand_where_their_turn_puts_them(family, samples)
     assert num_skipped == 3 and [s["index"] for s in fetched] == [2, 2]  # 0 -> 1 -> 2, and 1 -> 2
     with pytest.raises(BadSampleError, match=r"^sample 1 of split 'train': an assistant turn holds an image"):
         fetch_samples(raw, [1], "sft", "train", skip_bad=False, check=check)
+    # As an RL prompt (everything before the last answer), the conversation is checked whole.
+    prompt = {"sample_id": "sample D", "prompt": samples["D"][0][:-1], "images": samples["D"][1]}
+    prompt_len = len(processor(text=[render(processor, prompt["prompt"], True)], images=[prompt["images"]], add_special_tokens=False)["input_ids"][0])
+    check_prompt_fits(processor, prompt_len + 1, "rl", prompt)
+    with pytest.raises(BadSampleError, match=f"^sample D: the prompt is {prompt_len} tokens"):
+        check_prompt_fits(processor, prompt_len, "rl", prompt)
 
 
 # -----------------------------------------------------------------------------
