@@ -248,7 +248,8 @@ def test_images_in_later_turns_stand_where_their_turn_puts_them(family, samples)
         fetch_samples(raw, [1], "sft", "train", skip_bad=False, check=check)
     # As an RL prompt (everything before the last answer), the conversation is checked whole.
     prompt = {"sample_id": "sample D", "prompt": samples["D"][0][:-1], "images": samples["D"][1]}
-    prompt_len = len(processor(text=[render(processor, prompt["prompt"], True)], images=[prompt["images"]], add_special_tokens=False)["input_ids"][0])
+    text = render(processor, prompt["prompt"], add_generation_prompt=True)
+    prompt_len = len(processor(text=[text], images=[prompt["images"]], add_special_tokens=False)["input_ids"][0])
     check_prompt_fits(processor, prompt_len + 1, "rl", prompt)
     with pytest.raises(BadSampleError, match=f"^sample D: the prompt is {prompt_len} tokens"):
         check_prompt_fits(processor, prompt_len, "rl", prompt)

@@ -271,7 +271,10 @@ def later_image_data(tmp_path_factory, make_image) -> Path:
     """train.jsonl in TRL's layout: 4 three-turn conversations whose second user turn brings an
     image (the odd ones open with a 168x84 image too), answers of different lengths."""
     root = tmp_path_factory.mktemp("later_images")
-    text = lambda role, value, num_images=0: {"role": role, "content": [{"type": "image"}] * num_images + [{"type": "text", "text": value}]}  # noqa: E731
+
+    def text(role, value, num_images=0):
+        return {"role": role, "content": [{"type": "image"}] * num_images + [{"type": "text", "text": value}]}
+
     rows = []
     for i in range(4):
         paths = [root / f"{i}-{j}.png" for j in range(1 + i % 2)]
