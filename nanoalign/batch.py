@@ -13,8 +13,9 @@ Building rows by concatenation (as TRL does for DPO and GRPO) makes the loss mas
 construction: a token counts iff it belongs to an assistant turn, up to and including the turn's
 stop token (<|im_end|> for Qwen). Prompt, image placeholder and pad tokens never count.
 
-A conversation with several assistant turns is prompt + (answer, follow-up prompt)*; all its images
-must sit before the first answer, because only the first prompt goes through the processor.
+A conversation with several assistant turns is prompt + (answer, follow-up prompt)*, every answer
+counted; a follow-up prompt that brings images goes through the processor too, so each image's
+tokens stand where its turn puts it (LLaVA-Instruct-style data).
 Rows longer than max_length lose their tail text (counted in `num_truncated`); a row whose image
 tokens would be cut is refused with an error naming the sample. With --skip-bad-samples such a
 sample never gets here: `check_prompt_fits` finds it when it is fetched, and the fetch replaces it
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoalign.data import BadSampleError
+from nanoalign.data import BadSampleError, num_placeholders
 
 # Batch fields of their own; every other per-token processor output (e.g. mm_token_type_ids) goes
 # into mm_inputs next to the per-image ones (pixel_values, image_grid_thw, ...).
@@ -75,28 +76,27 @@ def _suffix(text: str, prefix: str, sample_id: str) -> str:
 
 
 def conversation_segments(processor, messages: list[dict], sample_id: str, last_turn_only: bool):
-    """Split a conversation into the first prompt's text and the text segments that follow it.
+    """Split a conversation into the text segments its row is built from.
 
-    Returns (prompt_text, [(segment_text, counts_in_loss)]) where segments alternate answer,
-    follow-up prompt, answer, ... Turns after the last assistant turn are dropped (nothing to learn).
+    Returns [(segment_text, counts_in_loss, num_images)]: segments alternate prompt (the turns up
+    to an assistant turn, with the generation prompt; never counted) and answer (counted, unless
+    last_turn_only and not the last). num_images: the image placeholders in a prompt's turns, whose
+    images it takes in order. Turns after the last assistant turn are dropped, images included:
+    nothing is learned from them.
     """
     answer_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answer_at or answer_at[0] == 0:
         raise BadSampleError(f"{sample_id}: a conversation needs a user turn followed by an assistant turn")
-    image_turns = [i for i, m in enumerate(messages) if not isinstance(m["content"], str) and any(c.get("type") == "image" for c in m["content"])]
-    if image_turns and image_turns[-1] > answer_at[0]:
-        raise BadSampleError(f"{sample_id}: images after the first assistant turn are not supported; move them to the first user turn")
-    prompt_text = render(processor, messages[: answer_at[0]], add_generation_prompt=True)
-    segments, rendered = [], prompt_text
+    if num_placeholders([messages[i] for i in answer_at]):
+        raise BadSampleError(f"{sample_id}: an assistant turn holds an image; images belong in the user turns")
+    segments, rendered, start = [], "", 0
     for k, i in enumerate(answer_at):
-        if k > 0:  # the user (and tool/system) turns between two answers, never counted
-            before = render(processor, messages[:i], add_generation_prompt=True)
-            segments.append((_suffix(before, rendered, sample_id), False))
-            rendered = before
+        before = render(processor, messages[:i], add_generation_prompt=True)
+        segments.append((_suffix(before, rendered, sample_id), False, num_placeholders(messages[start:i])))
         through = render(processor, messages[: i + 1], add_generation_prompt=False)
-        segments.append((_suffix(through, rendered, sample_id), not last_turn_only or k == len(answer_at) - 1))
-        rendered = through
-    return prompt_text, segments
+        segments.append((_suffix(through, before, sample_id), not last_turn_only or k == len(answer_at) - 1, 0))
+        rendered, start = through, i + 1
+    return segments
 
 
 def answer_mask(token_ids: list[int], stop_ids: set[int]) -> list[int]:
@@ -146,21 +146,33 @@ def image_token_ids(processor) -> set[int]:
     return set(declared) - {tok.unk_token_id, None}
 
 
+def _with_text(row: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+    """A row's per-token tensors extended by text tokens: attention 1, any other per-token output
+    (e.g. Qwen's mm_token_type_ids) 0 ("text")."""
+    ids = torch.tensor(ids, dtype=torch.long)
+    return {k: torch.cat([v, ids if k == "input_ids" else torch.full_like(ids, int(k == "attention_mask"))]) for k, v in row.items()}
+
+
 def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: list[list[int]], sample_ids: list[str],
               max_length: int, pad_id: int) -> Batch:  # fmt: skip
-    """Rows = unpadded processor prompt b + tails[b], right-padded, with the loss mask tail_masks[b].
+    """Rows = unpadded processor prompt b + tails[b], right-padded, with the loss mask tail_masks[b]."""
+    rows = [_with_text(row, tail) for row, tail in zip(_unpad_rows(prompt_enc), tails)]
+    masks = [[0] * (len(row["input_ids"]) - len(m)) + list(m) for row, m in zip(rows, tail_masks)]
+    return _pad_rows(processor, prompt_enc, rows, masks, sample_ids, max_length, pad_id)
 
-    Per-token processor outputs (e.g. Qwen's mm_token_type_ids) are extended with 0 ("text") for
-    the tail; per-image outputs pass through unchanged, so pixel_values stay with their rows.
+
+def _pad_rows(processor, enc: dict, rows: list[dict[str, torch.Tensor]], masks: list[list[int]], sample_ids: list[str],
+              max_length: int, pad_id: int) -> Batch:  # fmt: skip
+    """Unpadded rows (per-token tensors) cut at max_length and right-padded into a Batch.
+
+    Per-image processor outputs of `enc` (pixel_values, image_grid_thw, ...) pass through unchanged:
+    they follow the image tokens' order, row by row, which cutting text never changes.
     """
-    rows = _unpad_rows(prompt_enc)
     image_ids = torch.tensor(sorted(image_token_ids(processor)))
     num_truncated = 0
     packed = []
-    for b, row in enumerate(rows):
-        tail = torch.tensor(tails[b], dtype=torch.long)
-        full = {k: torch.cat([v, tail if k == "input_ids" else torch.full_like(tail, 1 if k == "attention_mask" else 0)]) for k, v in row.items()}
-        mask = torch.cat([torch.zeros(len(row["input_ids"])), torch.tensor(tail_masks[b], dtype=torch.float)])
+    for b, full in enumerate(rows):
+        mask = torch.tensor(masks[b], dtype=torch.float)
         if len(mask) > max_length:
             cut_images = torch.isin(full["input_ids"][max_length:], image_ids).sum().item()
             if cut_images:
@@ -178,58 +190,70 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
         fill = pad_id if key == "input_ids" else 0
         out[key] = torch.stack([torch.nn.functional.pad(r[key], (0, length - len(r[key])), value=fill) for r, _ in packed])
     mask = torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for _, m in packed])
-    mm_inputs = {k: v for k, v in prompt_enc.items() if k not in out}
+    mm_inputs = {k: v for k, v in enc.items() if k not in out}
     mm_inputs.update({k: v for k, v in out.items() if k not in ROW_KEYS})
     return Batch(out["input_ids"], out["attention_mask"], mask, mm_inputs, list(sample_ids), num_truncated)
 
 
 def encode_conversations(processor, conversations: list[list[dict]], images: list[list], sample_ids: list[str], *,
                          max_length: int, stop_ids: set[int], last_turn_only: bool = False) -> Batch:  # fmt: skip
-    """SFT / preference rows: each conversation's first prompt through the processor, the rest tokenised.
+    """SFT / preference rows, segment by segment (conversation_segments), each image where its turn puts it.
 
-    last_turn_only counts only the final assistant turn (preference completions); otherwise every
-    assistant turn counts (SFT).
+    The first prompt and every later prompt that holds images go through the processor, in one call
+    for the batch (so each image's tokens are expanded where they stand, and the per-image outputs
+    follow the rows' order); answers and text-only prompts are tokenised. last_turn_only counts only
+    the final assistant turn (preference completions); otherwise every assistant turn counts (SFT).
     """
     tokenizer = processor.tokenizer
-    prompts, tails, tail_masks = [], [], []
-    for messages, sample_id in zip(conversations, sample_ids):
-        prompt_text, segments = conversation_segments(processor, messages, sample_id, last_turn_only)
-        prompts.append(prompt_text)
-        tail, tail_mask = [], []
-        for text, counts in segments:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            tail += ids
-            tail_mask += answer_mask(ids, stop_ids) if counts else [0] * len(ids)
-        tails.append(tail)
-        tail_masks.append(tail_mask)
-    enc = process_prompts(processor, prompts, images)
+    rows_segments = [conversation_segments(processor, m, s, last_turn_only) for m, s in zip(conversations, sample_ids)]
+    texts, text_images = [], []
+    for segments, row_images in zip(rows_segments, images):
+        used = 0
+        for k, (text, _, num_images) in enumerate(segments):
+            if k == 0 or num_images:
+                texts.append(text)
+                text_images.append(row_images[used : used + num_images])
+                used += num_images
+    enc = process_prompts(processor, texts, text_images)
+    processed = iter(_unpad_rows(enc))
+    rows, masks = [], []
+    for segments in rows_segments:
+        row, mask = None, []
+        for k, (text, counts, num_images) in enumerate(segments):
+            if k == 0 or num_images:
+                piece = next(processed)
+                row = piece if row is None else {key: torch.cat([row[key], piece[key]]) for key in row}
+                mask += [0] * len(piece["input_ids"])
+            else:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                row = _with_text(row, ids)
+                mask += answer_mask(ids, stop_ids) if counts else [0] * len(ids)
+        rows.append(row)
+        masks.append(mask)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_rows(processor, enc, tails, tail_masks, sample_ids, max_length, pad_id)
+    return _pad_rows(processor, enc, rows, masks, sample_ids, max_length, pad_id)
 
 
 def check_prompt_fits(processor, max_length: int, fmt: str, sample: dict) -> None:
     """Refuse (BadSampleError) a sample whose rows cannot be built under max_length.
 
-    Only the first prompt matters: it holds every image token (conversation_segments), and the
-    rest is text that may be cut. SFT / preference rows need the image tokens within max_length;
-    an RL prompt needs room for at least one completion token as well, as nothing is generated for
-    a prompt that cannot be trained on. Called when samples are fetched (data.fetch_samples), so
-    --skip-bad-samples replaces such a sample before any work is done on it.
+    SFT / preference: the sample's rows are built as the batch will build them, so whatever would
+    refuse it there (image tokens past max_length, a chat template that splits turns badly) refuses
+    it here. An RL prompt (all of it goes through the processor) needs room for at least one
+    completion token, as nothing is generated for a prompt that cannot be trained on. Called when
+    samples are fetched (data.fetch_samples), so --skip-bad-samples replaces such a sample before
+    any work is done on it.
     """
-    messages = sample["messages"] if fmt == "sft" else sample["prompt"]
-    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    text = render(processor, messages[:first_answer], add_generation_prompt=True)
+    if fmt != "rl":
+        rows = [sample["messages"]] if fmt == "sft" else [sample["prompt"] + sample[k] for k in ("chosen", "rejected")]
+        encode_conversations(processor, rows, [sample["images"]] * len(rows), [sample["sample_id"]] * len(rows),
+                             max_length=max_length, stop_ids=set(), last_turn_only=fmt != "sft")  # fmt: skip
+        return
+    text = render(processor, sample["prompt"], add_generation_prompt=True)
     prompt_ids = process_prompts(processor, [text], [sample["images"]])["input_ids"][0]
-    image_at = torch.isin(prompt_ids, torch.tensor(sorted(image_token_ids(processor)))).nonzero()
-    if fmt == "rl" and len(prompt_ids) >= max_length:
+    if len(prompt_ids) >= max_length:
         raise BadSampleError(
             f"{sample['sample_id']}: the prompt is {len(prompt_ids)} tokens long (image tokens included), which leaves "
             f"no room for a completion under --max-length {max_length}. Raise --max-length, shorten the prompt or "
             "give the processor smaller images, or pass --skip-bad-samples to skip such samples."
-        )
-    if len(image_at) and int(image_at.max()) >= max_length:
-        raise BadSampleError(
-            f"{sample['sample_id']}: its prompt is {len(prompt_ids)} tokens, and image tokens lie past --max-length "
-            f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass --skip-bad-samples "
-            "to skip such samples."
         )

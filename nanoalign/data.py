@@ -158,7 +158,7 @@ def _as_turns(value, role: str, field_name: str, sample_id: str) -> list[dict]:
     ]
 
 
-def _num_placeholders(messages: list[dict]) -> int:
+def num_placeholders(messages: list[dict]) -> int:
     return sum(
         1 for m in messages if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image"
     )
@@ -166,7 +166,7 @@ def _num_placeholders(messages: list[dict]) -> int:
 
 def _insert_placeholders(messages: list[dict], num_images: int, sample_id: str) -> list[dict]:
     """Put image placeholders in front of the first user turn when the data has images but none."""
-    found = _num_placeholders(messages)
+    found = num_placeholders(messages)
     if found == 0 and num_images > 0:
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         content = messages[first_user]["content"]

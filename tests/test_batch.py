@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nanoalign.batch import check_prompt_fits, encode_conversations, render
-from nanoalign.data import BadSampleError, fetch_samples
+from nanoalign.batch import check_prompt_fits, encode_conversations, image_token_ids, render
+from nanoalign.data import BadSampleError, fetch_samples, num_placeholders
 from nanoalign.model import Policy
 
 FAMILIES = ("tiny", "tiny-llava")
@@ -27,7 +27,8 @@ def assistant(text):
 @pytest.fixture(scope="module")
 def samples(make_image):
     """A: one 112x112 image, one answer.  B: a 112x112 and a 168x84 image, two answers (multi-turn).
-    C: one 112x112 image, a very short conversation."""
+    C: one 112x112 image, a very short conversation. D, E: three turns (LLaVA-Instruct style) whose
+    second user turn brings a new image; E's first turn has one too, of another size."""
     return {
         "A": ([user("How many shapes are in the image?", 1), assistant("<think>I count 2 shapes.</think> The answer is \\boxed{2}.")],
               [make_image(1)]),
@@ -35,6 +36,12 @@ def samples(make_image):
                user("How many sides does the shape have?"), assistant("The shape has 4 sides.")],
               [make_image(2), make_image(3, (168, 84))]),
         "C": ([user("How many?", 1), assistant("2")], [make_image(4)]),
+        "D": ([user("Can you count shapes?"), assistant("Yes, show me a picture."), user("How many here?", 1),
+               assistant("I count 2 shapes."), user("And their colour?"), assistant("Both are red.")],
+              [make_image(5)]),
+        "E": ([user("How many shapes?", 1), assistant("2"), user("And in this one?", 1), assistant("There are 3."),
+               user("Which has more?"), assistant("The second image.")],
+              [make_image(6, (168, 84)), make_image(7)]),
     }  # fmt: skip
 
 
@@ -182,6 +189,70 @@ def test_rows_get_their_own_images(family, samples):
         logps_swapped, _ = policy(**encode(family, swapped, ["B"]).model_inputs())
         logps_b, _ = policy(**encode(family, samples, ["B"]).model_inputs())
     assert (logps_swapped - logps_b).abs().max() > 1e-4
+
+
+def test_images_in_later_turns_stand_where_their_turn_puts_them(family, samples):
+    # A later user turn brings a new image (D, E). Each row is, piece by piece, every prompt (the
+    # turns up to an assistant turn, with the generation prompt) as the processor makes it with its
+    # own images, then the answer as the tokenizer makes it (as for single-turn rows); the loss mask
+    # is 1 exactly from each answer's first token through its end-of-turn token (the first stop
+    # token). Also run on every other family (test_families.py).
+    _, processor, model, stop_ids = family
+    tok = processor.tokenizer
+    batch = encode(family, samples, ["D", "E"])
+    policy = Policy(model, logps_chunk_size=7)
+    with torch.no_grad():
+        logps, _ = policy(**batch.model_inputs())
+    for row, key in enumerate(["D", "E"]):
+        messages, images = samples[key]
+        ids, mask, done, done_turns = [], [], "", 0
+        for i in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+            before, through = render(processor, messages[:i], True), render(processor, messages[: i + 1], False)
+            own = images[num_placeholders(messages[:done_turns]) : num_placeholders(messages[:i])]
+            prompt = processor(text=[before[len(done) :]], images=[own] if own else None, add_special_tokens=False)["input_ids"][0]
+            answer = tok(through[len(before) :], add_special_tokens=False)["input_ids"]
+            stop = next(t for t, x in enumerate(answer) if x in stop_ids)
+            ids += prompt + answer
+            mask += [0.0] * len(prompt) + [1.0] * (stop + 1) + [0.0] * (len(answer) - stop - 1)
+            done, done_turns = through, i + 1
+        length = len(ids)
+        assert batch.input_ids[row, :length].tolist() == ids and batch.attention_mask[row, length:].sum() == 0
+        assert batch.mask[row].tolist() == mask + [0.0] * (batch.mask.shape[1] - length)
+        assert len(runs(batch.mask[row])) == 3
+        # The same text, image tokens included, as the processor makes of the whole conversation at
+        # once (it may merge a template's trailing space into the next word: LLaVA's "ASSISTANT: ") ...
+        whole = processor(text=[render(processor, messages, False)], images=[images], return_tensors="pt", add_special_tokens=False)
+        assert tok.decode(ids) == tok.decode(whole["input_ids"][0])
+        # ... and the vision features land where their tokens stand: the row's log-probs with the
+        # whole conversation's image inputs are the batch's.
+        per_image = {k: v for k, v in whole.items() if v.shape[:2] != whole["input_ids"].shape}
+        per_token = {k: v[row : row + 1, :length] for k, v in batch.model_inputs().items() if k not in per_image}
+        with torch.no_grad():
+            assert_close(logps[row, :length], policy(**per_token, **per_image)[0][0], atol=2e-5, rtol=0)
+
+    # --skip-bad-samples: a sample whose later image would be cut (or that cannot be built at all,
+    # here an image in an assistant turn) is refused when fetched, and the fetch takes the next one.
+    image_at = torch.isin(batch.input_ids[0], torch.tensor(sorted(image_token_ids(processor)))).nonzero()
+    max_length = int(image_at.max())  # D's last image token lands just past max_length
+    check = partial(check_prompt_fits, processor, max_length, "sft")
+    sample_d = {"sample_id": "sample D", "messages": samples["D"][0], "images": samples["D"][1]}
+    with pytest.raises(BadSampleError, match=r"^sample D: .* image tokens lie past --max-length"):
+        check(sample_d)
+    check_prompt_fits(processor, max_length + 1, "sft", sample_d)
+    drawing = [user("Draw one."), {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "Here."}]}]
+    raw = [{"messages": samples["D"][0], "images": samples["D"][1]}, {"messages": drawing, "images": samples["C"][1]},
+           {"messages": samples["C"][0], "images": samples["C"][1]}]  # fmt: skip
+    fetched, num_skipped = fetch_samples(raw, [0, 1], "sft", "train", skip_bad=True, check=check)
+    assert num_skipped == 3 and [s["index"] for s in fetched] == [2, 2]  # 0 -> 1 -> 2, and 1 -> 2
+    with pytest.raises(BadSampleError, match=r"^sample 1 of split 'train': an assistant turn holds an image"):
+        fetch_samples(raw, [1], "sft", "train", skip_bad=False, check=check)
+    # As an RL prompt (everything before the last answer), the conversation is checked whole.
+    prompt = {"sample_id": "sample D", "prompt": samples["D"][0][:-1], "images": samples["D"][1]}
+    text = render(processor, prompt["prompt"], add_generation_prompt=True)
+    prompt_len = len(processor(text=[text], images=[prompt["images"]], add_special_tokens=False)["input_ids"][0])
+    check_prompt_fits(processor, prompt_len + 1, "rl", prompt)
+    with pytest.raises(BadSampleError, match=f"^sample D: the prompt is {prompt_len} tokens"):
+        check_prompt_fits(processor, prompt_len, "rl", prompt)
 
 
 # -----------------------------------------------------------------------------

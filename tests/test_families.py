@@ -7,6 +7,9 @@ Per family, parametrized, sharing one session-scoped build of each model:
   * the loss mask counts answer tokens only; image tokens == vision features, per sample, with 1
     and 2 images per sample; each row gets its own images;
   * truncation never cuts image tokens (refused, naming the sample); answers are cut as text;
+  * conversations whose later user turns bring images: the rows and the loss mask token by token,
+    and 2 SFT steps over a dataset of them on 1 process and on 2 FSDP ranks (here with the two
+    families of test_batch.py);
   * 2-rank FSDP2 == 1 process: the loss and every parameter's gradient;
   * 2 steps of sft, dpo, mpo, grpo, gspo, rloo and online_dpo through train.train with finite losses;
   * export round trip: from_pretrained reloads the trained weights and gives the same log-probs;
@@ -14,6 +17,7 @@ Per family, parametrized, sharing one session-scoped build of each model:
 """
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +41,8 @@ sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for
 from conftest import one_thread, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
-from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A/B/C conversations fixture)
+from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
+from test_batch import test_images_in_later_turns_stand_where_their_turn_puts_them as check_later_turn_images  # noqa: E402
 from test_tiny import test_build_is_byte_identical as assert_build_is_byte_identical  # noqa: E402
 
 FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
@@ -136,6 +141,11 @@ def test_loss_mask_and_image_tokens(family, samples):
         swapped = dict(samples, B=(samples["B"][0], [samples["C"][1][0], samples["B"][1][1]]))
         logps_swapped, _ = policy(**encode(family, swapped, ["B"]).model_inputs())
     assert (logps_swapped[0] - logps_both[1, : logps_swapped.shape[1]]).abs().max() > 1e-4
+
+
+def test_images_in_later_turns(family, samples):
+    # Three turns whose second user turn brings an image: rows and loss mask token by token (test_batch.py).
+    check_later_turn_images(family, samples)
 
 
 def test_truncation_never_cuts_image_tokens(family, samples):
@@ -250,6 +260,67 @@ def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch
     assert any(r["grad_norm"] > 0 for r in records), records
     if algo in ("dpo", "online_dpo"):
         assert records[0]["loss"] == pytest.approx(LOG2, abs=1e-4)  # step 1: policy == reference
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-Instruct-style conversations: a later user turn brings an image
+
+ALL_FAMILIES = ("tiny", "tiny-llava", *FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def later_image_data(tmp_path_factory, make_image) -> Path:
+    """train.jsonl in TRL's layout: 4 three-turn conversations whose second user turn brings an
+    image (the odd ones open with a 168x84 image too), answers of different lengths."""
+    root = tmp_path_factory.mktemp("later_images")
+
+    def text(role, value, num_images=0):
+        return {"role": role, "content": [{"type": "image"}] * num_images + [{"type": "text", "text": value}]}
+
+    rows = []
+    for i in range(4):
+        paths = [root / f"{i}-{j}.png" for j in range(1 + i % 2)]
+        for j, path in enumerate(paths):
+            make_image(10 * i + j, (168, 84) if j < i % 2 else (112, 112)).save(path)
+        messages = [text("user", "Let us count shapes.", i % 2), text("assistant", "Sure, show me."),
+                    text("user", "How many here?", 1), text("assistant", f"I count {i + 1} shapes."),
+                    text("user", "Are you sure?"), text("assistant", "Yes, " * i + "sure.")]  # fmt: skip
+        rows.append({"messages": messages, "images": [str(p) for p in paths]})
+    (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root / "train.jsonl"
+
+
+def later_image_argv(name: str, data: Path, out_dir: Path, batch_size: int) -> list[str]:
+    return ["--algo", "sft", "--model", name, "--dataset", str(data), "--out-dir", str(out_dir), "--max-steps", "2",
+            "--batch-size", str(batch_size), "--max-length", "1024", "--warmup-steps", "1", "--eval-split", "",
+            "--save-every", "0", "--no-export"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_factory) -> Path:
+    """Every family's 2 SFT steps on later_image_data on 2 ranks (1 sample each), in one launch."""
+    root = tmp_path_factory.mktemp("later_images_two_ranks")
+    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in ALL_FAMILIES]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "train_worker.py"), str(root / "runs.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, later_image_two_ranks, tmp_path, monkeypatch):
+    # The same global batch of 2 conversations per step: 1 process x 2 samples, 2 ranks x 1 sample
+    # (rank r reads stream position 2 * step + r). Both train, and give the same loss and gradient norm.
+    monkeypatch.setattr(train_module, "plot_metrics", lambda *args: [])
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda *args, **kwargs: None)
+    train_module.train(train_module.parse_config(later_image_argv(name, later_image_data, tmp_path, 2)))
+    one, two = steps(tmp_path), steps(later_image_two_ranks / name)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    assert_logged(one, ("loss", "grad_norm"))
+    assert all(r["grad_norm"] > 0 for r in one), one
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
 # -----------------------------------------------------------------------------
