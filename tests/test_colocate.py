@@ -121,7 +121,7 @@ def test_colocate_is_refused_for_offline_algorithms(algo):
 
 def test_engine_flags_need_colocate():
     check_config(Config(algo="grpo", batch_size=8, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2))  # fine
-    with pytest.raises(ValueError, match="--vllm-gpu-memory-utilization sets up the colocated vLLM engine"):
+    with pytest.raises(ValueError, match="--vllm-gpu-memory-utilization does nothing with --vllm-mode server"):
         check_config(Config(algo="grpo", batch_size=8, vllm_mode="server", vllm_gpu_memory_utilization=0.2))
 
 

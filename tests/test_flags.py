@@ -381,7 +381,16 @@ def test_cross_field_rules_are_checked_at_config_time():
         (dict(algo="grpo", batch_size=6, num_generations=4), "multiple of --num-generations"),
         (dict(algo="grpo", steps_per_generation=3, grad_accum_steps=2), "divide one another"),
         (dict(algo="online_dpo", num_generations=4, batch_size=8), "--num-generations 2"),
-        (dict(algo="rloo", num_generations=1, batch_size=8), "--num-generations >= 2"),
+        # G = 1: every advantage 0, loss and gradient 0 at every step; refused for every RL algorithm
+        *[(dict(algo=algo, num_generations=1, batch_size=8), f"--num-generations must be >= 2 for --algo {algo}")
+          for algo in ("grpo", "gspo", "rloo")],
+        (dict(algo="grpo", temperature=0.0), "--temperature must be > 0, got 0.0: at 0 (greedy decoding)"),
+        (dict(algo="sft", max_completion_length=0), "--max-completion-length must be >= 1, got 0"),  # the accuracy eval's
+        # vLLM settings that the chosen --vllm-mode never reads
+        (dict(algo="grpo", vllm_url="http://10.0.0.1:8000"), "--vllm-url does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_sync_every=2), "--vllm-sync-every does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_is_cap=2.0), "--vllm-is-cap does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_mode="colocate", vllm_timeout=5.0), "--vllm-timeout does nothing with --vllm-mode colocate"),
         (dict(algo="grpo", reward_weights=(1.0,)), "--reward-weights has 1 values for 2"),
         (dict(algo="gspo", reward_funcs=(), reward_weights=()), "--reward-funcs is empty"),
         (dict(algo="sft", grad_accum_steps=0), "--grad-accum-steps must be >= 1"),
