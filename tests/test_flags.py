@@ -303,6 +303,27 @@ def test_resume_refuses_a_changed_config(tiny_dirs, tmp_path):
     assert [r["step"] for r in steps(tmp_path)] == [1, 2]
 
 
+def test_resume_refuses_another_world_size_on_every_rank(tiny_dirs, tmp_path):
+    # the same settings as run_train's (so only the world size differs)
+    sft = ("--model", "tiny", "--batch-size", "2", "--max-length", "256", "--warmup-steps", "1", "--max-completion-length", "24")
+
+    def torchrun_sft(out, max_steps):
+        return torchrun(str(REPO / "train.py"), *sft, "--out-dir", str(out), "--max-steps", str(max_steps), "--eval-split", "",
+                        "--save-every", "0", "--no-export", timeout=300)  # fmt: skip
+
+    # 2 ranks save, 1 resumes: it would halve the global batch and drop rank 1's RNG state (was: exit 0)
+    proc = torchrun_sft(tmp_path / "two", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(ValueError, match=r"saved by 2 rank\(s\) and this run has 1: resuming would change the global batch"):
+        run_train(tmp_path / "two", "sft", *sft, "--max-steps", "2")
+    # 1 rank saves, 2 resume: both ranks refuse, with the same message (was: rank 0 died in a gloo collective)
+    run_train(tmp_path / "one", "sft", *sft, "--max-steps", "1")
+    proc = torchrun_sft(tmp_path / "one", 2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("saved by 1 rank(s) and this run has 2") >= 2, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr
+
+
 # -----------------------------------------------------------------------------
 # data, model and config inputs
 
