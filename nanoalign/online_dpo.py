@@ -15,7 +15,7 @@ Simplified / decided here:
     - the loss is mpo.py's sigmoid loss, not a copy of it.
     - an unscorable completion (all reward functions NaN) ranks below any scored one; a pair with both
       unscorable cannot be ranked: it is flagged invalid so the caller skips it and counts the skip.
-      (TRL's nansum would score NaN as 0.)
+      (TRL's nansum would score NaN as 0.) So are pairs of two identical (or both empty) completions.
 """
 
 from dataclasses import dataclass
@@ -118,8 +118,11 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     for rollout, chunk_rewards in zip(rollouts, rewards.split(cfg.batch_size)):
         has_eos = torch.tensor(rollout.has_eos, device=run.device)
         chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
-        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=run.device)
-        valid = pair_metrics["valid"] & ~empty  # unrankable (all rewards None) or both answers empty: skipped
+        # Two identical completions (common from a near-deterministic policy) are chosen = rejected: loss
+        # ln 2 with exactly zero gradient, so kept they would only dilute the step's pair count.
+        same = [a == b or not ta.strip() and not tb.strip() for a, b, ta, tb in
+                zip(rollout.completion_ids[::2], rollout.completion_ids[1::2], rollout.texts[::2], rollout.texts[1::2])]  # fmt: skip
+        valid = pair_metrics["valid"] & ~torch.tensor(same, device=run.device)  # unrankable, identical or both empty: skipped
         num_skipped += int((~valid).sum())
         totals = combine_rewards(chunk_rewards)  # (2P,)
         scores["chosen"] += totals[chosen[valid]].tolist()
@@ -130,7 +133,7 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     for m, num_pairs in zip(micro, per_step_totals([float(len(m.chosen)) for m in micro], cfg.grad_accum_steps, run.device)):
         m.normaliser = num_pairs
     if num_skipped and run.rank == 0:
-        print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were both empty or unscorable", flush=True)
+        print(f"online_dpo: skipped {num_skipped} pair(s) on rank 0 whose completions were identical, both empty or unscorable", flush=True)
     chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
     metrics.update({
         "skipped_pairs": float(num_skipped),
