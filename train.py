@@ -352,14 +352,16 @@ def train(cfg: Config) -> dict:
     if cfg.export:
         export_hf(policy, processor, out_dir / "final", rank)
         dist.barrier()
+        checked = ""
         if accuracy_eval:  # reload what was written (sharded, like the reference) and check its answers
             exported = build_policy(str(out_dir / "final"), cfg, mesh, bf16, trainable=False)
             final = evaluate(algo, run, [], accuracy_eval, model=exported)
             del exported
             metrics["final/exported_accuracy"] = final["eval/accuracy"]
             log.amend_last({"final/exported_accuracy": final["eval/accuracy"]})
-            if rank == 0:
-                print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
+            checked = f": eval accuracy {final['eval/accuracy']:.3f}"
+        if rank == 0:
+            print(f"exported model ({out_dir / 'final'}){checked}", flush=True)
     if rank == 0:
         if first_eval_accuracy := first_logged(out_dir, "eval/accuracy"):
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")

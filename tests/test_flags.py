@@ -341,14 +341,16 @@ def test_held_out_split_is_held_out(tmp_path):
         load_split(str(tmp_path / "dir"), "training", "rl", 0)
 
 
-def test_a_single_data_file_trains_without_evaluation(warm_model, tmp_path):
+def test_a_single_data_file_trains_without_evaluation(warm_model, tmp_path, capsys):
     rows = [{"prompt": make_example("train", i)["question"], "solution": "3"} for i in range(8)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     run_train(tmp_path / "out", "grpo", "--model", warm_model, "--dataset", str(data), "--max-steps", "1",
               "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "4",
-              **{"eval-split": "eval", "num-eval-samples": 4})  # fmt: skip
+              **{"eval-split": "eval", "num-eval-samples": 4, "no-export": False})  # fmt: skip
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1] and not any(k.startswith("eval/") for k in records[0])
+    # where the model went is said without an accuracy eval too (the one line a user needs from stdout)
+    assert f"exported model ({tmp_path / 'out' / 'final'})" in capsys.readouterr().out
 
 
 def test_column_rename_onto_an_existing_column_says_what_to_do(tmp_path):
