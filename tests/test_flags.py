@@ -6,9 +6,10 @@
     the same prompts and completions (loss and every gradient), for grpo / dr_grpo / dapo, RLOO and
     online DPO; a group of equal rewards gives exactly zero advantages and zero gradient;
   * an over-long RL prompt on 2 ranks stops both, naming the sample, with a resumable checkpoint;
-    --skip-bad-samples skips and counts it; a bad held-out image stops both ranks, naming it;
+    --skip-bad-samples skips and counts it (summed over ranks); a bad held-out image stops both ranks,
+    naming it, or is skipped and counted; so does a bad held-out SFT sample;
   * checkpoints: saved at the first generation boundary after each multiple of --save-every, never
-    written into an existing directory; resume refuses a changed config;
+    written into an existing directory; resume refuses a changed config or world size, on every rank;
   * held-out data is held out; --columns clashes, --model typos and offline hub ids fail clearly;
   * the flag matrix: every algorithm with the flags users set, two steps each, finite losses and a
     step-0 evaluation that training-only flags do not change.
@@ -254,7 +255,7 @@ def test_overlong_rl_prompt_stops_both_ranks_then_is_skipped(warm_model, rl_data
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = steps(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]  # resumed after step 1
-    assert records[1]["skipped_samples"] == 0.5  # one prompt skipped on one of the 2 ranks (mean)
+    assert records[1]["skipped_samples"] == 1  # one prompt skipped on one of the 2 ranks: a count, summed (was 0.5)
     assert all(math.isfinite(r["loss"]) and "truncated_rows" in r for r in records)
 
 
@@ -263,6 +264,32 @@ def test_bad_held_out_image_stops_both_ranks_naming_it(warm_model, rl_data, tmp_
     assert proc.returncode != 0
     assert "sample 5 of split 'eval': image 0" in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-3000:]
     assert "other rank(s) failed" in proc.stderr
+    # --skip-bad-samples skips it, and the evaluation counts the skip
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data_bad_eval", tmp_path, "--max-steps", "0", "--num-eval-samples", "8",
+                             "--skip-bad-samples"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/skipped_samples"] == 1
+
+
+def test_bad_held_out_sft_sample_stops_both_ranks_naming_it(tmp_path):
+    # eval row 3 (rank 1's share of 4) puts its image after 300 words: its image tokens lie past
+    # --max-length, found when the evaluation builds its batch (was: rank 1 alone raised, rank 0 hung
+    # in the eval all-reduce until gloo dropped the connection)
+    for split, num in (("train", 8), ("eval", 4)):
+        rows = []
+        for i in range(num):
+            ex, bad = make_example(split, i), split == "eval" and i == 3
+            text = {"type": "text", "text": ex["question"] + (" word" * 300 if bad else "")}
+            user = [text, {"type": "image"}] if bad else [{"type": "image"}, text]
+            answer = [{"type": "text", "text": str(ex["answer"])}]
+            rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                         "images": [save_image(ex["images"][0], tmp_path, f"{split}_{i}")]})  # fmt: skip
+        write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows)
+    proc = torchrun(str(REPO / "train.py"), "--model", "tiny", "--dataset", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                    "--max-steps", "1", "--batch-size", "2", "--max-length", "200", "--num-eval-samples", "4", "--no-export")  # fmt: skip
+    assert proc.returncode != 0
+    assert "sample 3 of split 'eval'" in proc.stderr and "image tokens lie past --max-length 200" in proc.stderr, proc.stderr[-3000:]
+    assert "other rank(s) failed" in proc.stderr and "Connection closed" not in proc.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +448,13 @@ def test_cross_field_rules_are_checked_at_config_time():
     for fields, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             check_config(dataclasses.replace(Config(), **fields))
+
+
+def test_fewer_eval_samples_than_ranks_is_refused(tiny_dirs, tmp_path):
+    # 0 per rank silently turned evaluation off (an empty "step 0 |" line); 2 ranks x 1 sample is the
+    # same rule as this 1 rank x 0 samples
+    with pytest.raises(ValueError, match=r"--num-eval-samples 0 .* leaves no held-out sample .* set it to at least 1"):
+        run_train(tmp_path, "sft", "--model", "tiny", "--max-steps", "1", **{"eval-split": "eval", "num-eval-samples": 0})
 
 
 def test_gold_warning_names_the_dataset_sample(caplog):
