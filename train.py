@@ -53,7 +53,7 @@ from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
-from nanoalign.metrics import MetricsLog, plot_metrics
+from nanoalign.metrics import COUNTS, MetricsLog, plot_metrics
 from nanoalign.model import Policy, load_processor, shard_policy, vision_module
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
@@ -162,13 +162,21 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     return policy
 
 
-def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> list[dict]:
+def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> tuple[list[dict], float]:
     """This rank's equal share of the first num_eval_samples held-out samples (equal, so every rank
-    runs the same number of forwards). A bad sample stops every rank, with its name."""
+    runs the same number of forwards), and how many bad ones all ranks skipped (--skip-bad-samples).
+    A bad sample stops every rank, with its name."""
     per_rank = min(cfg.num_eval_samples, len(dataset)) // run.world_size
+    if per_rank == 0:  # the same on every rank: all of them stop here
+        raise ValueError(
+            f"--num-eval-samples {cfg.num_eval_samples} (split {cfg.eval_split!r} has {len(dataset)} rows) leaves no "
+            f"held-out sample for some of the {run.world_size} rank(s), and each needs one: set it to at least "
+            f"{run.world_size}, or pass --eval-split '' to train without evaluation"
+        )
     indices = list(range(run.rank * per_rank, (run.rank + 1) * per_rank))
-    fetch = lambda: fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples, check)[0]  # noqa: E731
-    return on_every_rank(fetch, run.device)
+    fetch = lambda: fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples, check)  # noqa: E731
+    samples, num_skipped = on_every_rank(fetch, run.device)
+    return samples, all_reduce_sum([num_skipped], run.device)[0]
 
 
 def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], model=None) -> dict:
@@ -243,7 +251,7 @@ def train(cfg: Config) -> dict:
     train_data = run.train_data = load_split(
         cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns, cfg.shapes_overcount
     )
-    algo_eval, accuracy_eval = [], []
+    algo_eval, accuracy_eval, eval_skips = [], [], {}
     if cfg.eval_split:
         run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns, held_out=True)
         if run.eval_data is None and rank == 0:
@@ -251,7 +259,8 @@ def train(cfg: Config) -> dict:
                   "training rows only; a directory needs e.g. eval.jsonl or test.jsonl beside train.jsonl). Pass "
                   "--eval-split '' to say so, or the name of its held-out split.", flush=True)  # fmt: skip
     if run.eval_data is not None:
-        algo_eval = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run, run.check_sample)
+        algo_eval, num_eval_skipped = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run, run.check_sample)
+        eval_skips = {"eval/skipped_samples": num_eval_skipped}  # logged with every evaluation
         accuracy_eval = accuracy_prompts(algo_eval)  # the held-out samples with a gold `solution`, if any
 
     # ---------------------------------------------------------------- resume
@@ -270,7 +279,7 @@ def train(cfg: Config) -> dict:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = MetricsLog(out_dir, rank, cfg.log_every)
     if step == 0 and run.eval_data is not None:
-        first_eval = evaluate(algo, run, algo_eval, accuracy_eval)
+        first_eval = {**evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips}
         log.log(0, first_eval, force_print=True)
 
     # ---------------------------------------------------------------- the loop
@@ -338,10 +347,10 @@ def train(cfg: Config) -> dict:
         # ------------------------------------------------------------ log, evaluate, checkpoint
         # Each rank's loss is its share of the step's loss (the normalisation rule above): the step's
         # loss is their sum, world_size x their mean.
-        metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device)
+        metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device, COUNTS)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
         if run.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(evaluate(algo, run, algo_eval, accuracy_eval))
+            metrics.update(evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips)
         log.log(step, metrics, force_print=step == cfg.max_steps)
         # The last step always saves (a generation batch it leaves unfinished is dropped).
         if (not buffer and next_save is not None and step >= next_save) or step == cfg.max_steps:
@@ -353,14 +362,16 @@ def train(cfg: Config) -> dict:
     if cfg.export:
         export_hf(policy, processor, out_dir / "final", rank)
         dist.barrier()
+        checked = ""
         if accuracy_eval:  # reload what was written (sharded, like the reference) and check its answers
             exported = build_policy(str(out_dir / "final"), cfg, mesh, bf16, trainable=False)
             final = evaluate(algo, run, [], accuracy_eval, model=exported)
             del exported
             metrics["final/exported_accuracy"] = final["eval/accuracy"]
             log.amend_last({"final/exported_accuracy": final["eval/accuracy"]})
-            if rank == 0:
-                print(f"exported model ({out_dir / 'final'}): eval accuracy {final['eval/accuracy']:.3f}", flush=True)
+            checked = f": eval accuracy {final['eval/accuracy']:.3f}"
+        if rank == 0:
+            print(f"exported model ({out_dir / 'final'}){checked}", flush=True)
     if rank == 0:
         if (first_eval_accuracy := first_logged(out_dir, "eval/accuracy")) is not None:  # 0.0 is a start too
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")

@@ -3,7 +3,8 @@
 A checkpoint is a directory out_dir/checkpoints/step_NNNNNN holding
   * the model and optimizer state, sharded: each rank writes its own shards (DCP), and a resume
     with the same world size reads them back without ever gathering the full model;
-  * per rank: the LR scheduler, the loop's counters (step, samples drawn), and the RNG states.
+  * per rank: the LR scheduler, the loop's counters (step, samples drawn), and the RNG states (so a
+    resume needs the world size that saved it).
 The data order is a pure function of (seed, samples drawn) (data.stream_indices), so the counters and
 RNG states are all a resumed run needs to continue exactly as an uninterrupted one would.
 
@@ -85,7 +86,19 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters."""
+    """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters.
+
+    Only with the world size that saved it (one rank{r}.pt per rank), checked on every rank alike
+    before any collective, so all of them stop together with the same message.
+    """
+    saved_ranks, world_size = len(list(path.glob("rank*.pt"))), dist.get_world_size()
+    if saved_ranks != world_size:
+        raise ValueError(
+            f"{path} was saved by {saved_ranks} rank(s) and this run has {world_size}: resuming would change the global "
+            f"batch (--batch-size x --grad-accum-steps x ranks: x {saved_ranks} -> x {world_size}) and the ranks' sampling RNG "
+            f"states would not be the saved ones, so it would not continue that run. Resume with "
+            f"--nproc_per_node {saved_ranks}, or start over with --no-resume or another --out-dir."
+        )
     model_state, optim_state = get_state_dict(policy, optimizer)
     # get_state_dict gives a fresh optimizer state for every parameter, but AdamW keeps none for a
     # parameter that never had a gradient (e.g. LLaVA's vision post_layernorm, unused when features
@@ -99,10 +112,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
     set_model_state_dict(policy, state["model"])  # strict: every weight must be in the checkpoint
     # strict=False only lets those stateless parameters stay without state, as in the run that saved it.
     set_optimizer_state_dict(policy, optimizer, state["optim"], options=StateDictOptions(strict=False))
-    extra_path = path / f"rank{rank}.pt"
-    if not extra_path.exists():
-        raise ValueError(f"{path} has no state for rank {rank}: resume with the world size that saved it")
-    extra = torch.load(extra_path, weights_only=False)
+    extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return extra["counters"]

@@ -107,11 +107,13 @@ class Config:
 
     # --- online RL (grpo, gspo, rloo, online_dpo) ---
     num_generations: int = 8
-    """Completions sampled per prompt (G)."""
+    """Completions sampled per prompt (G): at least 2, since each completion is judged against the
+    others of its prompt (online DPO: exactly 2)."""
     max_completion_length: int = 32
     """Most tokens generated per completion."""
     temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
+    """Sampling temperature (> 0); log-probs are computed at the same temperature. 0 (greedy decoding,
+    as vLLM reads it) is refused: a prompt's completions would all be the same, with nothing to learn."""
     top_p: float = 1.0
     """Nucleus sampling."""
     steps_per_generation: int = 1
@@ -207,6 +209,9 @@ APPLIES_TO = {
     "vllm_enforce_eager": RL_ALGOS,
     "vllm_model_impl": RL_ALGOS,
     "vllm_max_images": RL_ALGOS,
+    "vllm_url": RL_ALGOS,
+    "vllm_timeout": RL_ALGOS,
+    "vllm_sync_every": RL_ALGOS,
     "epsilon": ("grpo", "gspo", "rloo"),
     "epsilon_high": ("grpo", "gspo", "rloo"),
     "num_iterations": ("grpo", "gspo", "rloo"),  # online DPO trains on each pair once (as TRL's)
@@ -216,14 +221,23 @@ APPLIES_TO = {
     "delta": ("grpo", "gspo"),
     "scale_rewards": ("grpo", "gspo"),
     "vllm_is_correction": ("grpo", "gspo"),
+    "vllm_is_cap": ("grpo", "gspo"),
     "normalize_advantages": ("rloo",),
     "missing_eos_penalty": ("online_dpo",),
 }
 
 
-# The colocated engine's settings: refused with another --vllm-mode, where nothing would read them.
-COLOCATE_ONLY = ("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager",
-                 "vllm_model_impl", "vllm_max_images")  # fmt: skip
+# The vLLM settings and the --vllm-mode values that read them: refused with another mode, where nothing
+# would read them.
+VLLM_MODES = {
+    "vllm_url": ("server",),
+    "vllm_timeout": ("server",),
+    "vllm_sync_every": ("server", "colocate"),
+    "vllm_is_correction": ("server", "colocate"),  # in-process samples are the policy's own: nothing to correct
+    "vllm_is_cap": ("server", "colocate"),
+    **dict.fromkeys(("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"), ("colocate",)),
+}  # fmt: skip
 
 
 def check_config(cfg: Config) -> None:
@@ -235,7 +249,7 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{flag} does nothing for --algo {cfg.algo} (only {', '.join(algos)} read it); drop it")
     if cfg.max_steps < 0:  # 0 is allowed: load (resume), export and evaluate without training
         raise ValueError(f"--max-steps must be >= 0, got {cfg.max_steps}")
-    for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length"):
+    for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length", "max_completion_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if len(cfg.loss_weights) != len(cfg.loss_types):
@@ -244,11 +258,18 @@ def check_config(cfg: Config) -> None:
         return
     if not cfg.reward_funcs:
         raise ValueError("--reward-funcs is empty: an RL run needs at least one reward function (e.g. accuracy format)")
-    if cfg.vllm_mode != "colocate":
-        for name in COLOCATE_ONLY:
-            if getattr(cfg, name) != getattr(default, name):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} sets up the colocated vLLM engine; it does nothing without --vllm-mode colocate")
+    for name, modes in VLLM_MODES.items():
+        if cfg.vllm_mode not in modes and getattr(cfg, name) != getattr(default, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does nothing with --vllm-mode {cfg.vllm_mode} (only {' and '.join(modes)} read it); drop it")
+    # Each completion is judged against the others of its prompt (group mean, leave-one-out mean, the
+    # pair): with G = 1 every advantage is 0 and nothing learns, silently (TRL refuses it too).
+    if cfg.num_generations < 2:
+        raise ValueError(f"--num-generations must be >= 2 for --algo {cfg.algo}: each completion is judged against the "
+                         f"others of its prompt, so with {cfg.num_generations} there is nothing to learn from")
+    if cfg.temperature <= 0:  # greedy: every completion of a prompt alike; and log-probs divide by it
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}: at 0 (greedy decoding) the --num-generations "
+                         "completions of a prompt are all the same and nothing learns; use e.g. 0.7")
     if cfg.vllm_tensor_parallel_size < 1 or cfg.vllm_max_images < 0 or not 0 < cfg.vllm_gpu_memory_utilization <= 1:
         raise ValueError(
             f"--vllm-tensor-parallel-size must be >= 1 (got {cfg.vllm_tensor_parallel_size}), --vllm-max-images >= 0 "
@@ -266,8 +287,6 @@ def check_config(cfg: Config) -> None:
             f"--steps-per-generation {cfg.steps_per_generation} and --grad-accum-steps {cfg.grad_accum_steps} must "
             "divide one another: a generation batch covers whole optimizer steps, or a step whole generation batches"
         )
-    if cfg.algo == "rloo" and cfg.num_generations < 2:
-        raise ValueError(f"rloo needs --num-generations >= 2 (each completion's baseline is the others' mean), got {cfg.num_generations}")
     if cfg.algo == "online_dpo" and cfg.num_generations != 2:
         raise ValueError(f"online DPO compares 2 completions per prompt; set --num-generations 2 (got {cfg.num_generations})")
 

@@ -67,6 +67,10 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
     import datasets
 
     path = Path(dataset)
+    # `datasets` fails on an empty local file without naming it (a bare StopIteration, an Arrow error)
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS):
+        if file.stat().st_size == 0 or (file.suffix == ".parquet" and _parquet_rows(file) == 0):
+            raise ValueError(f"--dataset {dataset}: {file} has no rows; fill it or remove it")
     if path.is_file():  # one local file is the training split, whatever the split is called
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"--dataset {dataset}: unsupported file type; use one of {sorted(LOCAL_BUILDERS)}")
@@ -96,6 +100,12 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
             f"{ds.column_names}); rename with --columns ours=theirs"
         )
     return ds
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[str, str]:

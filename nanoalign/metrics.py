@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 # Shown in the step line, in this order, when present; everything else goes only to metrics.jsonl.
 HEADLINE = ("loss", "reward", "eval/loss", "eval/accuracy", "rewards/accuracies", "grad_norm", "lr")
+# Counts, summed over ranks (not averaged), and shown in the step line whenever they are not 0.
+COUNTS = ("skipped_samples", "skipped_rows", "skipped_pairs", "truncated_rows", "eval/skipped_samples")
 
 
 def _clean(value):
@@ -30,7 +32,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if force_print or step % self.log_every == 0:
-            shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics)
+            shown = " | ".join([f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics]
+                               + [f"{k} {metrics[k]:g}" for k in COUNTS if metrics.get(k)])  # fmt: skip
             tqdm.write(f"step {step:5d} | {shown}")  # above the progress bar, not through it
 
 

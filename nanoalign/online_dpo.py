@@ -15,7 +15,7 @@ Simplified / decided here:
     - the loss is mpo.py's sigmoid loss, not a copy of it.
     - an unscorable completion (all reward functions NaN) ranks below any scored one; a pair with both
       unscorable cannot be ranked: it is flagged invalid so the caller skips it and counts the skip.
-      (TRL's nansum would score NaN as 0.)
+      (TRL's nansum would score NaN as 0.) So are pairs of two identical (or both empty) completions.
 """
 
 import torch
@@ -96,8 +96,11 @@ def pair_advantages(all_rewards, rollouts, micro, run) -> tuple[torch.Tensor, di
     for rollout, chunk_rewards in zip(rollouts, rewards.split(run.cfg.batch_size)):
         has_eos = torch.tensor(rollout.has_eos, device=chunk_rewards.device)
         chosen, rejected, pair_metrics = select_pairs(chunk_rewards, has_eos, missing_eos_penalty=run.cfg.missing_eos_penalty)
-        empty = torch.tensor([not a.strip() and not b.strip() for a, b in zip(rollout.texts[::2], rollout.texts[1::2])], device=has_eos.device)
-        valid = pair_metrics["valid"] & ~empty  # unrankable (all rewards None) or both answers empty: skipped
+        # Two identical completions (common from a near-deterministic policy) are chosen = rejected: loss
+        # ln 2 with exactly zero gradient, so kept they would only dilute the step's pair count.
+        same = [a == b or not ta.strip() and not tb.strip() for a, b, ta, tb in
+                zip(rollout.completion_ids[::2], rollout.completion_ids[1::2], rollout.texts[::2], rollout.texts[1::2])]  # fmt: skip
+        valid = pair_metrics["valid"] & ~torch.tensor(same, device=has_eos.device)  # unrankable, identical or both empty: skipped
         num_skipped += int((~valid).sum())
         totals = combine_rewards(chunk_rewards)  # (2P,)
         scores["chosen"] += totals[chosen[valid]].tolist()
@@ -107,7 +110,7 @@ def pair_advantages(all_rewards, rollouts, micro, run) -> tuple[torch.Tensor, di
         marks.append(mark)
     chosen_scores, rejected_scores = torch.tensor(scores["chosen"]), torch.tensor(scores["rejected"])
     metrics = {
-        "skipped_pairs": float(num_skipped),  # both completions empty or unscorable
+        "skipped_pairs": float(num_skipped),  # both completions identical, empty or unscorable
         "frac_ties": float((chosen_scores == rejected_scores).float().mean()) if len(chosen_scores) else 0.0,
         "scores/chosen": float(chosen_scores.nanmean()) if len(chosen_scores) else float("nan"),
         "scores/rejected": float(rejected_scores.nanmean()) if len(rejected_scores) else float("nan"),

@@ -50,8 +50,9 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def mean_over_ranks(metrics: dict[str, float], device) -> dict[str, float]:
-    """Average each metric over the ranks that measured it (every rank passes the same keys).
+def mean_over_ranks(metrics: dict[str, float], device, counts=()) -> dict[str, float]:
+    """Average each metric over the ranks that measured it (every rank passes the same keys); the keys
+    in `counts` (numbers of skipped samples and the like) are summed instead.
 
     NaN means "nothing to measure here" (e.g. online DPO on a rank whose pairs were all skipped): that
     rank is left out of the mean instead of turning it into NaN; a metric no rank measured stays NaN.
@@ -60,8 +61,8 @@ def mean_over_ranks(metrics: dict[str, float], device) -> dict[str, float]:
     values = [float(metrics[k]) for k in keys]
     measured = [0.0 if math.isnan(v) else 1.0 for v in values]
     sums = all_reduce_sum([v if m else 0.0 for v, m in zip(values, measured)] + measured, device)
-    totals, counts = sums[: len(keys)], sums[len(keys) :]
-    return {k: total / count if count else float("nan") for k, total, count in zip(keys, totals, counts)}
+    totals, nums = sums[: len(keys)], sums[len(keys) :]
+    return {k: total if k in counts else total / num if num else float("nan") for k, total, num in zip(keys, totals, nums)}
 
 
 @dataclass

@@ -95,7 +95,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V) each
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(mass_before >= top_p, float("-inf")))
+        outside = mass_before >= top_p  # (N, V)
+        outside[:, 0] = False  # the most likely token stays even at top_p 0
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return logits
 
 

@@ -57,8 +57,8 @@ def encode(samples: list[dict], run: Run) -> Batch:
     )  # fmt: skip
 
 
-def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
-    """Encode one optimizer step's samples into grad_accum_steps micro-batches."""
+def encode_batches(samples: list[dict], run: Run) -> list[Batch]:
+    """Samples -> batches of batch_size rows. A bad sample on any rank stops every rank, with its name."""
     size = run.cfg.batch_size
     error, batches = None, []
     try:
@@ -66,6 +66,12 @@ def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
     except BadSampleError as err:
         error = err
     agree_on_failure(error, run.device)
+    return batches
+
+
+def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
+    """Encode one optimizer step's samples into grad_accum_steps micro-batches."""
+    batches = encode_batches(samples, run)
     # One all-reduce per step gives every rank the global token count (the normaliser N above).
     (num_tokens,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
     if num_tokens == 0:
@@ -87,8 +93,9 @@ def loss(micro: MicroBatch, run: Run) -> tuple[torch.Tensor, dict]:
 def evaluate(samples: list[dict], run: Run) -> dict:
     """Token-mean NLL of the held-out assistant turns (this rank's share; train.py sums over ranks)."""
     nll_sum = num_tokens = 0.0
-    for i in range(0, len(samples), run.cfg.batch_size):
-        batch = encode(samples[i : i + run.cfg.batch_size], run).to(run.device)
+    for i in range(0, len(samples), run.cfg.batch_size):  # one batch at a time (every rank has as many)
+        (batch,) = encode_batches(samples[i : i + run.cfg.batch_size], run)
+        batch = batch.to(run.device)
         logps, _ = run.policy(**batch.model_inputs(), logps_mask=batch.mask)
         _, stats = sft_loss(logps, batch.mask, 1.0)
         nll_sum, num_tokens = nll_sum + float(stats["nll_sum"]), num_tokens + float(stats["num_tokens"])

@@ -148,9 +148,9 @@ class VLLMColocate:
         Returns (bytes loaded, the error if a weight did not load). After an error the gathers go
         on: they are collectives, and a rank that stopped early would leave the others waiting in one.
         """
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        from nanoalign.vllm_engine import refresh_tied_layers
+        from nanoalign.vllm_engine import finish_reload
 
         initialize_layerwise_reload(model)
         num_bytes, error = 0, None
@@ -169,9 +169,7 @@ class VLLMColocate:
                     f"{tuple(full.shape)}: {type(err).__name__}: {str(err)[:300]}"
                 )
         # Also after an error: the layers that loaded nothing get their old weights back.
-        finalize_layerwise_reload(model, self.llm.llm_engine.model_config)
-        if self.device.type == "cpu":
-            refresh_tied_layers(model)
+        finish_reload(model, self.llm.llm_engine.model_config, self.device)
         return num_bytes, error
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ every worker receives the whole model (its own `load_weights` keeps the shard it
 parallelism), so the trainer sends each byte once per sync whatever the server's layout.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -125,14 +126,34 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             )
 
     def finish_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        finalize_layerwise_reload(self.model, self.model_config)
-        if self.device.type == "cpu":
-            refresh_tied_layers(self.model)
+        finish_reload(self.model, self.model_config, self.device)
 
     def shutdown(self) -> None:
         self.group = None  # dropping the last reference closes the gloo sockets
+
+
+def loads_nothing_by_design(record: logging.LogRecord) -> bool:
+    """Logging filter: False for vLLM's "<layer>: Failed to load weights" about a layer that gets no
+    weight at any sync, by design: a rotary embedding (a buffer computed at start, in no checkpoint)
+    and an lm_head tied to the embedding (its weight arrives as the embedding's; an untied one is a
+    trainer parameter like any other). Left in, the warning came at every sync on every rank."""
+    layer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+    return not (record.msg.endswith("Failed to load weights") and (layer.endswith("RotaryEmbedding") or layer == "ParallelLMHead"))
+
+
+def finish_reload(model: torch.nn.Module, model_config, device: torch.device) -> None:
+    """vLLM's post-load processing after a weight sync (server and colocated alike), then on CPUs the
+    repack of tied layers (`refresh_tied_layers`)."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    reload_logger.addFilter(loads_nothing_by_design)
+    try:
+        finalize_layerwise_reload(model, model_config)
+    finally:
+        reload_logger.removeFilter(loads_nothing_by_design)
+    if device.type == "cpu":
+        refresh_tied_layers(model)
 
 
 def refresh_tied_layers(model: torch.nn.Module) -> None:

@@ -279,18 +279,20 @@ def test_online_dpo_all_none_rewards_skip_every_pair(warm_model, tmp_path):
     assert metrics["skipped_pairs"] == 4
 
 
-def test_online_dpo_skips_a_pair_whose_completions_are_both_empty(warm_model, tmp_path, monkeypatch, capsys):
+def test_online_dpo_skips_pairs_whose_completions_are_both_empty_or_identical(warm_model, tmp_path, monkeypatch, capsys):
     sample = rl.rollout_chunks  # what every RL round samples through
 
-    def first_pair_empty(*args):  # as if the policy had answered nothing twice for the first prompt
+    def first_pairs_useless(*args):  # as if the policy had answered nothing twice, then the same thing twice
         rollouts = sample(*args)
-        rollouts[0].texts[0] = rollouts[0].texts[1] = ""
+        r = rollouts[0]
+        r.texts[0] = r.texts[1] = ""
+        r.completion_ids[3], r.has_eos[3], r.texts[3] = list(r.completion_ids[2]), r.has_eos[2], r.texts[2]
         return rollouts
 
-    monkeypatch.setattr(rl, "rollout_chunks", first_pair_empty)
+    monkeypatch.setattr(rl, "rollout_chunks", first_pairs_useless)
     run_train(tmp_path, "online_dpo", "--model", warm_model, "--max-steps", "1", "--batch-size", "8")
     record = steps(tmp_path)[0]
-    assert record["skipped_pairs"] == 1  # of 4: the other 3 pairs train
+    assert record["skipped_pairs"] == 2  # of 4: the empty and the identical pair; the other 2 train
     assert record["rewards/accuracies"] is not None and math.isfinite(record["loss"])
     assert "skipped" not in capsys.readouterr().out  # the count goes to metrics.jsonl; the round prints nothing
 

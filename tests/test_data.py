@@ -258,3 +258,18 @@ def test_the_built_in_task_has_gold_answers_in_every_format():
     prompts = accuracy_prompts(samples)
     assert len(prompts) == 3 and len({json.dumps(p["prompt"]) for p in prompts}) == 1  # the same question
     assert len({p["solution"] for p in prompts}) == 1
+
+
+def test_an_empty_data_file_is_named(tmp_path):
+    # was: a bare StopIteration (jsonl) and "An error occurred while generating the dataset" (parquet)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty.jsonl").touch()
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "train.jsonl").write_text(json.dumps({"prompt": "How many?"}) + "\n")
+    (tmp_path / "dir" / "eval.jsonl").touch()
+    for dataset, file in (("empty.jsonl", "empty.jsonl"), ("empty.parquet", "empty.parquet"), ("dir", "dir/eval.jsonl")):
+        with pytest.raises(ValueError, match=f"{tmp_path / file} has no rows"):
+            load_split(str(tmp_path / dataset), "train", "rl", 0)

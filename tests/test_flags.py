@@ -6,9 +6,10 @@
     the same prompts and completions (loss and every gradient), for grpo / dr_grpo / dapo, RLOO and
     online DPO; a group of equal rewards gives exactly zero advantages and zero gradient;
   * an over-long RL prompt on 2 ranks stops both, naming the sample, with a resumable checkpoint;
-    --skip-bad-samples skips and counts it; a bad held-out image stops both ranks, naming it;
+    --skip-bad-samples skips and counts it (summed over ranks); a bad held-out image stops both ranks,
+    naming it, or is skipped and counted; so does a bad held-out SFT sample;
   * checkpoints: saved at the first generation boundary after each multiple of --save-every, never
-    written into an existing directory; resume refuses a changed config;
+    written into an existing directory; resume refuses a changed config or world size, on every rank;
   * held-out data is held out; --columns clashes, --model typos and offline hub ids fail clearly;
   * the flag matrix: every algorithm with the flags users set, two steps each, finite losses and a
     step-0 evaluation that training-only flags do not change.
@@ -255,7 +256,7 @@ def test_overlong_rl_prompt_stops_both_ranks_then_is_skipped(warm_model, rl_data
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = steps(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]  # resumed after step 1
-    assert records[1]["skipped_samples"] == 0.5  # one prompt skipped on one of the 2 ranks (mean)
+    assert records[1]["skipped_samples"] == 1  # one prompt skipped on one of the 2 ranks: a count, summed (was 0.5)
     assert all(math.isfinite(r["loss"]) and "truncated_rows" in r for r in records)
 
 
@@ -264,6 +265,32 @@ def test_bad_held_out_image_stops_both_ranks_naming_it(warm_model, rl_data, tmp_
     assert proc.returncode != 0
     assert "sample 5 of split 'eval': image 0" in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-3000:]
     assert "other rank(s) failed" in proc.stderr
+    # --skip-bad-samples skips it, and the evaluation counts the skip
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data_bad_eval", tmp_path, "--max-steps", "0", "--num-eval-samples", "8",
+                             "--skip-bad-samples"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/skipped_samples"] == 1
+
+
+def test_bad_held_out_sft_sample_stops_both_ranks_naming_it(tmp_path):
+    # eval row 3 (rank 1's share of 4) puts its image after 300 words: its image tokens lie past
+    # --max-length, found when the evaluation builds its batch (was: rank 1 alone raised, rank 0 hung
+    # in the eval all-reduce until gloo dropped the connection)
+    for split, num in (("train", 8), ("eval", 4)):
+        rows = []
+        for i in range(num):
+            ex, bad = make_example(split, i), split == "eval" and i == 3
+            text = {"type": "text", "text": ex["question"] + (" word" * 300 if bad else "")}
+            user = [text, {"type": "image"}] if bad else [{"type": "image"}, text]
+            answer = [{"type": "text", "text": str(ex["answer"])}]
+            rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                         "images": [save_image(ex["images"][0], tmp_path, f"{split}_{i}")]})  # fmt: skip
+        write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows)
+    proc = torchrun(str(REPO / "train.py"), "--model", "tiny", "--dataset", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                    "--max-steps", "1", "--batch-size", "2", "--max-length", "200", "--num-eval-samples", "4", "--no-export")  # fmt: skip
+    assert proc.returncode != 0
+    assert "sample 3 of split 'eval'" in proc.stderr and "image tokens lie past --max-length 200" in proc.stderr, proc.stderr[-3000:]
+    assert "other rank(s) failed" in proc.stderr and "Connection closed" not in proc.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -304,6 +331,27 @@ def test_resume_refuses_a_changed_config(tiny_dirs, tmp_path):
     assert [r["step"] for r in steps(tmp_path)] == [1, 2]
 
 
+def test_resume_refuses_another_world_size_on_every_rank(tiny_dirs, tmp_path):
+    # the same settings as run_train's (so only the world size differs)
+    sft = ("--model", "tiny", "--batch-size", "2", "--max-length", "256", "--warmup-steps", "1", "--max-completion-length", "24")
+
+    def torchrun_sft(out, max_steps):
+        return torchrun(str(REPO / "train.py"), *sft, "--out-dir", str(out), "--max-steps", str(max_steps), "--eval-split", "",
+                        "--save-every", "0", "--no-export", timeout=300)  # fmt: skip
+
+    # 2 ranks save, 1 resumes: it would halve the global batch and drop rank 1's RNG state (was: exit 0)
+    proc = torchrun_sft(tmp_path / "two", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(ValueError, match=r"saved by 2 rank\(s\) and this run has 1: resuming would change the global batch"):
+        run_train(tmp_path / "two", "sft", *sft, "--max-steps", "2")
+    # 1 rank saves, 2 resume: both ranks refuse, with the same message (was: rank 0 died in a gloo collective)
+    run_train(tmp_path / "one", "sft", *sft, "--max-steps", "1")
+    proc = torchrun_sft(tmp_path / "one", 2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("saved by 1 rank(s) and this run has 2") >= 2, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr
+
+
 # -----------------------------------------------------------------------------
 # data, model and config inputs
 
@@ -321,14 +369,16 @@ def test_held_out_split_is_held_out(tmp_path):
         load_split(str(tmp_path / "dir"), "training", "rl", 0)
 
 
-def test_a_single_data_file_trains_without_evaluation(warm_model, tmp_path):
+def test_a_single_data_file_trains_without_evaluation(warm_model, tmp_path, capsys):
     rows = [{"prompt": make_example("train", i)["question"], "solution": "3"} for i in range(8)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     run_train(tmp_path / "out", "grpo", "--model", warm_model, "--dataset", str(data), "--max-steps", "1",
               "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "4",
-              **{"eval-split": "eval", "num-eval-samples": 4})  # fmt: skip
+              **{"eval-split": "eval", "num-eval-samples": 4, "no-export": False})  # fmt: skip
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1] and not any(k.startswith("eval/") for k in records[0])
+    # where the model went is said without an accuracy eval too (the one line a user needs from stdout)
+    assert f"exported model ({tmp_path / 'out' / 'final'})" in capsys.readouterr().out
 
 
 def test_column_rename_onto_an_existing_column_says_what_to_do(tmp_path):
@@ -382,7 +432,16 @@ def test_cross_field_rules_are_checked_at_config_time():
         (dict(algo="grpo", batch_size=6, num_generations=4), "multiple of --num-generations"),
         (dict(algo="grpo", steps_per_generation=3, grad_accum_steps=2), "divide one another"),
         (dict(algo="online_dpo", num_generations=4, batch_size=8), "--num-generations 2"),
-        (dict(algo="rloo", num_generations=1, batch_size=8), "--num-generations >= 2"),
+        # G = 1: every advantage 0, loss and gradient 0 at every step; refused for every RL algorithm
+        *[(dict(algo=algo, num_generations=1, batch_size=8), f"--num-generations must be >= 2 for --algo {algo}")
+          for algo in ("grpo", "gspo", "rloo")],
+        (dict(algo="grpo", temperature=0.0), "--temperature must be > 0, got 0.0: at 0 (greedy decoding)"),
+        (dict(algo="sft", max_completion_length=0), "--max-completion-length must be >= 1, got 0"),  # the accuracy eval's
+        # vLLM settings that the chosen --vllm-mode never reads
+        (dict(algo="grpo", vllm_url="http://10.0.0.1:8000"), "--vllm-url does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_sync_every=2), "--vllm-sync-every does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_is_cap=2.0), "--vllm-is-cap does nothing with --vllm-mode none"),
+        (dict(algo="grpo", vllm_mode="colocate", vllm_timeout=5.0), "--vllm-timeout does nothing with --vllm-mode colocate"),
         (dict(algo="grpo", reward_weights=(1.0,)), "--reward-weights has 1 values for 2"),
         (dict(algo="gspo", reward_funcs=(), reward_weights=()), "--reward-funcs is empty"),
         (dict(algo="sft", grad_accum_steps=0), "--grad-accum-steps must be >= 1"),
@@ -390,6 +449,13 @@ def test_cross_field_rules_are_checked_at_config_time():
     for fields, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             check_config(dataclasses.replace(Config(), **fields))
+
+
+def test_fewer_eval_samples_than_ranks_is_refused(tiny_dirs, tmp_path):
+    # 0 per rank silently turned evaluation off (an empty "step 0 |" line); 2 ranks x 1 sample is the
+    # same rule as this 1 rank x 0 samples
+    with pytest.raises(ValueError, match=r"--num-eval-samples 0 .* leaves no held-out sample .* set it to at least 1"):
+        run_train(tmp_path, "sft", "--model", "tiny", "--max-steps", "1", **{"eval-split": "eval", "num-eval-samples": 0})
 
 
 def test_gold_warning_names_the_dataset_sample(caplog):

@@ -219,6 +219,7 @@ def test_filter_logits_keeps_top_k_then_nucleus():
     assert kept(top_k=3) == [True, True, True, False]
     assert kept(top_k=1, top_p=0.99) == [True, False, False, False]
     assert kept(top_p=1e-9) == [True, False, False, False]  # the most likely token always stays
+    assert kept(top_p=0.0) == [True, False, False, False]  # even at 0 (was: every token masked, NaN probabilities)
     # Four equal tokens (0.25 each, exact in floating point): two of them reach 0.5, a third is not
     # needed (HF keeps two as well; which two is a matter of sort order).
     ties = torch.zeros(1, 4)
