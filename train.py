@@ -49,12 +49,14 @@ from transformers.utils import logging as hf_logging
 
 from nanoalign import grpo, mpo, online_dpo, rloo, sft
 from nanoalign.batch import check_prompt_fits
-from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoalign.checkpoint import (
+    check_resumable, latest_checkpoint, load_checkpoint, resume_state, save_before_stopping, save_checkpoint, truncate_metrics,
+)
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
-from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
-from nanoalign.metrics import COUNTS, MetricsLog, plot_metrics
-from nanoalign.model import Policy, load_processor, shard_policy, vision_module
+from nanoalign.loading import export_hf
+from nanoalign.metrics import COUNTS, MetricsLog, first_logged, plot_metrics
+from nanoalign.model import build_policy, load_processor
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
 from nanoalign.runtime import (
@@ -66,7 +68,7 @@ from nanoalign.runtime import (
     mean_over_ranks,
     on_every_rank,
 )
-from nanoalign.tiny import BUILDERS, ensure_tiny, ensure_tiny_sft
+from nanoalign.tiny import BUILDERS, ensure_tiny, tiny_sft_dir, tiny_sft_stages
 from nanoalign.vllm_server import VLLMServer
 
 ALGOS = {"sft": sft, "dpo": mpo, "mpo": mpo, "grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
@@ -89,7 +91,10 @@ def resolve_model(cfg: Config, rank: int, device) -> str:
     """--model as a local directory: built-in models are built (once, by one rank) and cached, a hub
     id is downloaded once (by the first process of each node); anything else fails now, clearly."""
     if cfg.model == "tiny-sft":
-        return ensure_tiny_sft(train, rank)  # two SFT runs of this loop, cached
+        if tiny_sft_stages():
+            raise ValueError("--model tiny-sft is not built yet: `python train.py --model tiny-sft ...` (or torchrun) builds "
+                             "it first, with two SFT runs of this loop (about 3 minutes, once); or pass a checkpoint directory")  # fmt: skip
+        return tiny_sft_dir()
     if cfg.model in BUILDERS:
         if rank == 0:  # on a shared filesystem one rank builds; the others wait at the barrier
             ensure_tiny(cfg.model)
@@ -139,29 +144,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
-    """Build the model on the meta device, shard it with FSDP2 (nanoalign/model.py: vision blocks,
-    layers, root), then fill the shards: rank 0 reads the checkpoint, every rank receives only its
-    rows (nanoalign/loading.py). No rank ever holds a full copy of the model."""
-    hf_model = empty_hf_model(model_dir)
-    if cfg.freeze_vision:
-        vision_module(hf_model).requires_grad_(False)
-    if trainable:
-        # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
-        # must not change any log-prob, though (old, reference and sampled ones are compared with the
-        # current ones), so dropout is switched off as TRL's disable_dropout does.
-        hf_model.train()
-        for module in hf_model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    else:  # the frozen reference: same sharding, never updated, no activation checkpoints
-        hf_model.requires_grad_(False).eval()
-    policy = Policy(hf_model, cfg.logps_chunk_size)
-    policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
-    load_hf_weights(policy, model_dir, mesh.device_type)
-    return policy
-
-
 def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> tuple[list[dict], float]:
     """This rank's equal share of the first num_eval_samples held-out samples (equal, so every rank
     runs the same number of forwards), and how many bad ones all ranks skipped (--skip-bad-samples).
@@ -201,7 +183,7 @@ def train(cfg: Config) -> dict:
     hf_logging.disable_progress_bar()  # per-file loading bars would bury the step lines
     # ---------------------------------------------------------------- setup: processes, model, data
     rank, world_size, device = init_distributed()
-    model_dir = resolve_model(cfg, rank, device)  # may train the built-in warm start: seed after it
+    model_dir = resolve_model(cfg, rank, device)
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)  # different rollouts on different ranks
     out_dir = Path(cfg.out_dir)
@@ -381,75 +363,18 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
-# Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
-# --skip-bad-samples (the fix a stop on a bad sample suggests), and where rollouts come from (a run
-# whose vLLM server died may go on in-process, or colocated with other engine settings). Anything else
-# would continue a run under settings it was not trained with.
-RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
-                     "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
-                     "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
-                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"}  # fmt: skip
-
-
-def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
-    """Refuse to resume a checkpoint trained under other settings, naming the fields that differ."""
-    if saved is None:  # a checkpoint from before configs were stored with it
-        return
-    saved, now = (json.loads(json.dumps(c)) for c in (saved, dataclasses.asdict(cfg)))  # tuples -> lists, both
-    changed = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]  # fmt: skip
-    if changed:
-        raise ValueError(
-            f"{ckpt} was trained with other settings ({'; '.join(changed)}). Resuming would continue that run "
-            f"as if it had been this one: use another --out-dir, or pass --no-resume to start over in {cfg.out_dir}."
-        )
-
-
-def resume_state(step: int, num_drawn: int, cfg: Config) -> dict:
-    """What a checkpoint stores beside the weights: the loop's counters and the config it trained with."""
-    return {"step": step, "num_drawn": num_drawn, "config": dataclasses.asdict(cfg)}
-
-
-def save_before_stopping(error: Exception, out_dir: Path, state: dict, policy, optimizer, scheduler, rank: int) -> None:
-    """On an error that every rank raised together, checkpoint the last completed step before stopping.
-
-    Called at a round boundary, where the state is exactly "after `step` steps, `num_drawn` samples
-    drawn": rerunning the same command resumes there, so fixing a bad sample loses no training.
-    Errors only one rank saw are left alone: the others are not here to join the save.
-    """
-    if not getattr(error, "raised_on_every_rank", False) or state["step"] == 0:
-        return
-    path = save_checkpoint(out_dir, state["step"], policy, optimizer, scheduler, state, rank)
-    if rank == 0:
-        print(f"stopping before step {state['step'] + 1}: {path} holds it; fix the cause and rerun the same command "
-              "to resume", flush=True)  # fmt: skip
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop what a killed run logged after its last checkpoint (and a half-written last line), so
-    the resumed run's records follow on without duplicates."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the line the kill cut short
-        if record["step"] <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def first_logged(out_dir: Path, key: str) -> float | None:
-    """The first logged value of `key` in this run's metrics.jsonl."""
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        if (value := json.loads(line).get(key)) is not None:
-            return value
-    return None
+def main(argv: list[str]) -> None:
+    """The command line: the built-in warm start first when a run asks for it, then the run."""
+    cfg = parse_config(argv)
+    if cfg.model == "tiny-sft":  # two SFT runs of this same loop (nanoalign/tiny.py), cached: first use only
+        for stage in tiny_sft_stages():
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"building the SFT-warmed tiny model: {stage.out_dir} (first use only)", flush=True)
+            train(stage)
+    train(cfg)
 
 
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:]))
+    main(sys.argv[1:])
     if dist.is_initialized():  # a colocated vLLM engine's shutdown (at the end of train()) already ended it
         dist.destroy_process_group()

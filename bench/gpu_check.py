@@ -105,7 +105,7 @@ def bf16_peak(device) -> tuple[float, str]:
 
 
 def random_weights(policy, model_dir: str, device) -> None:
-    """Stands in for the checkpoint loading of train.py's build_policy: allocate the shards and draw
+    """Stands in for the checkpoint loading of build_policy (nanoalign/model.py): allocate the shards and draw
     N(0, 0.02) weights (norm weights 1, biases 0). Writing and reading 14 GB of random fp32 weights
     would take longer than the steps; the loader itself is exercised by bf16_vs_fp32."""
     import torch
@@ -182,6 +182,7 @@ def train_steps(algo_name: str, size: ModelSize, args, device) -> dict:
     """A few bf16 optimizer steps of SFT or GSPO on the random-init model, run by train.train itself
     (its setup, loop and metrics.jsonl); timings of the steps after the warm-up ones."""
     import train
+    from nanoalign import model
     from nanoalign.config import PRESETS
     from nanoalign.metrics import read_metrics
 
@@ -201,19 +202,19 @@ def train_steps(algo_name: str, size: ModelSize, args, device) -> dict:
     # (not installed on the bare GPU image).
     cfg = dataclasses.replace(PRESETS[algo_name](), **overrides)
     measured = Measured(train.ALGOS[algo_name], device)
-    # Names train.train looks up in its module: the measured algorithm, random weights instead of a
-    # checkpoint (build_policy's loader; follow build_policy if it moves), and no checkpoint of 3B
-    # parameters and their optimizer state at the last step.
-    replaced = {"ALGOS": {**train.ALGOS, algo_name: measured}, "load_hf_weights": random_weights,
-                "save_checkpoint": lambda *args, **kwargs: None}  # fmt: skip
-    saved = {name: getattr(train, name) for name in replaced}
-    for name, value in replaced.items():
-        setattr(train, name, value)
+    # Names train.train looks up: the measured algorithm, random weights instead of a checkpoint
+    # (build_policy's loader, in nanoalign/model.py), and no checkpoint of 3B parameters and their
+    # optimizer state at the last step.
+    replaced = [(train, "ALGOS", {**train.ALGOS, algo_name: measured}), (model, "load_hf_weights", random_weights),
+                (train, "save_checkpoint", lambda *args, **kwargs: None)]  # fmt: skip
+    saved = [(module, name, getattr(module, name)) for module, name, _ in replaced]
+    for module, name, value in replaced:
+        setattr(module, name, value)
     try:
         train.train(cfg)
     finally:
-        for name, value in saved.items():
-            setattr(train, name, value)
+        for module, name, value in saved:
+            setattr(module, name, value)
     records = read_metrics(Path(out_dir) / "metrics.jsonl")
     steps = []
     for record in records[args.warmup :]:
@@ -235,11 +236,10 @@ def bf16_vs_fp32(model: str, device, mesh, rank: int, world_size: int) -> dict:
     fp32 policy exported (rank 0 writes) and reloaded gives the same log-probs."""
     import torch
 
-    import train
     from nanoalign import sft
     from nanoalign.config import Config
     from nanoalign.loading import export_hf
-    from nanoalign.model import load_processor
+    from nanoalign.model import build_policy, load_processor
     from nanoalign.runtime import Run
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -249,7 +249,7 @@ def bf16_vs_fp32(model: str, device, mesh, rank: int, world_size: int) -> dict:
     cfg = Config(batch_size=4, max_length=512)
     result = {}
     for name, bf16 in (("bf16", True), ("fp32", False)):
-        policy = train.build_policy(model, cfg, mesh, bf16, trainable=True)
+        policy = build_policy(model, cfg, mesh, bf16, trainable=True)
         run = Run(cfg, processor, policy, None, rank, world_size, device, {processor.tokenizer.eos_token_id}, processor.tokenizer.pad_token_id)
         micro_batches, _ = sft.prepare(parity_samples(), run)
         loss, _ = sft.loss(micro_batches[0], run)

@@ -75,7 +75,7 @@ def child(spec: dict) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
-    import train
+    from nanoalign.model import build_policy
     from nanoalign.config import Config
     from nanoalign.loading import export_hf
     from nanoalign.model import Policy, load_processor, shard_policy
@@ -92,7 +92,7 @@ def child(spec: dict) -> None:
     if spec["path"] == "before":
         policy = shard_policy(Policy(load_hf_model(spec["model"])), mesh, bf16=False)
     else:
-        policy = train.build_policy(spec["model"], Config(), mesh, bf16=False, trainable=True)
+        policy = build_policy(spec["model"], Config(), mesh, bf16=False, trainable=True)
     dist.barrier()
     load_s, load_peak, after_load = time.perf_counter() - t0, vm_hwm_bytes(), vm_rss_bytes()
     reset_peak()

@@ -16,6 +16,8 @@ step_NNNNNN.1, .2, ..., or is skipped when `latest` already holds exactly that s
 newest checkpoints are kept.
 """
 
+import dataclasses
+import json
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from nanoalign.config import Config
 
 KEEP = 2
 
@@ -116,3 +120,63 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return extra["counters"]
+
+
+# Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
+# --skip-bad-samples (the fix a stop on a bad sample suggests), and where rollouts come from (a run
+# whose vLLM server died may go on in-process, or colocated with other engine settings). Anything else
+# would continue a run under settings it was not trained with.
+RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
+                     "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
+                     "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"}  # fmt: skip
+
+
+def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
+    """Refuse to resume a checkpoint trained under other settings, naming the fields that differ."""
+    if saved is None:  # a checkpoint from before configs were stored with it
+        return
+    saved, now = (json.loads(json.dumps(c)) for c in (saved, dataclasses.asdict(cfg)))  # tuples -> lists, both
+    changed = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{ckpt} was trained with other settings ({'; '.join(changed)}). Resuming would continue that run "
+            f"as if it had been this one: use another --out-dir, or pass --no-resume to start over in {cfg.out_dir}."
+        )
+
+
+def resume_state(step: int, num_drawn: int, cfg: Config) -> dict:
+    """What a checkpoint stores beside the weights: the loop's counters and the config it trained with."""
+    return {"step": step, "num_drawn": num_drawn, "config": dataclasses.asdict(cfg)}
+
+
+def save_before_stopping(error: Exception, out_dir: Path, state: dict, policy, optimizer, scheduler, rank: int) -> None:
+    """On an error that every rank raised together, checkpoint the last completed step before stopping.
+
+    Called at a round boundary, where the state is exactly "after `step` steps, `num_drawn` samples
+    drawn": rerunning the same command resumes there, so fixing a bad sample loses no training.
+    Errors only one rank saw are left alone: the others are not here to join the save.
+    """
+    if not getattr(error, "raised_on_every_rank", False) or state["step"] == 0:
+        return
+    path = save_checkpoint(out_dir, state["step"], policy, optimizer, scheduler, state, rank)
+    if rank == 0:
+        print(f"stopping before step {state['step'] + 1}: {path} holds it; fix the cause and rerun the same command "
+              "to resume", flush=True)  # fmt: skip
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint (and a half-written last line), so
+    the resumed run's records follow on without duplicates."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line the kill cut short
+        if record["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

@@ -74,3 +74,11 @@ def plot_metrics(jsonl_path, png_path) -> list[str]:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return keys
+
+
+def first_logged(out_dir: Path, key: str) -> float | None:
+    """The first logged value of `key` in this run's metrics.jsonl."""
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        if (value := json.loads(line).get(key)) is not None:
+            return value
+    return None

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from nanoalign.config import Config
+from nanoalign.loading import empty_hf_model, load_hf_weights
+
 
 def load_processor(model_dir: str):
     from transformers import AutoProcessor
@@ -287,3 +290,25 @@ def gathered_for_generation(policy: Policy):
         for unit in units:  # restore the defaults: root keeps its weights (used at once by backward), others reshard
             unit.set_reshard_after_forward(unit is not policy, recurse=False)
 
+
+def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
+    """Build the model on the meta device, shard it with FSDP2 (nanoalign/model.py: vision blocks,
+    layers, root), then fill the shards: rank 0 reads the checkpoint, every rank receives only its
+    rows (nanoalign/loading.py). No rank ever holds a full copy of the model."""
+    hf_model = empty_hf_model(model_dir)
+    if cfg.freeze_vision:
+        vision_module(hf_model).requires_grad_(False)
+    if trainable:
+        # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
+        # must not change any log-prob, though (old, reference and sampled ones are compared with the
+        # current ones), so dropout is switched off as TRL's disable_dropout does.
+        hf_model.train()
+        for module in hf_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    else:  # the frozen reference: same sharding, never updated, no activation checkpoints
+        hf_model.requires_grad_(False).eval()
+    policy = Policy(hf_model, cfg.logps_chunk_size)
+    policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
+    load_hf_weights(policy, model_dir, mesh.device_type)
+    return policy

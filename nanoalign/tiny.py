@@ -536,12 +536,12 @@ def warm_start_configs() -> list[Config]:
     return [clean, biased]
 
 
-def ensure_tiny_sft(train, rank: int) -> str:
-    """The built-in "tiny-sft" as a local directory: `train` (train.py's loop) runs the two SFT runs
-    of `warm_start_configs` the first time, each cached like the other built-ins."""
-    for warm in warm_start_configs():
-        if not (Path(warm.out_dir) / "final" / "config.json").exists():
-            if rank == 0:
-                print(f"building the SFT-warmed tiny model: {warm.out_dir} (first use only)", flush=True)
-            train(warm)
-    return str(Path(warm.out_dir) / "final")
+def tiny_sft_stages() -> list[Config]:
+    """The runs of `warm_start_configs` not built yet (none once both are cached). train.py runs them,
+    as a stage of its own, before a run whose --model is "tiny-sft"."""
+    return [warm for warm in warm_start_configs() if not (Path(warm.out_dir) / "final" / "config.json").exists()]
+
+
+def tiny_sft_dir() -> str:
+    """Where the built-in "tiny-sft" lives once built: the export of the last warm-start run."""
+    return str(Path(warm_start_configs()[-1].out_dir) / "final")

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py
-import train as train_module  # noqa: E402
 from nanoalign.config import PRESETS  # noqa: E402
 from nanoalign.data import prepare_sample  # noqa: E402
-from nanoalign.model import load_processor  # noqa: E402
+from nanoalign.model import build_policy, load_processor  # noqa: E402
 from nanoalign.rollout import generating, sample_completions  # noqa: E402
 from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
@@ -39,7 +37,7 @@ def greedy_completions(model_dir: str, flags: dict) -> list[list[int]]:
     """This rank's greedy completions (token ids) of its NUM_PROMPTS held-out prompts."""
     rank, world_size, device = init_distributed()
     cfg = dataclasses.replace(PRESETS["grpo"](), **flags)
-    policy = train_module.build_policy(model_dir, cfg, device_mesh(world_size, device), bf16=False, trainable=True)
+    policy = build_policy(model_dir, cfg, device_mesh(world_size, device), bf16=False, trainable=True)
     assert policy.training  # as in train.py: the policy trains in train mode
     processor = load_processor(model_dir)
     samples = [prepare_sample(shapes_sample("eval", i, "rl"), "rl", f"eval {i}")

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/scale_worker.py MODEL_DIR OUT_DIR
 
-On every rank: (1) the policy built by train.build_policy (meta device, rank 0 reads, shards
+On every rank: (1) the policy built by model.build_policy (meta device, rank 0 reads, shards
 scattered) holds exactly the shards of today's path (from_pretrained on every rank, then
 fully_shard); (2) one SFT step and one MPO step (which loads a frozen reference the same way)
 give the same loss and gradients on both paths; (3) export_hf writes the checkpoint from rank 0
@@ -20,16 +20,14 @@ import parity_worker
 from nanoalign import sft
 from nanoalign.config import Config
 from nanoalign.loading import export_hf, gather_full, hf_state_dict
-from nanoalign.model import load_processor
+from nanoalign.model import build_policy, load_processor
 from nanoalign.runtime import Run, device_mesh, init_distributed
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # train.py
-import train  # noqa: E402
 
 
 def new_path(model_dir: str, world_size: int, device, trainable: bool = True):
     cfg = dataclasses.replace(Config(), logps_chunk_size=32)
-    return train.build_policy(model_dir, cfg, device_mesh(world_size, device), bf16=False, trainable=trainable)
+    return build_policy(model_dir, cfg, device_mesh(world_size, device), bf16=False, trainable=trainable)
 
 
 def on_every_rank(flag: bool) -> bool:

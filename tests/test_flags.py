@@ -479,8 +479,8 @@ def test_eval_loss_is_nan_when_no_held_out_token_is_left(tiny_dirs, tmp_path):
 
 
 def test_built_in_warm_start_does_not_shift_the_seed(warm_model, tmp_path, monkeypatch):
-    # resolve_model may train the built-in tiny-sft first (a nested train() that consumes the RNG);
-    # the run's seeding comes after it, so a fresh cache and a warm one give the same run.
+    # Whatever runs before the run's seeding (the built-in tiny-sft's stage, resolving the model) may
+    # consume the RNG; the run seeds after it, so a fresh cache and a warm one give the same run.
     flags = ("--model", warm_model, "--max-steps", "1", "--batch-size", "4", "--num-generations", "4",
              "--reward-funcs", "toy_rewards:shorter", "--reward-weights", "1.0")  # fmt: skip
     first = run_train(tmp_path / "a", "grpo", *flags)

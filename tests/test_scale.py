@@ -26,13 +26,12 @@ from torch.testing import assert_close
 from nanoalign.config import Config
 from nanoalign.loading import hf_state_dict
 from nanoalign.metrics import read_metrics
-from nanoalign.model import decoder_layers, vision_module
+from nanoalign.model import build_policy, decoder_layers, vision_module
 from nanoalign.runtime import device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py lives at the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train  # noqa: E402
 from conftest import subprocess_env  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -61,7 +60,7 @@ def test_loaded_weights_equal_from_pretrained(case, tiny_dirs, sharded_bf16_dir,
         monkeypatch.setattr(loading, "checkpoint_to_model_names", lambda *args: None)
     reference = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     _, world_size, device = dist_world
-    policy = train.build_policy(model_dir, Config(), device_mesh(world_size, device), bf16=False, trainable=True)
+    policy = build_policy(model_dir, Config(), device_mesh(world_size, device), bf16=False, trainable=True)
 
     state, expected = hf_state_dict(policy), reference.state_dict()
     assert state.keys() == expected.keys()
@@ -80,11 +79,11 @@ def test_loaded_weights_equal_from_pretrained(case, tiny_dirs, sharded_bf16_dir,
 def test_build_policy_keeps_freeze_vision_and_training_mode(tiny_dirs, dist_world):
     _, world_size, device = dist_world
     mesh = device_mesh(world_size, device)
-    policy = train.build_policy(str(tiny_dirs["tiny"]), Config(freeze_vision=True), mesh, bf16=False, trainable=True)
+    policy = build_policy(str(tiny_dirs["tiny"]), Config(freeze_vision=True), mesh, bf16=False, trainable=True)
     assert not any(p.requires_grad for p in vision_module(policy.hf).parameters())
     assert all(p.requires_grad for p in decoder_layers(policy.hf)[0].parameters())
     assert policy.hf.training and all(m.p == 0 for m in policy.hf.modules() if isinstance(m, torch.nn.Dropout))
-    reference = train.build_policy(str(tiny_dirs["tiny"]), Config(), mesh, bf16=False, trainable=False)
+    reference = build_policy(str(tiny_dirs["tiny"]), Config(), mesh, bf16=False, trainable=False)
     assert not reference.hf.training and not any(p.requires_grad for p in reference.parameters())
 
 
@@ -101,7 +100,7 @@ def test_export_writes_what_save_pretrained_writes(case, tiny_dirs, dist_world, 
         monkeypatch.setattr(loading, "model_to_checkpoint_names", lambda *args: None)
     _, world_size, device = dist_world
     model_dir = str(tiny_dirs["tiny"])
-    policy = train.build_policy(model_dir, Config(), device_mesh(world_size, device), bf16=False, trainable=True)
+    policy = build_policy(model_dir, Config(), device_mesh(world_size, device), bf16=False, trainable=True)
     loading.export_hf(policy, load_processor(model_dir), tmp_path / "out", rank=0)
     written, _ = loading.read_header(tmp_path / "out" / "model.safetensors")
     assert written.keys() == loading.read_header(tiny_dirs["tiny"] / "model.safetensors")[0].keys()  # the checkpoint's names

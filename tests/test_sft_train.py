@@ -332,21 +332,27 @@ def test_tiny_sft_is_built_in_two_cached_phases(tmp_path, monkeypatch):
     # The RL/preference demos start from "tiny-sft": clean SFT from "tiny" first, then SFT from that
     # on the over-counting teacher. Each phase is built once; a second run reuses both.
     monkeypatch.setenv("NANOALIGN_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # the gspo run's own out_dir (runs/gspo) lands here, not in the repository
     built = []
 
     def fake_train(cfg):  # records the run and leaves what a finished run leaves: final/config.json
         built.append(cfg)
-        (Path(cfg.out_dir) / "final").mkdir(parents=True)
+        (Path(cfg.out_dir) / "final").mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "final" / "config.json").write_text("{}")
 
     monkeypatch.setattr(train_module, "train", fake_train)
     cfg = train_module.parse_config(["--algo", "gspo"])
-    path = train_module.resolve_model(cfg, rank=0, device='cpu')
-    clean, biased = built
+    with pytest.raises(ValueError, match="tiny-sft is not built yet"):  # train() alone never builds it
+        train_module.resolve_model(cfg, rank=0, device="cpu")
+    train_module.main(["--algo", "gspo"])  # the command line builds it first, as a stage of its own
+    clean, biased, run = built
     assert (clean.algo, clean.model, clean.shapes_overcount) == ("sft", "tiny", 0.0)
     assert biased.model == str(Path(clean.out_dir) / "final") and biased.shapes_overcount == 0.6
+    assert (run.algo, run.model) == ("gspo", "tiny-sft")
+    path = train_module.resolve_model(cfg, rank=0, device="cpu")
     assert path == str(Path(biased.out_dir) / "final") and Path(path).is_relative_to(tmp_path)
-    assert train_module.resolve_model(cfg, rank=0, device='cpu') == path and len(built) == 2  # cached: nothing rebuilt
+    train_module.main(["--algo", "gspo"])
+    assert len(built) == 4 and built[-1].algo == "gspo"  # cached: nothing rebuilt
 
 
 def test_parse_config_preset_then_overrides():
