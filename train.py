@@ -53,8 +53,8 @@ from nanoalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import empty_hf_model, export_hf, load_hf_weights
-from nanoalign.metrics import MetricsLog, plot_metrics
-from nanoalign.model import Policy, load_processor, shard_policy, vision_module
+from nanoalign.metrics import MetricsLog, open_tracker, plot_metrics, sample_table
+from nanoalign.model import Policy, load_processor, shard_policy, stop_and_pad_ids, vision_module
 from nanoalign.rewards import load_reward_funcs
 from nanoalign.rollout import InProcess, accuracy
 from nanoalign.runtime import (
@@ -175,12 +175,14 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
     """Held-out metrics: the algorithm's own (e.g. eval loss) and greedy-decoding accuracy."""
     metrics = algo.evaluate(algo_eval, run) if algo_eval else {}
     if accuracy_eval:
-        counts = accuracy(
+        *counts, answers = accuracy(
             model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
             max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
             sampler=run.cfg.sampler,
         )  # fmt: skip
-        correct, total, num_tokens = all_reduce_sum(list(counts), run.device)
+        correct, total, num_tokens = all_reduce_sum(counts, run.device)
+        run.tables["eval/samples"] = sample_table(accuracy_eval, answer=[a for a, _ in answers],
+                                                  gold=[s["solution"] for s in accuracy_eval], right=[r for _, r in answers])  # fmt: skip
         metrics["eval/accuracy"] = correct / total
         metrics["eval/completion_length"] = num_tokens / total  # mean tokens of the greedy answers
     return metrics
@@ -204,10 +206,7 @@ def train(cfg: Config) -> dict:
     processor = load_processor(model_dir)
     policy = build_policy(model_dir, cfg, mesh, bf16, trainable=True)
     ref_policy = build_policy(model_dir, cfg, mesh, bf16, trainable=False) if algo.needs_reference(cfg) else None
-    tokenizer = processor.tokenizer
-    eos = policy.hf.generation_config.eos_token_id
-    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
     # Samples too long for --max-length are found when fetched: always for RL (before anything is
     # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
@@ -267,7 +266,7 @@ def train(cfg: Config) -> dict:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log = MetricsLog(out_dir, rank, cfg.log_every)
+    log = MetricsLog(out_dir, rank, cfg.log_every, open_tracker(cfg, out_dir, rank, resumed=step > 0), run.tables)
     if step == 0 and run.eval_data is not None:
         first_eval = evaluate(algo, run, algo_eval, accuracy_eval)
         log.log(0, first_eval, force_print=True)
@@ -365,6 +364,7 @@ def train(cfg: Config) -> dict:
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
+    log.close()
     run.rollouts.close()  # last: a colocated vLLM engine's shutdown also ends the process group
     return metrics
 
@@ -376,7 +376,8 @@ def train(cfg: Config) -> dict:
 RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
                      "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
-                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"}  # fmt: skip
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images", "report_to", "tracker_project",
+                     "run_name"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
