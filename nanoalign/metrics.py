@@ -47,12 +47,15 @@ class Tracker:
         saved = json.loads(saved_path.read_text()) if resumed and saved_path.exists() else {}
         same = saved.get("report_to") == cfg.report_to and saved.get("project") == cfg.tracker_project
         same = same and cfg.run_name in (None, saved["name"])
-        # wandb finds a run by its id, trackio by its name
-        named = {"name": saved["name"], "resume": "must", **({"id": saved["id"]} if cfg.report_to == "wandb" else {})}
-        self.run = self.lib.init(project=cfg.tracker_project, config=dataclasses.asdict(cfg), **(named if same else {"name": cfg.run_name}))
-        what = "continuing" if same else "new" if not resumed else "new (the checkpoint's tracker run is not this tracker, project and name)"
-        print(f"{cfg.report_to}: {what} run {self.run.name!r} in project {cfg.tracker_project!r}", flush=True)
-        saved_path.write_text(json.dumps({"report_to": cfg.report_to, "project": cfg.tracker_project, "name": self.run.name, "id": self.run.id}))
+        named = {"name": cfg.run_name}
+        if same:  # wandb finds a run by its id, trackio by its name
+            named = {"name": saved["name"], "resume": "must", **({"id": saved["id"]} if cfg.report_to == "wandb" else {})}
+        self.run = self.lib.init(project=cfg.tracker_project, config=dataclasses.asdict(cfg), **named)
+        note = "" if same or not resumed else (f" without this training's earlier steps: {saved_path} names no {cfg.report_to} "
+                                               "run of this project and --run-name")  # fmt: skip
+        print(f"{cfg.report_to}: {'continuing' if same else 'new'} run {self.run.name!r} in project {cfg.tracker_project!r}{note}")
+        saved = {"report_to": cfg.report_to, "project": cfg.tracker_project, "name": self.run.name, "id": self.run.id}
+        saved_path.write_text(json.dumps(saved))
 
     def log(self, record: dict, tables: dict[str, list[dict]]) -> None:
         values = {k: v for k, v in record.items() if k != "step" and v is not None}
