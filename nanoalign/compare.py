@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[str, bool]]]:
     parser.add_argument("--max-new-tokens", type=int, default=Config.max_completion_length)
     parser.add_argument("--out", default="compare.html", help="the HTML page; the markdown table goes beside it (.md)")
     args = parser.parse_args(argv)
+    if len(set(args.models)) < len(args.models):
+        parser.error("a model is named twice; each column must be another model")
     prompts = held_out_prompts(args.dataset, args.eval_split, args.format, args.num_samples, tuple(args.columns))
     answers = answer_all(args.models, prompts, args.max_new_tokens)
     out = Path(args.out)
