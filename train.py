@@ -55,8 +55,8 @@ from nanoalign.checkpoint import (
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import export_hf
-from nanoalign.metrics import COUNTS, MetricsLog, first_logged, plot_metrics
-from nanoalign.model import build_policy, load_processor
+from nanoalign.metrics import COUNTS, MetricsLog, first_logged, open_tracker, plot_metrics, sample_table
+from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
 from nanoalign.runtime import (
@@ -166,12 +166,14 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
     own_eval = getattr(algo, "evaluate", None)  # optional: the RL methods have no held-out metric of their own
     metrics = own_eval(algo_eval, run) if own_eval and algo_eval else {}
     if accuracy_eval:
-        counts = accuracy(
+        *counts, answers = accuracy(
             model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
             max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
             sampler=run.cfg.sampler,
         )  # fmt: skip
-        correct, total, num_tokens = all_reduce_sum(list(counts), run.device)
+        correct, total, num_tokens = all_reduce_sum(counts, run.device)
+        run.tables["eval/samples"] = sample_table(accuracy_eval, answer=[a for a, _ in answers],
+                                                  gold=[s["solution"] for s in accuracy_eval], right=[r for _, r in answers])  # fmt: skip
         metrics["eval/accuracy"] = correct / total
         metrics["eval/completion_length"] = num_tokens / total  # mean tokens of the greedy answers
     return metrics
@@ -195,10 +197,7 @@ def train(cfg: Config) -> dict:
     processor = load_processor(model_dir)
     policy = build_policy(model_dir, cfg, mesh, bf16, trainable=True)
     ref_policy = build_policy(model_dir, cfg, mesh, bf16, trainable=False) if algo.needs_reference(cfg) else None
-    tokenizer = processor.tokenizer
-    eos = policy.hf.generation_config.eos_token_id
-    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
     # Samples too long for --max-length are found when fetched: always for RL (before anything is
     # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
@@ -259,7 +258,7 @@ def train(cfg: Config) -> dict:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log = MetricsLog(out_dir, rank, cfg.log_every)
+    log = MetricsLog(out_dir, rank, cfg.log_every, open_tracker(cfg, out_dir, rank, resumed=step > 0), run.tables)
     if step == 0 and run.eval_data is not None:
         first_eval = {**evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips}
         log.log(0, first_eval, force_print=True)
@@ -359,6 +358,7 @@ def train(cfg: Config) -> dict:
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
+    log.close()
     run.rollouts.close()  # last: a colocated vLLM engine's shutdown also ends the process group
     return metrics
 

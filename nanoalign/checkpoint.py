@@ -129,7 +129,8 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
 RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
                      "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
-                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images"}  # fmt: skip
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images", "report_to", "tracker_project",
+                     "run_name"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:

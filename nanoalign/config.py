@@ -6,6 +6,7 @@ Nothing here is resolved later: what you see in `--help` (and in the run's confi
 """
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +94,15 @@ class Config:
     """Resume from the latest checkpoint in out_dir if there is one."""
     export: bool = True
     """At the end, write the model as Hugging Face safetensors to out_dir/final."""
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """Also log to an experiment tracker, from rank 0: trackio (local, no account; `pip install -e
+    '.[trackio]'`, then `trackio show`) or wandb (`pip install -e '.[wandb]'`): every metrics.jsonl
+    record, and at each evaluation a table of held-out samples with the model's answers (RL: also
+    training rollouts with their rewards). metrics.jsonl is written either way."""
+    tracker_project: str = "nanoalign"
+    """Tracker project the run is logged under (--report-to)."""
+    run_name: str | None = None
+    """Tracker run name (None: the tracker picks one). A resumed run continues its tracker run."""
 
     # --- preference optimisation (dpo, mpo, online_dpo) ---
     beta: float = 0.1
@@ -247,6 +257,11 @@ def check_config(cfg: Config) -> None:
         if cfg.algo not in algos and getattr(cfg, name) != getattr(default, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does nothing for --algo {cfg.algo} (only {', '.join(algos)} read it); drop it")
+    if cfg.report_to == "none" and (cfg.tracker_project != default.tracker_project or cfg.run_name is not None):
+        raise ValueError("--tracker-project and --run-name name a tracker run; they do nothing without --report-to trackio|wandb")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # found, not imported
+        raise ValueError(f"--report-to {cfg.report_to}: {cfg.report_to} is not installed; pip install -e '.[{cfg.report_to}]' "
+                         f"(or pip install {cfg.report_to})")  # fmt: skip
     if cfg.max_steps < 0:  # 0 is allowed: load (resume), export and evaluate without training
         raise ValueError(f"--max-steps must be >= 0, got {cfg.max_steps}")
     for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length", "max_completion_length"):

@@ -208,7 +208,7 @@ def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
             )
         if not messages:
             raise BadSampleError(f"{sample_id}: empty conversation; every SFT sample needs a user and an assistant turn")
-        if not any(m["role"] == "assistant" and _text(m) for m in messages):
+        if not any(m["role"] == "assistant" and message_text(m) for m in messages):
             raise BadSampleError(
                 f"{sample_id}: no assistant turn with text, so nothing to learn from; add the answer as a "
                 "{'role': 'assistant', ...} message"
@@ -220,7 +220,7 @@ def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
         sample["prompt"] = _insert_placeholders(_as_turns(raw["prompt"], "user", "prompt", sample_id), len(images), sample_id)
         for key in ("chosen", "rejected"):
             turns = _as_turns(raw[key], "assistant", key, sample_id)
-            if not turns or not _text(turns[-1]) or turns[-1]["role"] != "assistant":
+            if not turns or not message_text(turns[-1]) or turns[-1]["role"] != "assistant":
                 raise BadSampleError(f"{sample_id}: {key!r} must end with a non-empty assistant turn")
             sample[key] = turns
         if sample["chosen"] == sample["rejected"]:  # DPO's margin is 0 whatever the policy: nothing to learn
@@ -250,7 +250,7 @@ def accuracy_prompts(samples: list[dict]) -> list[dict]:
     return prompts
 
 
-def _text(message: dict) -> str:
+def message_text(message: dict) -> str:
     content = message["content"]
     if isinstance(content, str):
         return content.strip()

@@ -1,41 +1,96 @@
-"""Logging: one fixed-format line per step on rank 0, the same dict appended to metrics.jsonl, and plots.
+"""Logging: one fixed-format line per step on rank 0, the same dict appended to metrics.jsonl (and sent
+to a tracker with --report-to), and plots.
 
 Tests and tools read metrics.jsonl, never stdout. NaN (e.g. a reward no sample could score) is
-written as null so the file stays valid JSON.
+written as null so the file stays valid JSON. A tracker (trackio or wandb, which share one API) gets
+each record as written, nulls left out, and the tables of samples the run made since the last step
+(`Run.tables`: held-out answers at an evaluation, RL rollouts with their rewards).
 """
 
+import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
+
+from nanoalign.data import message_text
 
 # Shown in the step line, in this order, when present; everything else goes only to metrics.jsonl.
 HEADLINE = ("loss", "reward", "eval/loss", "eval/accuracy", "rewards/accuracies", "grad_norm", "lr")
 # Counts, summed over ranks (not averaged), and shown in the step line whenever they are not 0.
 COUNTS = ("skipped_samples", "skipped_rows", "skipped_pairs", "truncated_rows", "eval/skipped_samples")
+TABLE_ROWS = 4  # samples per tracker table: a look at what the model writes, not a measurement
 
 
 def _clean(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def sample_table(samples: list[dict], **columns: list) -> list[dict]:
+    """The first TABLE_ROWS samples as rows of a tracker table: their first image, the text of the
+    prompt's last turn, then one value of each column (lists aligned with samples)."""
+    return [{"image": s["images"][0] if s["images"] else None, "prompt": message_text(s["prompt"][-1]),
+             **{name: values[i] for name, values in columns.items()}} for i, s in enumerate(samples[:TABLE_ROWS])]  # fmt: skip
+
+
+class Tracker:
+    """The run in trackio or wandb, on rank 0. The package is imported here, only when asked for.
+
+    out_dir/tracker.json names the tracker run, so a resumed run continues it (same tracker, project,
+    and --run-name unset or the same); any other resume starts a new tracker run and says so.
+    """
+
+    def __init__(self, cfg, out_dir: Path, resumed: bool):
+        self.lib = importlib.import_module(cfg.report_to)  # check_config made sure it is installed
+        saved_path = out_dir / "tracker.json"
+        saved = json.loads(saved_path.read_text()) if resumed and saved_path.exists() else {}
+        same = saved.get("report_to") == cfg.report_to and saved.get("project") == cfg.tracker_project
+        same = same and cfg.run_name in (None, saved["name"])
+        named = {"name": cfg.run_name}
+        if same:  # wandb finds a run by its id, trackio by its name
+            named = {"name": saved["name"], "resume": "must", **({"id": saved["id"]} if cfg.report_to == "wandb" else {})}
+        self.run = self.lib.init(project=cfg.tracker_project, config=dataclasses.asdict(cfg), **named)
+        note = "" if same or not resumed else (f" without this training's earlier steps: {saved_path} names no {cfg.report_to} "
+                                               "run of this project and --run-name")  # fmt: skip
+        print(f"{cfg.report_to}: {'continuing' if same else 'new'} run {self.run.name!r} in project {cfg.tracker_project!r}{note}")
+        saved = {"report_to": cfg.report_to, "project": cfg.tracker_project, "name": self.run.name, "id": self.run.id}
+        saved_path.write_text(json.dumps(saved))
+
+    def log(self, record: dict, tables: dict[str, list[dict]]) -> None:
+        values = {k: v for k, v in record.items() if k != "step" and v is not None}
+        for name, rows in tables.items():
+            cells = [[self.lib.Image(v) if isinstance(v, Image.Image) else v for v in row.values()] for row in rows]
+            values[name] = self.lib.Table(columns=list(rows[0]), data=cells)
+        self.lib.log(values, step=record["step"])
+
+
+def open_tracker(cfg, out_dir: Path, rank: int, resumed: bool) -> Tracker | None:
+    return Tracker(cfg, out_dir, resumed) if cfg.report_to != "none" and rank == 0 else None
+
+
 class MetricsLog:
-    def __init__(self, out_dir, rank: int, log_every: int = 1):
+    def __init__(self, out_dir, rank: int, log_every: int = 1, tracker: Tracker | None = None, tables: dict | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.rank, self.log_every = rank, log_every
+        self.rank, self.log_every, self.tracker = rank, log_every, tracker
+        self.tables = {} if tables is None else tables  # Run.tables: filled by the run, sent (and emptied) with each step
 
     def log(self, step: int, metrics: dict, force_print: bool = False) -> None:
+        tables = {name: rows for name, rows in self.tables.items() if rows}
+        self.tables.clear()
         if self.rank != 0:
             return
         record = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker:
+            self.tracker.log(record, tables)
         if force_print or step % self.log_every == 0:
             shown = " | ".join([f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics]
                                + [f"{k} {metrics[k]:g}" for k in COUNTS if metrics.get(k)])  # fmt: skip
             tqdm.write(f"step {step:5d} | {shown}")  # above the progress bar, not through it
-
 
     def amend_last(self, metrics: dict) -> None:
         """Add metrics measured after the last step was logged (e.g. the exported model's accuracy)
@@ -43,8 +98,15 @@ class MetricsLog:
         if self.rank != 0:
             return
         lines = self.path.read_text().splitlines()
-        lines[-1] = json.dumps({**json.loads(lines[-1]), **{k: _clean(float(v)) for k, v in metrics.items()}})
+        added = {k: _clean(float(v)) for k, v in metrics.items()}
+        lines[-1] = json.dumps({**json.loads(lines[-1]), **added})
         self.path.write_text("".join(line + "\n" for line in lines))
+        if self.tracker:
+            self.tracker.log({"step": json.loads(lines[-1])["step"], **added}, {})
+
+    def close(self) -> None:
+        if self.tracker:
+            self.tracker.lib.finish()  # trackio writes in the background: finish flushes it
 
 
 def read_metrics(path) -> list[dict]:

@@ -24,6 +24,14 @@ from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
 
 
+def stop_and_pad_ids(processor, hf_model) -> tuple[set[int], int]:
+    """The ids that end an assistant turn (the tokenizer's EOS and the generation config's) and the
+    pad id (the tokenizer's, else its EOS)."""
+    tokenizer, eos = processor.tokenizer, hf_model.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    return stop_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_processor(model_dir: str):
     from transformers import AutoProcessor
 

@@ -411,13 +411,13 @@ def score_completions(
 
 
 def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,
-             sampler: str = "nanoalign") -> tuple[float, float, float]:  # fmt: skip
+             sampler: str = "nanoalign") -> tuple[float, float, float, list[tuple[str, bool]]]:  # fmt: skip
     """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
 
-    Returns (number correct, number of samples, completion tokens) for this rank's share; an
-    unscorable sample counts as not correct.
+    Returns (number correct, number of samples, completion tokens) for this rank's share, and each
+    sample's (answer, right); an unscorable sample counts as not correct.
     """
-    correct = num_tokens = 0.0
+    answers, num_tokens = [], 0.0
     with generating(model):
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
@@ -426,6 +426,6 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
                 max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
             )  # fmt: skip
             scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
-            correct += sum(1.0 for s in scores if s == 1.0)
+            answers += [(text, score == 1.0) for text, score in zip(rollout.texts, scores)]
             num_tokens += sum(len(ids) for ids in rollout.completion_ids)
-    return correct, float(len(samples)), num_tokens
+    return float(sum(right for _, right in answers)), float(len(samples)), num_tokens, answers

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign.batch import Batch, image_token_ids, pack_rows
+from nanoalign.metrics import sample_table
 from nanoalign.rollout import Rollout
 from nanoalign.rewards import score_completions
 from nanoalign.runtime import agree_on_failure, all_gather_rows, all_reduce_sum
@@ -183,6 +184,8 @@ def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_genera
     except (RuntimeError, ValueError) as err:
         error = err
     agree_on_failure(error, run.device)
+    rows = [s for s in samples for _ in range(num_generations)]
+    run.tables["train/rollouts"] = sample_table(rows, completion=texts, reward=combine_rewards(rewards).tolist())
     return rewards.to(run.device), metrics
 
 

@@ -84,6 +84,9 @@ class Run:
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
     ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
     rollouts: object = None  # the rollout backend (nanoalign/rollout.py): sample(...), sync(step), close()
+    # Tables for the tracker at the next logged step, name -> rows (metrics.sample_table): held-out
+    # answers, RL rollouts. The step's log sends and empties it.
+    tables: dict = field(default_factory=dict)
     check_sample: object = None  # check_sample(sample) raises BadSampleError if it cannot fit (batch.check_prompt_fits)
 
 

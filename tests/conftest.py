@@ -75,19 +75,17 @@ def load_family(tiny_dirs):
     """load_family(name) -> (processor, fresh fp32 HF model, stop ids) for any built-in family
     ("tiny" and "tiny-llava" are built for the session; the others on first use).
 
-    The stop ids are derived exactly as train.py does (tokenizer EOS + generation-config EOS).
+    The stop ids are train.py's (model.stop_and_pad_ids).
     """
     from bench.common import load_hf_model
-    from nanoalign.model import load_processor
+    from nanoalign.model import load_processor, stop_and_pad_ids
     from nanoalign.tiny import ensure_tiny
 
     def load(name: str):
         model_dir = str(tiny_dirs[name] if name in tiny_dirs else ensure_tiny(name))
         processor = load_processor(model_dir)
         model = load_hf_model(model_dir).eval()
-        eos = model.generation_config.eos_token_id
-        stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-        return processor, model, stop_ids
+        return processor, model, stop_and_pad_ids(processor, model)[0]
 
     return load
 
