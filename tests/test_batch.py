@@ -12,7 +12,7 @@ from nanoalign.batch import check_prompt_fits, encode_conversations, image_token
 from nanoalign.data import BadSampleError, fetch_samples, num_placeholders
 from nanoalign.model import Policy
 
-FAMILIES = ("tiny", "tiny-llava")
+from conftest import CORE_FAMILIES  # noqa: E402
 END_OF_TURN = {"tiny": "<|im_end|>", "tiny-llava": "</s>"}
 
 
@@ -45,7 +45,7 @@ def samples(make_image):
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
 def family(request, load_family):
     processor, model, stop_ids = load_family(request.param)
     return request.param, processor, model, stop_ids

@@ -38,14 +38,13 @@ from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for the RL runs
-from conftest import one_thread, subprocess_env  # noqa: E402
+from conftest import EXTRA_FAMILIES, FAMILIES, family_params, one_thread, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
 from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
 from test_batch import test_images_in_later_turns_stand_where_their_turn_puts_them as check_later_turn_images  # noqa: E402
 from test_tiny import test_build_is_byte_identical as assert_build_is_byte_identical  # noqa: E402
 
-FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
 ALGOS = ("sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo")
 
 
@@ -60,10 +59,10 @@ def family_dirs(nanoalign_cache) -> dict[str, Path]:
     """Every family's tiny model, built once into the session cache (a few seconds each)."""
     from nanoalign.tiny import ensure_tiny
 
-    return {name: ensure_tiny(name) for name in FAMILIES}
+    return {name: ensure_tiny(name) for name in EXTRA_FAMILIES}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=family_params(EXTRA_FAMILIES))
 def family(request, family_dirs):
     """(model dir, processor, fp32 HF model in eval mode, stop ids as train.py derives them)."""
     model_dir = str(family_dirs[request.param])
@@ -93,7 +92,7 @@ def num_vision_features(model, mm_inputs) -> int:
     return features.numel() // features.shape[-1]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", family_params(EXTRA_FAMILIES))
 def test_build_is_deterministic(name, family_dirs, tmp_path):
     # Built twice, byte for byte the same files (weights, tokenizer, processor): caches can be trusted.
     assert_build_is_byte_identical(name, family_dirs, tmp_path)
@@ -209,13 +208,13 @@ def two_rank_steps(family_dirs, tmp_path_factory) -> dict:
     """sft:2:1 on 2 ranks (torchrun, gloo) for every family, in one launch."""
     out = tmp_path_factory.mktemp("families_parity") / "two_ranks.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in FAMILIES]]  # fmt: skip
+           str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in EXTRA_FAMILIES]]  # fmt: skip
     proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", family_params(EXTRA_FAMILIES))
 def test_fsdp_two_ranks_match_one_process(name, family_dirs, two_rank_steps, dist_world):
     model_dir = str(family_dirs[name])
     reference = parity_step(model_dir, "sft", 4, 1)  # 1 process, the same 4 samples in one micro-batch
@@ -240,7 +239,7 @@ def test_fsdp_two_ranks_match_one_process(name, family_dirs, two_rank_steps, dis
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", family_params(EXTRA_FAMILIES))
 def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch):
     # Tiny batches on the shapes task; RL scores with a reward that almost never ties (-length), so
     # the advantages, and hence the gradients, are not zero; GSPO takes its 2 steps from one
@@ -264,8 +263,6 @@ def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch
 
 # -----------------------------------------------------------------------------
 # LLaVA-Instruct-style conversations: a later user turn brings an image
-
-ALL_FAMILIES = ("tiny", "tiny-llava", *FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +297,7 @@ def later_image_argv(name: str, data: Path, out_dir: Path, batch_size: int) -> l
 def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_factory) -> Path:
     """Every family's 2 SFT steps on later_image_data on 2 ranks (1 sample each), in one launch."""
     root = tmp_path_factory.mktemp("later_images_two_ranks")
-    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in ALL_FAMILIES]))
+    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in FAMILIES]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(TESTS / "train_worker.py"), str(root / "runs.json")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=900)
@@ -308,7 +305,7 @@ def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_fac
     return root
 
 
-@pytest.mark.parametrize("name", ALL_FAMILIES)
+@pytest.mark.parametrize("name", family_params(FAMILIES))
 def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, later_image_two_ranks, tmp_path, monkeypatch):
     # The same global batch of 2 conversations per step: 1 process x 2 samples, 2 ranks x 1 sample
     # (rank r reads stream position 2 * step + r). Both train, and give the same loss and gradient norm.

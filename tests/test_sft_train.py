@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
 import train as train_module  # noqa: E402
-from conftest import subprocess_env  # noqa: E402
+from conftest import CORE_FAMILIES, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
 
 WORKER = Path(__file__).resolve().parent / "parity_worker.py"
@@ -172,7 +172,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_dirs, monkeypatch):
     # (LLaVA too: its vision post_layernorm never gets a gradient, so AdamW has no state for it.)
     common = {"model": name, "no-export": None}
@@ -273,7 +273,7 @@ def test_no_resume_rerun_keeps_its_checkpoint(tmp_path, tiny_dirs):
 # export
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_export_round_trip(name, tmp_path, tiny_dirs, dist_world, make_image):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
