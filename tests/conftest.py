@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,6 +133,23 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_thread():
+    """one_thread() around a test (`@pytest.mark.usefixtures("single_thread")`)."""
+    with one_thread():
+        yield
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS` from the repository root,
+    in subprocess_env(), output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def subprocess_env() -> dict:

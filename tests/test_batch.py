@@ -321,3 +321,13 @@ def test_answer_overflow_is_truncated_and_counted(family, samples):
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits
     assert torch.isfinite(logits).all()
+
+
+# -----------------------------------------------------------------------------
+# chat templates
+
+
+def test_llava_template_renders_a_system_turn_as_system(load_family):
+    processor, _, _ = load_family("tiny-llava")
+    text = render(processor, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True)
+    assert text == "SYSTEM: Be brief. USER: Hi ASSISTANT: "

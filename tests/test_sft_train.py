@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process he
 import train as train_module  # noqa: E402
 from conftest import CORE_FAMILIES, subprocess_env  # noqa: E402
 from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
+from test_algorithms import run_train  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "parity_worker.py"
 
@@ -363,3 +364,22 @@ def test_parse_config_preset_then_overrides():
     assert train_module.parse_config([]).algo == "sft"
     with pytest.raises(SystemExit):
         train_module.parse_config(["--algo", "nope"])
+
+
+# -----------------------------------------------------------------------------
+# export and evaluation metrics
+
+
+def test_exported_accuracy_reaches_metrics_jsonl(warm_model):
+    last = read_metrics(Path(warm_model).parent / "metrics.jsonl")[-1]  # the warm-up run exported and checked it
+    # the export, reloaded (sharded, as a frozen model), answers exactly as the trained policy did
+    assert last["step"] == 70 and last["final/exported_accuracy"] == last["eval/accuracy"]
+
+
+@pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
+def test_eval_loss_is_nan_when_no_held_out_token_is_left(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="no assistant token to train on"):  # the training rows are cut too
+        run_train(tmp_path, "sft", "--model", "tiny", "--max-steps", "1", "--batch-size", "2", "--max-length", "40",
+                  **{"eval-split": "eval", "num-eval-samples": 4})  # fmt: skip
+    (first,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert first["step"] == 0 and first["eval/loss"] is None  # NaN, written as null; was 0.0
