@@ -19,7 +19,6 @@ from PIL import Image
 
 from nanoalign.shapes import draw_shapes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and bench/ (its helpers) live at the repo root
 
 
 # The one list of model families the tests run on: every built-in tiny model (nanoalign/tiny.py BUILDERS,

@@ -18,8 +18,6 @@ Per family, parametrized, sharing one session-scoped build of each model:
 
 import inspect
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,8 +35,7 @@ from nanoalign.rollout import generating, sample_completions
 from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for the RL runs
-from conftest import EXTRA_FAMILIES, FAMILIES, family_params, one_thread, subprocess_env  # noqa: E402
+from conftest import EXTRA_FAMILIES, FAMILIES, family_params, one_thread, torchrun  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
 from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
@@ -207,9 +204,7 @@ def test_chunked_logps_with_softcap_match_autograd():
 def two_rank_steps(family_dirs, tmp_path_factory) -> dict:
     """sft:2:1 on 2 ranks (torchrun, gloo) for every family, in one launch."""
     out = tmp_path_factory.mktemp("families_parity") / "two_ranks.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in EXTRA_FAMILIES]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun(str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in EXTRA_FAMILIES], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 
@@ -298,9 +293,7 @@ def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_fac
     """Every family's 2 SFT steps on later_image_data on 2 ranks (1 sample each), in one launch."""
     root = tmp_path_factory.mktemp("later_images_two_ranks")
     (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in FAMILIES]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "train_worker.py"), str(root / "runs.json")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    proc = torchrun(str(TESTS / "train_worker.py"), str(root / "runs.json"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 

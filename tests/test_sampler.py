@@ -5,8 +5,6 @@ row greedily repeats one token whatever its prompt, which would let a wrong posi
 copy or a lost image go unnoticed. Sharpened, greedy paths differ per prompt, image and position.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +21,7 @@ from nanoalign.rollout import split_completions
 from nanoalign.sampler import filter_logits, sample, unsupported
 from nanoalign.shapes import user_turn
 
-from conftest import CORE_FAMILIES, FAMILIES, family_params, subprocess_env  # noqa: E402
+from conftest import CORE_FAMILIES, FAMILIES, family_params, torchrun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 20
@@ -180,9 +178,7 @@ def test_shared_prompt_forward_on_two_fsdp_ranks_equals_whole_rows(tiny_dirs, tm
     # Two forwards of every FSDP2 unit (prompts, then completions) before one backward: the gradients
     # summed over ranks must be the whole-row forward's.
     out = tmp_path / "result.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "shared_prompts_worker.py"), str(tiny_dirs["tiny"]), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun(str(REPO / "tests" / "shared_prompts_worker.py"), str(tiny_dirs["tiny"]), str(out), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     shared, whole = result["shared"], result["whole"]

@@ -29,11 +29,9 @@ from nanoalign.model import Policy, load_processor, shard_policy
 from nanoalign.runtime import device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
 import train as train_module  # noqa: E402
-from conftest import CORE_FAMILIES, subprocess_env  # noqa: E402
-from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
+from conftest import CORE_FAMILIES, subprocess_env, torchrun  # noqa: E402
+from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
 from test_algorithms import run_train  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "parity_worker.py"
@@ -76,9 +74,7 @@ def one_process(tiny_dirs, dist_world):
 def two_processes(tiny_dirs, tmp_path_factory):
     """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
     out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun(str(WORKER), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 
