@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.testing import assert_close
 
 from nanoalign.shapes import draw_shapes
 
@@ -180,3 +181,46 @@ def warm_model(tiny_dirs, tmp_path_factory) -> str:
     assert metrics["eval/loss"] < 0.5, metrics
     assert (out / "final" / "config.json").exists()
     return str(out / "final")
+
+
+# -----------------------------------------------------------------------------
+# data parallel and gradient accumulation parity on "tiny" (test_sft_train.py, test_families.py)
+
+TESTS = Path(__file__).resolve().parent
+ONE_PROCESS_SPECS = ("sft:4:1", "sft:2:2", "sft:1:4", "dpo:4:1", "mpo:4:1", "mpo:2:2")  # ALGO:BATCH:ACCUM
+TWO_PROCESS_SPECS = ("sft:2:1", "sft:1:2", "dpo:2:1", "mpo:1:2")
+
+
+@pytest.fixture(scope="session")
+def one_process(tiny_dirs, dist_world):
+    """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
+    as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
+    from parity_worker import parity_step
+
+    results = {}
+    for spec in ONE_PROCESS_SPECS:
+        algo, batch_size, grad_accum = spec.split(":")
+        results[spec] = parity_step(str(tiny_dirs["tiny"]), algo, int(batch_size), int(grad_accum))
+    return results
+
+
+@pytest.fixture(scope="session")
+def two_processes(tiny_dirs, tmp_path_factory):
+    """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
+    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
+    proc = torchrun(str(TESTS / "parity_worker.py"), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out)
+
+
+def assert_same_step(result, reference, every_gradient_nonzero: bool = True):
+    # Loss as train.py logs it (sum over micro-batches, mean over ranks) and every parameter's full gradient
+    # (fp32 defaults: the summation order differs). every_gradient_nonzero=False where some parameter may
+    # get no gradient from these samples (the extra families: test_families.py checks the vision tower and lm_head).
+    assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
+    assert result["num_tokens"] == reference["num_tokens"]
+    assert result["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        if every_gradient_nonzero:
+            assert grad.abs().sum() > 0, f"{name}: no gradient reached it"  # vision tower included
+        assert_close(result["grads"][name], grad, msg=lambda m: f"{name}: {m}")

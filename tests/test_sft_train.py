@@ -30,11 +30,9 @@ from nanoalign.runtime import device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 import train as train_module  # noqa: E402
-from conftest import CORE_FAMILIES, subprocess_env, torchrun  # noqa: E402
-from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
+from conftest import CORE_FAMILIES, assert_same_step, subprocess_env  # noqa: E402
+from parity_worker import parity_samples  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
 from test_algorithms import run_train  # noqa: E402
-
-WORKER = Path(__file__).resolve().parent / "parity_worker.py"
 
 
 # -----------------------------------------------------------------------------
@@ -55,40 +53,6 @@ def test_sft_loss_sums_and_divides_by_step_tokens():
 # data parallel and gradient accumulation parity
 
 
-ONE_PROCESS_SPECS = ("sft:4:1", "sft:2:2", "sft:1:4", "dpo:4:1", "mpo:4:1", "mpo:2:2")  # ALGO:BATCH:ACCUM
-TWO_PROCESS_SPECS = ("sft:2:1", "sft:1:2", "dpo:2:1", "mpo:1:2")
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_dirs, dist_world):
-    """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
-    as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
-    results = {}
-    for spec in ONE_PROCESS_SPECS:
-        algo, batch_size, grad_accum = spec.split(":")
-        results[spec] = parity_step(str(tiny_dirs["tiny"]), algo, int(batch_size), int(grad_accum))
-    return results
-
-
-@pytest.fixture(scope="module")
-def two_processes(tiny_dirs, tmp_path_factory):
-    """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
-    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
-    proc = torchrun(str(WORKER), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out)
-
-
-def assert_same_step(result, reference):
-    # Loss as train.py logs it (sum over micro-batches, mean over ranks) and every parameter's full gradient.
-    assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
-    assert result["num_tokens"] == reference["num_tokens"]
-    assert result["grads"].keys() == reference["grads"].keys()
-    for name, grad in reference["grads"].items():
-        assert grad.abs().sum() > 0, f"{name}: no gradient reached it"  # vision tower included
-        assert_close(result["grads"][name], grad, msg=lambda m: f"{name}: {m}")
-
-
 def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_dirs):
     # The one-micro-batch reference itself equals the definition, computed without FSDP:
     # loss = -SUM_{rows,t} M l_t / SUM M over the 4 rows.
@@ -102,11 +66,8 @@ def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_
     assert_close(one_process["sft:4:1"]["loss"], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_fsdp_two_ranks_match_one_process(one_process, two_processes):
-    # Rank 0 has far fewer answer tokens than rank 1; a per-rank token mean would weight them equally.
-    reference, two = one_process["sft:4:1"], two_processes["sft:2:1"]
-    assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]
-    assert_same_step(two, reference)
+# test_fsdp_two_ranks_match_one_process: one test for every family in test_families.py (for "tiny" on
+# one_process/two_processes, the conftest.py fixtures the tests below share)
 
 
 def test_gradient_accumulation_matches_one_big_batch(one_process, two_processes):
