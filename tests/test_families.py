@@ -36,7 +36,10 @@ from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent
 from conftest import EXTRA_FAMILIES, FAMILIES, family_params, one_thread, torchrun  # noqa: E402
-from conftest import assert_same_step  # noqa: E402
+from conftest import CORE_FAMILIES, assert_same_step  # noqa: E402
+from nanoalign.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from test_sft_train import _run_stub as sft_run_stub  # noqa: E402
+from test_sft_train import flags as sft_flags  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
 from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
@@ -323,37 +326,63 @@ def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, la
 # export round trip
 
 
-def test_export_round_trip(family, dist_world, tmp_path):
+@pytest.mark.parametrize("name", family_params(FAMILIES))
+def test_export_round_trip(name, request, load_family, dist_world, tmp_path):
+    # The exported directory reloads through the Auto classes as the same model and processor classes,
+    # holds the trained weights tensor for tensor (not the initial ones), and gives the trained policy's
+    # log-probs. The core families train 3 steps through train.train and are compared with the last
+    # checkpoint loaded into the initial weights; the extra families take one SGD step in-process and
+    # export_hf it (so the exported weights are not the checkpoint's own).
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model_dir, processor, _, stop_ids = family
     _, world_size, device = dist_world
-    policy = sharded_policy(model_dir, world_size, device)
-    run = Run(sft_config(), processor, policy, None, 0, 1, device, stop_ids, processor.tokenizer.pad_token_id)
-    batch = sft.encode(parity_samples(), run)
-    # One SGD step, so the exported weights are not the checkpoint's own.
-    logps, _ = policy(**batch.model_inputs())
-    (-(logps * batch.mask).sum() / batch.mask.sum()).backward()
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad
+    dirs = request.getfixturevalue("tiny_dirs" if name in CORE_FAMILIES else "family_dirs")
+    model_dir = str(dirs[name])
+    original, _, stop_ids = load_family(name)
+    if name in CORE_FAMILIES:
+        out = tmp_path / "run"
+        train_module.train(train_module.parse_config(sft_flags(out, **{"model": name, "max-steps": 3, "save-every": 0})))
+        final = out / "final"
+        policy = shard_policy(Policy(load_hf_model(model_dir)), device_mesh(world_size, device), bf16=False)
+        optimizer = torch.optim.AdamW(policy.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        assert load_checkpoint(latest_checkpoint(out), policy, optimizer, scheduler, rank=0)["step"] == 3
+        processor = AutoProcessor.from_pretrained(final)
+        assert processor.tokenizer.get_vocab() == load_processor(model_dir).tokenizer.get_vocab()
+        # a real batch of one sample, every position compared
+        batch = sft.encode([parity_samples()[0]], sft_run_stub(processor, {processor.tokenizer.eos_token_id}))
+        real = torch.ones_like(batch.attention_mask[:, 1:], dtype=torch.bool)
+    else:
+        processor = original
+        policy = sharded_policy(model_dir, world_size, device)
+        run = Run(sft_config(), processor, policy, None, 0, 1, device, stop_ids, processor.tokenizer.pad_token_id)
+        batch = sft.encode(parity_samples(), run)
+        # One SGD step, so the exported weights are not the checkpoint's own.
+        logps, _ = policy(**batch.model_inputs())
+        (-(logps * batch.mask).sum() / batch.mask.sum()).backward()
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+        final = tmp_path / "final"
+        export_hf(policy, processor, final, rank=0)
+        real = batch.attention_mask[:, 1:].bool()
     trained = hf_state_dict(policy)
-    export_hf(policy, processor, tmp_path / "final", rank=0)
 
-    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "final", dtype=torch.float32).eval()
+    exported = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
     assert type(exported).__name__ == type(policy.hf).__name__
-    assert type(AutoProcessor.from_pretrained(tmp_path / "final")).__name__ == type(processor).__name__
+    assert type(AutoProcessor.from_pretrained(final)).__name__ == type(original).__name__
     state = exported.state_dict()
     assert state.keys() == trained.keys()
     for key, tensor in trained.items():
         assert torch.equal(state[key], tensor), key
-    assert any(not torch.equal(tensor, load_hf_model(model_dir).state_dict()[key]) for key, tensor in trained.items())
+    initial = load_hf_model(model_dir).state_dict()
+    assert any(not torch.equal(tensor, initial[key]) for key, tensor in trained.items())  # training changed the weights
+    # Same outputs: the exported HF model's log-probs equal the trained policy's.
     with torch.no_grad():
         logps, _ = policy(**batch.model_inputs())
         logits = exported(**batch.model_inputs()).logits[:, :-1].float()
     expected = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    real = batch.attention_mask[:, 1:].bool()
     assert_close(logps[:, 1:][real], expected[real], atol=1e-5, rtol=1e-5)
 
 
