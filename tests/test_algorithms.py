@@ -22,8 +22,6 @@ Assertions read metrics.jsonl or train()'s return value, never stdout.
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,10 +36,8 @@ from nanoalign.shapes import completion_text, make_example
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-sys.path.insert(0, str(REPO))  # train.py lives at the repo root
-sys.path.insert(0, str(TESTS))  # toy_rewards: reward functions loaded by import path
 import train as train_module  # noqa: E402
-from conftest import one_thread, subprocess_env  # noqa: E402
+from conftest import one_thread, torchrun  # noqa: E402
 
 LOG2 = math.log(2)
 # The metrics TRL logs for GRPO (nanoalign/grpo.py). Every step logs the loss keys; the round keys come with the
@@ -302,9 +298,7 @@ def test_online_dpo_skips_pairs_whose_completions_are_both_empty_or_identical(wa
 
 
 def test_fsdp_two_ranks_online_algorithms(warm_model, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "rollout_worker.py"), warm_model, str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun(str(TESTS / "rollout_worker.py"), warm_model, str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     for algo, keys in [

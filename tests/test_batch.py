@@ -12,7 +12,7 @@ from nanoalign.batch import check_prompt_fits, encode_conversations, image_token
 from nanoalign.data import BadSampleError, fetch_samples, num_placeholders
 from nanoalign.model import Policy
 
-FAMILIES = ("tiny", "tiny-llava")
+from conftest import CORE_FAMILIES  # noqa: E402
 END_OF_TURN = {"tiny": "<|im_end|>", "tiny-llava": "</s>"}
 
 
@@ -45,7 +45,7 @@ def samples(make_image):
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
 def family(request, load_family):
     processor, model, stop_ids = load_family(request.param)
     return request.param, processor, model, stop_ids
@@ -321,3 +321,13 @@ def test_answer_overflow_is_truncated_and_counted(family, samples):
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits
     assert torch.isfinite(logits).all()
+
+
+# -----------------------------------------------------------------------------
+# chat templates
+
+
+def test_llava_template_renders_a_system_turn_as_system(load_family):
+    processor, _, _ = load_family("tiny-llava")
+    text = render(processor, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True)
+    assert text == "SYSTEM: Be brief. USER: Hi ASSISTANT: "

@@ -2,11 +2,27 @@
 local datasets load with column renames, and the sample order is resumable."""
 
 import json
+import math
+import re
+from pathlib import Path
 
 import pytest
+from conftest import REPO, torchrun  # noqa: E402
 from PIL import Image
+from test_algorithms import run_train, save_image, steps, write_jsonl  # noqa: E402
 
-from nanoalign.data import BadSampleError, accuracy_prompts, fetch_samples, load_split, prepare_sample, stream_indices
+import train as train_module  # noqa: E402
+from nanoalign.checkpoint import latest_checkpoint
+from nanoalign.data import (
+    BadSampleError,
+    accuracy_prompts,
+    fetch_samples,
+    load_split,
+    prepare_sample,
+    stream_indices,
+)
+from nanoalign.metrics import read_metrics
+from nanoalign.shapes import make_example
 
 
 def user(text="How many shapes?", num_images=1):
@@ -273,3 +289,125 @@ def test_an_empty_data_file_is_named(tmp_path):
     for dataset, file in (("empty.jsonl", "empty.jsonl"), ("empty.parquet", "empty.parquet"), ("dir", "dir/eval.jsonl")):
         with pytest.raises(ValueError, match=f"{tmp_path / file} has no rows"):
             load_split(str(tmp_path / dataset), "train", "rl", 0)
+
+
+# -----------------------------------------------------------------------------
+# bad input on 2 ranks: an over-long RL prompt, a bad held-out image
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory) -> Path:
+    """An RL dataset (data/train.jsonl, data/eval.jsonl) of shapes questions with gold answers, in which
+    the prompt rank 1 draws at step 2 is far longer than --max-length 120; eval row 5 (rank 1's share)
+    has an unreadable image, in data_bad_eval/."""
+    root = tmp_path_factory.mktemp("rl_data")
+    num_train, per_rank = 32, 2  # --batch-size 8, G 4: 2 prompts per rank per step
+    step2_rank1 = train_module.stream_indices(3 * per_rank, 1, num_train, 0)[0]  # stream position 6
+    for split, shapes_split, num in (("train", "train", num_train), ("eval", "eval", 8)):
+        rows = []
+        for i in range(num):
+            ex = make_example(shapes_split, i)
+            question = ex["question"] + (" Think of every shape there is, one by one." * 40 if split == "train" and i == step2_rank1 else "")
+            rows.append({"prompt": question, "images": [save_image(ex["images"][0], root, f"{split}_{i}")], "solution": str(ex["answer"])})
+        write_jsonl(root / "data" / f"{split}.jsonl", rows)
+        if split == "eval":
+            (root / "bad.png").write_bytes(b"not a png")
+            rows[5]["images"] = [str(root / "bad.png")]
+            write_jsonl(root / "data_bad_eval" / "eval.jsonl", rows)
+            (root / "data_bad_eval" / "train.jsonl").write_text((root / "data" / "train.jsonl").read_text())
+    return root
+
+
+def rl_argv(warm_model, data, out, *extra) -> list[str]:
+    return [str(REPO / "train.py"), "--algo", "grpo", "--model", warm_model, "--dataset", str(data), "--out-dir", str(out),
+            "--batch-size", "8", "--num-generations", "4", "--max-completion-length", "8", "--max-length", "120",
+            "--warmup-steps", "1", "--save-every", "1", "--no-export", "--eval-every", "0", "--num-eval-samples", "4",
+            "--reward-funcs", "toy_rewards:shorter", "--reward-weights", "1.0", *extra]  # fmt: skip
+
+
+def test_overlong_rl_prompt_stops_both_ranks_then_is_skipped(warm_model, rl_data, tmp_path):
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data", tmp_path, "--max-steps", "3"))
+    assert proc.returncode != 0
+    assert re.search(r"sample \d+ of split 'train': the prompt is \d+ tokens long .*--skip-bad-samples", proc.stderr), proc.stderr[-3000:]
+    assert "other rank(s) failed" in proc.stderr  # rank 0 stopped with it, not in a gloo error
+    assert latest_checkpoint(tmp_path).name == "step_000001"  # step 1 is kept; nothing is lost
+    assert [r["step"] for r in steps(tmp_path)] == [1]
+
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data", tmp_path, "--max-steps", "3", "--skip-bad-samples"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    records = steps(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]  # resumed after step 1
+    assert records[1]["skipped_samples"] == 1  # one prompt skipped on one of the 2 ranks: a count, summed (was 0.5)
+    assert all(math.isfinite(r["loss"]) and "truncated_rows" in r for r in records)
+
+
+def test_bad_held_out_image_stops_both_ranks_naming_it(warm_model, rl_data, tmp_path):
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data_bad_eval", tmp_path, "--max-steps", "1", "--num-eval-samples", "8"))
+    assert proc.returncode != 0
+    assert "sample 5 of split 'eval': image 0" in proc.stderr and "cannot be read" in proc.stderr, proc.stderr[-3000:]
+    assert "other rank(s) failed" in proc.stderr
+    # --skip-bad-samples skips it, and the evaluation counts the skip
+    proc = torchrun(*rl_argv(warm_model, rl_data / "data_bad_eval", tmp_path, "--max-steps", "0", "--num-eval-samples", "8",
+                             "--skip-bad-samples"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/skipped_samples"] == 1
+
+
+def test_bad_held_out_sft_sample_stops_both_ranks_naming_it(tmp_path):
+    # eval row 3 (rank 1's share of 4) puts its image after 300 words: its image tokens lie past
+    # --max-length, found when the evaluation builds its batch (was: rank 1 alone raised, rank 0 hung
+    # in the eval all-reduce until gloo dropped the connection)
+    for split, num in (("train", 8), ("eval", 4)):
+        rows = []
+        for i in range(num):
+            ex, bad = make_example(split, i), split == "eval" and i == 3
+            text = {"type": "text", "text": ex["question"] + (" word" * 300 if bad else "")}
+            user = [text, {"type": "image"}] if bad else [{"type": "image"}, text]
+            answer = [{"type": "text", "text": str(ex["answer"])}]
+            rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                         "images": [save_image(ex["images"][0], tmp_path, f"{split}_{i}")]})  # fmt: skip
+        write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows)
+    proc = torchrun(str(REPO / "train.py"), "--model", "tiny", "--dataset", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                    "--max-steps", "1", "--batch-size", "2", "--max-length", "200", "--num-eval-samples", "4", "--no-export")  # fmt: skip
+    assert proc.returncode != 0
+    assert "sample 3 of split 'eval'" in proc.stderr and "image tokens lie past --max-length 200" in proc.stderr, proc.stderr[-3000:]
+    assert "other rank(s) failed" in proc.stderr and "Connection closed" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# held-out data, single files, column renames
+
+
+def test_held_out_split_is_held_out(tmp_path):
+    rows = [{"prompt": f"question {i}", "solution": str(i)} for i in range(6)]
+    single = write_jsonl(tmp_path / "one.jsonl", rows)
+    assert len(load_split(str(single), "train", "rl", 0)) == 6
+    assert load_split(str(single), "eval", "rl", 0, held_out=True) is None  # never its training rows
+    write_jsonl(tmp_path / "dir" / "train.jsonl", rows[:4])
+    write_jsonl(tmp_path / "dir" / "eval.jsonl", rows[4:])  # `datasets` calls this split "test"
+    held_out = load_split(str(tmp_path / "dir"), "eval", "rl", 0, held_out=True)
+    assert [r["prompt"] for r in held_out] == ["question 4", "question 5"]
+    with pytest.raises(ValueError, match="no split 'training'"):
+        load_split(str(tmp_path / "dir"), "training", "rl", 0)
+
+
+@pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
+def test_a_single_data_file_trains_without_evaluation(warm_model, tmp_path, capsys):
+    rows = [{"prompt": make_example("train", i)["question"], "solution": "3"} for i in range(8)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    run_train(tmp_path / "out", "grpo", "--model", warm_model, "--dataset", str(data), "--max-steps", "1",
+              "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "4",
+              **{"eval-split": "eval", "num-eval-samples": 4, "no-export": False})  # fmt: skip
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1] and not any(k.startswith("eval/") for k in records[0])
+    # where the model went is said without an accuracy eval too (the one line a user needs from stdout)
+    assert f"exported model ({tmp_path / 'out' / 'final'})" in capsys.readouterr().out
+
+
+def test_column_rename_onto_an_existing_column_says_what_to_do(tmp_path):
+    rows = [{"prompt": "old", "problem": "new", "solution": "1"}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(ValueError, match=r"already has a column 'prompt'.*prompt=problem original_prompt=prompt"):
+        load_split(str(data), "train", "rl", 0, ("prompt=problem",))
+    ds = load_split(str(data), "train", "rl", 0, ("prompt=problem", "original_prompt=prompt"))
+    assert ds[0]["prompt"] == "new" and ds[0]["original_prompt"] == "old"

@@ -18,8 +18,6 @@ Per family, parametrized, sharing one session-scoped build of each model:
 
 import inspect
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,15 +35,17 @@ from nanoalign.rollout import generating, sample_completions
 from nanoalign.runtime import Run, device_mesh
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # the helpers next to this file; toy_rewards for the RL runs
-from conftest import one_thread, subprocess_env  # noqa: E402
+from conftest import EXTRA_FAMILIES, FAMILIES, family_params, one_thread, torchrun  # noqa: E402
+from conftest import CORE_FAMILIES, assert_same_step  # noqa: E402
+from nanoalign.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from test_sft_train import _run_stub as sft_run_stub  # noqa: E402
+from test_sft_train import flags as sft_flags  # noqa: E402
 from parity_worker import parity_samples, parity_step, sharded_policy  # noqa: E402
 from test_algorithms import LOG2, assert_logged, run_train, steps, train_module  # noqa: E402
 from test_batch import encode, runs, samples  # noqa: E402,F401  (samples: the A-E conversations fixture)
 from test_batch import test_images_in_later_turns_stand_where_their_turn_puts_them as check_later_turn_images  # noqa: E402
 from test_tiny import test_build_is_byte_identical as assert_build_is_byte_identical  # noqa: E402
 
-FAMILIES = ("tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm")
 ALGOS = ("sft", "dpo", "mpo", "grpo", "gspo", "rloo", "online_dpo")
 
 
@@ -60,10 +60,10 @@ def family_dirs(nanoalign_cache) -> dict[str, Path]:
     """Every family's tiny model, built once into the session cache (a few seconds each)."""
     from nanoalign.tiny import ensure_tiny
 
-    return {name: ensure_tiny(name) for name in FAMILIES}
+    return {name: ensure_tiny(name) for name in EXTRA_FAMILIES}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=family_params(EXTRA_FAMILIES))
 def family(request, family_dirs):
     """(model dir, processor, fp32 HF model in eval mode, stop ids as train.py derives them)."""
     model_dir = str(family_dirs[request.param])
@@ -93,7 +93,7 @@ def num_vision_features(model, mm_inputs) -> int:
     return features.numel() // features.shape[-1]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", family_params(EXTRA_FAMILIES))
 def test_build_is_deterministic(name, family_dirs, tmp_path):
     # Built twice, byte for byte the same files (weights, tokenizer, processor): caches can be trusted.
     assert_build_is_byte_identical(name, family_dirs, tmp_path)
@@ -208,24 +208,27 @@ def test_chunked_logps_with_softcap_match_autograd():
 def two_rank_steps(family_dirs, tmp_path_factory) -> dict:
     """sft:2:1 on 2 ranks (torchrun, gloo) for every family, in one launch."""
     out = tmp_path_factory.mktemp("families_parity") / "two_ranks.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in FAMILIES]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun(str(TESTS / "families_worker.py"), str(out), *[str(family_dirs[n]) for n in EXTRA_FAMILIES], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_fsdp_two_ranks_match_one_process(name, family_dirs, two_rank_steps, dist_world):
-    model_dir = str(family_dirs[name])
-    reference = parity_step(model_dir, "sft", 4, 1)  # 1 process, the same 4 samples in one micro-batch
-    two = two_rank_steps[model_dir]
-    assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]  # ranks weigh differently
-    assert_close(two["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
-    assert two["num_tokens"] == reference["num_tokens"]
-    assert two["grads"].keys() == reference["grads"].keys()
-    for key, grad in reference["grads"].items():
-        assert_close(two["grads"][key], grad, msg=lambda m: f"{key}: {m}")  # fp32 defaults: summation order differs
+@pytest.mark.parametrize("name", family_params(("tiny", *EXTRA_FAMILIES)))
+def test_fsdp_two_ranks_match_one_process(name, request, dist_world):
+    # sft on 2 ranks x 2 samples == 1 process x the same 4 samples in one micro-batch: the loss, the
+    # token count and every parameter's gradient. "tiny" reads the parity runs test_sft_train.py shares
+    # (conftest.one_process / two_processes), the others one families_worker.py launch.
+    if name == "tiny":
+        model_dir = str(request.getfixturevalue("tiny_dirs")[name])
+        reference = request.getfixturevalue("one_process")["sft:4:1"]
+        two = request.getfixturevalue("two_processes")["sft:2:1"]
+    else:
+        model_dir = str(request.getfixturevalue("family_dirs")[name])
+        reference = parity_step(model_dir, "sft", 4, 1)
+        two = request.getfixturevalue("two_rank_steps")[model_dir]
+    # Rank 0 has far fewer answer tokens than rank 1; a per-rank token mean would weight them equally.
+    assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]
+    assert_same_step(two, reference, every_gradient_nonzero=name == "tiny")
     # The gradient reaches the vision tower and the (tied or untied) lm_head / embeddings.
     hf = load_hf_model(model_dir)
     tower = vision_module(hf)
@@ -240,7 +243,7 @@ def test_fsdp_two_ranks_match_one_process(name, family_dirs, two_rank_steps, dis
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", family_params(EXTRA_FAMILIES))
 def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch):
     # Tiny batches on the shapes task; RL scores with a reward that almost never ties (-length), so
     # the advantages, and hence the gradients, are not zero; GSPO takes its 2 steps from one
@@ -264,8 +267,6 @@ def test_algorithm_runs_two_steps(name, algo, family_dirs, tmp_path, monkeypatch
 
 # -----------------------------------------------------------------------------
 # LLaVA-Instruct-style conversations: a later user turn brings an image
-
-ALL_FAMILIES = ("tiny", "tiny-llava", *FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -300,15 +301,13 @@ def later_image_argv(name: str, data: Path, out_dir: Path, batch_size: int) -> l
 def later_image_two_ranks(family_dirs, tiny_dirs, later_image_data, tmp_path_factory) -> Path:
     """Every family's 2 SFT steps on later_image_data on 2 ranks (1 sample each), in one launch."""
     root = tmp_path_factory.mktemp("later_images_two_ranks")
-    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in ALL_FAMILIES]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "train_worker.py"), str(root / "runs.json")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=TESTS.parent, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    (root / "runs.json").write_text(json.dumps([later_image_argv(n, later_image_data, root / n, 1) for n in FAMILIES]))
+    proc = torchrun(str(TESTS / "train_worker.py"), str(root / "runs.json"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 
 
-@pytest.mark.parametrize("name", ALL_FAMILIES)
+@pytest.mark.parametrize("name", family_params(FAMILIES))
 def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, later_image_two_ranks, tmp_path, monkeypatch):
     # The same global batch of 2 conversations per step: 1 process x 2 samples, 2 ranks x 1 sample
     # (rank r reads stream position 2 * step + r). Both train, and give the same loss and gradient norm.
@@ -327,37 +326,63 @@ def test_later_turn_images_train_on_one_and_two_ranks(name, later_image_data, la
 # export round trip
 
 
-def test_export_round_trip(family, dist_world, tmp_path):
+@pytest.mark.parametrize("name", family_params(FAMILIES))
+def test_export_round_trip(name, request, load_family, dist_world, tmp_path):
+    # The exported directory reloads through the Auto classes as the same model and processor classes,
+    # holds the trained weights tensor for tensor (not the initial ones), and gives the trained policy's
+    # log-probs. The core families train 3 steps through train.train and are compared with the last
+    # checkpoint loaded into the initial weights; the extra families take one SGD step in-process and
+    # export_hf it (so the exported weights are not the checkpoint's own).
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model_dir, processor, _, stop_ids = family
     _, world_size, device = dist_world
-    policy = sharded_policy(model_dir, world_size, device)
-    run = Run(sft_config(), processor, policy, None, 0, 1, device, stop_ids, processor.tokenizer.pad_token_id)
-    batch = sft.encode(parity_samples(), run)
-    # One SGD step, so the exported weights are not the checkpoint's own.
-    logps, _ = policy(**batch.model_inputs())
-    (-(logps * batch.mask).sum() / batch.mask.sum()).backward()
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad
+    dirs = request.getfixturevalue("tiny_dirs" if name in CORE_FAMILIES else "family_dirs")
+    model_dir = str(dirs[name])
+    original, _, stop_ids = load_family(name)
+    if name in CORE_FAMILIES:
+        out = tmp_path / "run"
+        train_module.train(train_module.parse_config(sft_flags(out, **{"model": name, "max-steps": 3, "save-every": 0})))
+        final = out / "final"
+        policy = shard_policy(Policy(load_hf_model(model_dir)), device_mesh(world_size, device), bf16=False)
+        optimizer = torch.optim.AdamW(policy.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        assert load_checkpoint(latest_checkpoint(out), policy, optimizer, scheduler, rank=0)["step"] == 3
+        processor = AutoProcessor.from_pretrained(final)
+        assert processor.tokenizer.get_vocab() == load_processor(model_dir).tokenizer.get_vocab()
+        # a real batch of one sample, every position compared
+        batch = sft.encode([parity_samples()[0]], sft_run_stub(processor, {processor.tokenizer.eos_token_id}))
+        real = torch.ones_like(batch.attention_mask[:, 1:], dtype=torch.bool)
+    else:
+        processor = original
+        policy = sharded_policy(model_dir, world_size, device)
+        run = Run(sft_config(), processor, policy, None, 0, 1, device, stop_ids, processor.tokenizer.pad_token_id)
+        batch = sft.encode(parity_samples(), run)
+        # One SGD step, so the exported weights are not the checkpoint's own.
+        logps, _ = policy(**batch.model_inputs())
+        (-(logps * batch.mask).sum() / batch.mask.sum()).backward()
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+        final = tmp_path / "final"
+        export_hf(policy, processor, final, rank=0)
+        real = batch.attention_mask[:, 1:].bool()
     trained = hf_state_dict(policy)
-    export_hf(policy, processor, tmp_path / "final", rank=0)
 
-    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "final", dtype=torch.float32).eval()
+    exported = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
     assert type(exported).__name__ == type(policy.hf).__name__
-    assert type(AutoProcessor.from_pretrained(tmp_path / "final")).__name__ == type(processor).__name__
+    assert type(AutoProcessor.from_pretrained(final)).__name__ == type(original).__name__
     state = exported.state_dict()
     assert state.keys() == trained.keys()
     for key, tensor in trained.items():
         assert torch.equal(state[key], tensor), key
-    assert any(not torch.equal(tensor, load_hf_model(model_dir).state_dict()[key]) for key, tensor in trained.items())
+    initial = load_hf_model(model_dir).state_dict()
+    assert any(not torch.equal(tensor, initial[key]) for key, tensor in trained.items())  # training changed the weights
+    # Same outputs: the exported HF model's log-probs equal the trained policy's.
     with torch.no_grad():
         logps, _ = policy(**batch.model_inputs())
         logits = exported(**batch.model_inputs()).logits[:, :-1].float()
     expected = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    real = batch.attention_mask[:, 1:].bool()
     assert_close(logps[:, 1:][real], expected[real], atol=1e-5, rtol=1e-5)
 
 

@@ -1,14 +1,25 @@
 """Tests for nanoalign/grpo.py: advantages, each aggregation, GSPO, clipping, KL and sampler correction."""
 
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
+from parity_worker import sharded_policy  # noqa: E402
 from torch.testing import assert_close
 
 from bench.common import trl_normaliser
+from nanoalign import grpo, online_dpo, rl, rloo
+from nanoalign.batch import process_prompts, render
+from nanoalign.config import PRESETS, Config, check_config
+from nanoalign.data import prepare_sample
 from nanoalign.grpo import group_advantages, grpo_loss, sampler_correction
+from nanoalign.model import load_processor
 from nanoalign.rl import combine_rewards
+from nanoalign.rollout import Rollout, completion_ids_of
+from nanoalign.runtime import Run
+from nanoalign.shapes import shapes_sample
 from train import parse_config
 
 NAN = float("nan")
@@ -298,3 +309,127 @@ def test_sampler_weights_scale_policy_term_not_kl():
     loss, _ = loss_fn(logps, old, t(1.0), mask, beta=0.1, ref_logps=ref, sampler_weights=t([0.5]))
     # -1 * 1 * rho + beta * KL = -0.5 + 0.1 * (1 - log 2) = -0.469315
     assert_close(loss, torch.tensor(-0.5 + 0.1 * (1 - math.log(2)), dtype=torch.float64))
+
+
+# -----------------------------------------------------------------------------
+# RL gradient accumulation and degenerate groups
+
+COMPLETIONS = ["The answer is \\boxed{3}.", "3", "<think>I count 4 shapes.</think> The answer is \\boxed{4}.",
+               "The shape has five sides, so", "\\boxed{2}", "I see 3 circles. The answer is \\boxed{3}.",
+               "four", "<think>count</think> \\boxed{1}"]  # fmt: skip
+
+
+def fixed_rollouts(samples, run, num_generations):
+    """rollout_chunks with fixed completions (different lengths, some without EOS), chunked like the
+    real one, so every batch split sees exactly the same rows."""
+    tok = run.processor.tokenizer
+    end = sorted(run.stop_ids)[0]
+    size = run.cfg.batch_size // num_generations
+    rollouts = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start : start + size]
+        texts = [render(run.processor, s["prompt"], add_generation_prompt=True) for s in chunk for _ in range(num_generations)]
+        enc = process_prompts(run.processor, texts, [s["images"] for s in chunk for _ in range(num_generations)], "left")
+        ids, eos, decoded = [], [], []
+        for s in chunk:
+            for g in range(num_generations):
+                text = COMPLETIONS[(3 * s["index"] + g) % len(COMPLETIONS)]
+                with_eos = (s["index"] + g) % 3 != 0
+                ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([end] if with_eos else []))
+                eos.append(with_eos)
+                decoded.append(text)
+        # As nanoalign's sampler returns them: with the distinct prompts, so training reads each once.
+        distinct = process_prompts(run.processor, texts[::num_generations], [s["images"] for s in chunk], "left")
+        rollout = Rollout(enc, ids, eos, decoded, shared_prompts=distinct)
+        rollout.sample_ids = completion_ids_of(chunk, num_generations)
+        rollouts.append(rollout)
+    return rollouts
+
+
+def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
+    """One optimizer step's summed loss and full gradients through the algorithm's prepare and loss."""
+    from nanoalign.rewards import load_reward_funcs
+
+    processor = load_processor(model_dir)
+    policy = sharded_policy(model_dir, 1, torch.device("cpu"))
+    ref = sharded_policy(model_dir, 1, torch.device("cpu")) if module.needs_reference(cfg) else None
+    stop_ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id)
+    run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
+    micro, _ = module.prepare(samples, run)
+    assert len(micro) == rl.micro_batches_per_round(cfg) * (cfg.num_iterations if module is not online_dpo else 1)
+    total = 0.0
+    for m in micro[: cfg.grad_accum_steps]:  # the loop's first optimizer step
+        loss, _ = module.loss(m, run)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "algo,overrides",
+    [
+        ("grpo", {"loss_type": "grpo"}),
+        ("grpo", {"loss_type": "dr_grpo", "beta": 0.04}),
+        ("grpo", {"loss_type": "dapo", "mask_truncated_completions": True}),
+        ("gspo", {"loss_type": "dapo"}),
+        ("rloo", {}),
+        ("online_dpo", {}),
+    ],
+)
+@pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
+def test_rl_accumulation_equals_the_doubled_batch(algo, overrides, warm_model, dist_world, monkeypatch):
+    # accum 2 x spg 1 (two micro-batches of B rows) must be the step of accum 1 x spg 1 on 2B rows of
+    # the same prompts. Before: the loop took only spg micro-batches per step, so the gradient was
+    # scaled by spg / accum (and dapo's accumulation did nothing).
+    # bnpo is left out on purpose: TRL defines it as the token mean of each micro-batch, which two
+    # micro-batches of different token counts do not share with their union.
+    module = {"grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}[algo]
+    monkeypatch.setattr(module, "rollout_chunks", fixed_rollouts, raising=False)
+    monkeypatch.setattr(rl, "rollout_chunks", fixed_rollouts)  # generation_round's
+    G = 2 if algo in ("rloo", "online_dpo") else 4
+    base = dataclasses.replace(PRESETS[algo](), num_generations=G, max_length=512, steps_per_generation=1,
+                               reward_funcs=("toy_rewards:shorter",), reward_weights=(1.0,), **overrides)  # fmt: skip
+    accumulated = dataclasses.replace(base, batch_size=2 * G, grad_accum_steps=2)
+    doubled = dataclasses.replace(base, batch_size=4 * G, grad_accum_steps=1)
+    check_config(accumulated), check_config(doubled)
+    assert module.samples_per_round(accumulated) == module.samples_per_round(doubled) == 4
+    samples = [prepare_sample(shapes_sample("train", i, "rl"), "rl", f"sample {i}") | {"index": i} for i in range(4)]
+    loss_a, grads_a = one_step(module, warm_model, accumulated, samples)
+    loss_d, grads_d = one_step(module, warm_model, doubled, samples)
+    assert grads_a.keys() == grads_d.keys() and grads_a
+    assert sum(float(g.abs().sum()) for g in grads_d.values()) > 0  # a real signal to compare
+    assert loss_a == pytest.approx(loss_d, rel=1e-5, abs=1e-7)
+    for name in grads_d:
+        assert_close(grads_a[name], grads_d[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_equal_rewards_give_exactly_zero_advantages_and_gradient():
+    rewards = torch.full((8,), 1.2)  # float32: the mean is not exactly 1.2, the std is 1.3e-7, not 0
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(grpo.group_advantages(rewards, 8, scale), torch.zeros(8)), scale
+    assert torch.equal(rloo.rloo_advantages(rewards, 8), torch.zeros(8))
+    # a group with signal beside it is untouched: (R - mean) / (std + 1e-4)
+    two_groups = torch.tensor([1.2] * 4 + [0.0, 0.0, 1.0, 1.0])
+    adv = grpo.group_advantages(two_groups, 4, "group")
+    assert torch.equal(adv[:4], torch.zeros(4)) and adv[4] < 0 < adv[7]
+    assert rl.constant_groups(two_groups.view(2, 4)).tolist() == [True, False]
+
+    logps = torch.randn(8, 5, requires_grad=True)
+    mask = torch.ones(8, 5)
+    for loss_type in typing.get_args(Config.__annotations__["loss_type"]):
+        loss, _ = grpo.grpo_loss(logps, logps.detach(), None, grpo.group_advantages(rewards, 8, "group"), mask,
+                                 loss_type=loss_type, epsilon=0.2, epsilon_high=0.2, delta=None, beta=0.0,
+                                 importance_sampling_level="token", normaliser=40.0)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, logps)
+        assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad)), loss_type
+
+
+def test_dapo_with_every_completion_masked_gives_zero_loss():
+    # --mask-truncated-completions when no completion of the step ended: no counted token anywhere
+    logps = torch.randn(4, 3, requires_grad=True)
+    loss, _ = grpo.grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.zeros(4, 3),
+                             loss_type="dapo", epsilon=0.2, epsilon_high=0.2, delta=None, beta=0.0,
+                             importance_sampling_level="token", normaliser=0.0)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logps)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))

@@ -279,3 +279,7 @@ def test_score_raising_function_is_runtime_error_with_advice():
     assert isinstance(info.value.__cause__, KeyError)
 
 
+def test_gold_warning_names_the_dataset_sample(caplog):
+    scores, stats = verify_answers(["\\boxed{3}", "\\boxed{3}"], ["3", "\\frac{"], sample_ids=["a", "sample 7 (completion 1)"])
+    assert scores == [1.0, None] and stats.num_bad_gold == 1
+    assert "sample 7 (completion 1): gold" in caplog.text

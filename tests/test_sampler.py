@@ -5,8 +5,6 @@ row greedily repeats one token whatever its prompt, which would let a wrong posi
 copy or a lost image go unnoticed. Sharpened, greedy paths differ per prompt, image and position.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,10 +21,9 @@ from nanoalign.rollout import split_completions
 from nanoalign.sampler import filter_logits, sample, unsupported
 from nanoalign.shapes import user_turn
 
-from conftest import subprocess_env  # noqa: E402
+from conftest import CORE_FAMILIES, FAMILIES, family_params, torchrun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ["tiny", "tiny-llava"]
 MAX_NEW_TOKENS = 20
 # Prompts of different lengths (left padding), with one and with two images of different sizes.
 PROMPTS = [
@@ -90,7 +87,7 @@ def sample_kwargs(processor, stop_ids, **overrides):
 
 
 @pytest.mark.parametrize("num_generations", [1, 3])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_greedy_matches_hf_generate(name, num_generations, sharp, prompts):
     # Token for token, per row, with each row stopping on its own: besides the real stop ids, one
     # token of the first prompt's greedy path is made a stop id too (the first from its 3rd on with
@@ -117,7 +114,7 @@ def test_greedy_matches_hf_generate(name, num_generations, sharp, prompts):
     assert len({tuple(ids) for ids in ours.ids}) == len(PROMPTS)  # greedy: G equal rows per prompt, prompts differ
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_logps_equal_the_trainers_recomputed_logps(name, sharp, prompts):
     # The trainer (Policy on prompt + completion rows built by completion_batch, right-padded, no
     # cache) recomputes the sampler's fp32 log-probs of its own sampled ids at the same temperature.
@@ -143,7 +140,7 @@ def test_logps_equal_the_trainers_recomputed_logps(name, sharp, prompts):
 
 # Every family nanoalign's sampler serves (Gemma 3's token_type_ids and Qwen3.5's recurrent layers
 # are refused by sampler.unsupported, so their rollouts carry no shared prompts).
-@pytest.mark.parametrize("name", [*FAMILIES, "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-gemma4", "tiny-smolvlm"])
+@pytest.mark.parametrize("name", family_params(f for f in FAMILIES if f not in ("tiny-qwen3.5", "tiny-gemma3")))
 def test_shared_prompt_forward_equals_whole_rows(name, sharp, prompts):
     # Training rows whose G completions share one prompt (an RL micro-batch): the policy reads each
     # prompt and image once and runs the completions on its repeated KV cache. Log-probs, entropies
@@ -181,9 +178,7 @@ def test_shared_prompt_forward_on_two_fsdp_ranks_equals_whole_rows(tiny_dirs, tm
     # Two forwards of every FSDP2 unit (prompts, then completions) before one backward: the gradients
     # summed over ranks must be the whole-row forward's.
     out = tmp_path / "result.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "shared_prompts_worker.py"), str(tiny_dirs["tiny"]), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun(str(REPO / "tests" / "shared_prompts_worker.py"), str(tiny_dirs["tiny"]), str(out), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     shared, whole = result["shared"], result["whole"]

@@ -30,8 +30,6 @@ from nanoalign.model import build_policy, decoder_layers, vision_module
 from nanoalign.runtime import device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py lives at the repo root
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import subprocess_env  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

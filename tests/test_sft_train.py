@@ -21,21 +21,15 @@ from torch.testing import assert_close
 
 from nanoalign import sft
 from nanoalign.config import PRESETS, Config
-from nanoalign.checkpoint import latest_checkpoint, load_checkpoint
+from nanoalign.checkpoint import latest_checkpoint
 from nanoalign.metrics import read_metrics
-from bench.common import load_hf_model
-from nanoalign.loading import hf_state_dict
-from nanoalign.model import Policy, load_processor, shard_policy
-from nanoalign.runtime import device_mesh
+from nanoalign.model import Policy
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py lives at the repo root, next to nanoalign/
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the multi-process helper next to this file
 import train as train_module  # noqa: E402
-from conftest import subprocess_env  # noqa: E402
-from parity_worker import parity_samples, parity_step  # noqa: E402  (tests/ is on sys.path)
-
-WORKER = Path(__file__).resolve().parent / "parity_worker.py"
+from conftest import CORE_FAMILIES, assert_same_step, subprocess_env  # noqa: E402
+from parity_worker import parity_samples  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
+from test_algorithms import run_train  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -56,42 +50,6 @@ def test_sft_loss_sums_and_divides_by_step_tokens():
 # data parallel and gradient accumulation parity
 
 
-ONE_PROCESS_SPECS = ("sft:4:1", "sft:2:2", "sft:1:4", "dpo:4:1", "mpo:4:1", "mpo:2:2")  # ALGO:BATCH:ACCUM
-TWO_PROCESS_SPECS = ("sft:2:1", "sft:1:2", "dpo:2:1", "mpo:1:2")
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_dirs, dist_world):
-    """One process (FSDP over a world of 1, as `python train.py` runs), the same 4 samples split
-    as batch_size:grad_accum = 4:1 (one micro-batch), 2:2 and 1:4."""
-    results = {}
-    for spec in ONE_PROCESS_SPECS:
-        algo, batch_size, grad_accum = spec.split(":")
-        results[spec] = parity_step(str(tiny_dirs["tiny"]), algo, int(batch_size), int(grad_accum))
-    return results
-
-
-@pytest.fixture(scope="module")
-def two_processes(tiny_dirs, tmp_path_factory):
-    """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
-    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out)
-
-
-def assert_same_step(result, reference):
-    # Loss as train.py logs it (sum over micro-batches, mean over ranks) and every parameter's full gradient.
-    assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
-    assert result["num_tokens"] == reference["num_tokens"]
-    assert result["grads"].keys() == reference["grads"].keys()
-    for name, grad in reference["grads"].items():
-        assert grad.abs().sum() > 0, f"{name}: no gradient reached it"  # vision tower included
-        assert_close(result["grads"][name], grad, msg=lambda m: f"{name}: {m}")
-
-
 def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_dirs):
     # The one-micro-batch reference itself equals the definition, computed without FSDP:
     # loss = -SUM_{rows,t} M l_t / SUM M over the 4 rows.
@@ -105,11 +63,8 @@ def test_reference_step_is_the_global_token_mean(one_process, load_family, tiny_
     assert_close(one_process["sft:4:1"]["loss"], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_fsdp_two_ranks_match_one_process(one_process, two_processes):
-    # Rank 0 has far fewer answer tokens than rank 1; a per-rank token mean would weight them equally.
-    reference, two = one_process["sft:4:1"], two_processes["sft:2:1"]
-    assert two["rank_tokens"][0] != reference["num_tokens"] - two["rank_tokens"][0]
-    assert_same_step(two, reference)
+# test_fsdp_two_ranks_match_one_process: one test for every family in test_families.py (for "tiny" on
+# one_process/two_processes, the conftest.py fixtures the tests below share)
 
 
 def test_gradient_accumulation_matches_one_big_batch(one_process, two_processes):
@@ -172,7 +127,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_dirs, monkeypatch):
     # (LLaVA too: its vision post_layernorm never gets a gradient, so AdamW has no state for it.)
     common = {"model": name, "no-export": None}
@@ -273,41 +228,8 @@ def test_no_resume_rerun_keeps_its_checkpoint(tmp_path, tiny_dirs):
 # export
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-llava"])
-def test_export_round_trip(name, tmp_path, tiny_dirs, dist_world, make_image):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    out = tmp_path / "run"
-    train_module.train(train_module.parse_config(flags(out, **{"model": name, "max-steps": 3, "save-every": 0})))
-    exported = AutoModelForImageTextToText.from_pretrained(out / "final", dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(out / "final")
-    assert type(processor).__name__ == type(load_processor(str(tiny_dirs[name]))).__name__
-    assert processor.tokenizer.get_vocab() == load_processor(str(tiny_dirs[name])).tokenizer.get_vocab()
-
-    # The trained policy: the initial weights with the final checkpoint (step 3) loaded into them.
-    _, world_size, device = dist_world
-    policy = shard_policy(Policy(load_hf_model(str(tiny_dirs[name]))), device_mesh(world_size, device), bf16=False)
-    optimizer = torch.optim.AdamW(policy.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    assert load_checkpoint(latest_checkpoint(out), policy, optimizer, scheduler, rank=0)["step"] == 3
-    trained = hf_state_dict(policy)
-    initial = load_hf_model(str(tiny_dirs[name])).state_dict()
-
-    state = exported.state_dict()
-    assert state.keys() == trained.keys()
-    for key, tensor in trained.items():
-        assert torch.equal(state[key], tensor), key
-    assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # training changed the weights
-
-    # Same outputs: the exported HF model's log-probs equal the trained policy's on a real batch.
-    sample = parity_samples()[0]
-    run = _run_stub(processor, {processor.tokenizer.eos_token_id})
-    batch = sft.encode([sample], run)
-    with torch.no_grad():
-        logps, _ = policy(**batch.model_inputs())
-        logits = exported(**batch.model_inputs()).logits[:, :-1].float()
-    expected = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    assert_close(logps[:, 1:], expected, atol=1e-5, rtol=1e-5)
+# test_export_round_trip (3 steps through train.train, then the export train.py wrote): one test for
+# every family in test_families.py
 
 
 # -----------------------------------------------------------------------------
@@ -363,3 +285,22 @@ def test_parse_config_preset_then_overrides():
     assert train_module.parse_config([]).algo == "sft"
     with pytest.raises(SystemExit):
         train_module.parse_config(["--algo", "nope"])
+
+
+# -----------------------------------------------------------------------------
+# export and evaluation metrics
+
+
+def test_exported_accuracy_reaches_metrics_jsonl(warm_model):
+    last = read_metrics(Path(warm_model).parent / "metrics.jsonl")[-1]  # the warm-up run exported and checked it
+    # the export, reloaded (sharded, as a frozen model), answers exactly as the trained policy did
+    assert last["step"] == 70 and last["final/exported_accuracy"] == last["eval/accuracy"]
+
+
+@pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
+def test_eval_loss_is_nan_when_no_held_out_token_is_left(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="no assistant token to train on"):  # the training rows are cut too
+        run_train(tmp_path, "sft", "--model", "tiny", "--max-steps", "1", "--batch-size", "2", "--max-length", "40",
+                  **{"eval-split": "eval", "num-eval-samples": 4})  # fmt: skip
+    (first,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert first["step"] == 0 and first["eval/loss"] is None  # NaN, written as null; was 0.0

@@ -5,7 +5,12 @@ closes a cycle counts as much as a top-level one.
 """
 
 import ast
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
+from conftest import REPO  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +81,19 @@ def test_backends_import_the_rollout_interface_and_no_other_backend():
 def test_vllm_plugin_imports_only_the_shared_transfer_code():
     # vllm_engine.py runs inside vLLM's worker processes: no rewards (math-verify, sympy), no models.
     assert reachable(nanoalign_imports(), "nanoalign.vllm_engine") == {"nanoalign.transfer"}
+
+
+def test_the_repository_cites_only_its_own_files():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    missing = []
+    for name in tracked:
+        if not name.endswith((".py", ".md", ".sh", ".toml")) or not (REPO / name).exists():
+            continue
+        text = (REPO / name).read_text()
+        assert "REFERENCE" + ".md" not in text and "../" + "shared" not in text, name  # split: this file would match
+        for cited in re.findall(r"\b((?:nanoalign|bench|tests|\.ci)/[\w/.-]*\w\.(?:py|md|sh|json))\b", text):
+            if not (REPO / cited).exists() and not cited.startswith("bench/results/"):  # results: written by a run
+                missing.append(f"{name} cites {cited}")
+    assert not missing, missing

@@ -6,7 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from nanoalign.tiny import TINY_VERSION, build_tiny, cache_dir, ensure_tiny
 
-FAMILIES = ("tiny", "tiny-llava")
+from conftest import CORE_FAMILIES  # noqa: E402
 
 
 def test_cache_dir_follows_env(tiny_dirs, nanoalign_cache):
@@ -17,7 +17,7 @@ def test_cache_dir_follows_env(tiny_dirs, nanoalign_cache):
         assert ensure_tiny(name) == path  # second call: cached, same directory
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_build_is_byte_identical(name, tiny_dirs, tmp_path):
     # Building again elsewhere must give the very same files, byte for byte (weights, tokenizer,
     # processor and templates), so a cache built on one machine equals one built on another.
@@ -32,7 +32,7 @@ def test_build_is_byte_identical(name, tiny_dirs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_loads_through_auto_classes(name, tiny_dirs):
     model = AutoModelForImageTextToText.from_pretrained(tiny_dirs[name], dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tiny_dirs[name])
@@ -73,3 +73,11 @@ def test_chat_template_renders_generation_prompt(name, prefix, generation_prompt
     assert full == prefix + generation_prompt + "4" + end_of_turn
     # The tokenizer's EOS is the token that ends an assistant turn.
     assert end_of_turn.startswith(processor.tokenizer.eos_token)
+
+
+def test_test_families_are_the_builtins():
+    # tests/conftest.py FAMILIES is the tests' one list of families: every built-in, in BUILDERS' order.
+    from conftest import FAMILIES
+    from nanoalign.tiny import BUILDERS
+
+    assert FAMILIES == tuple(BUILDERS)

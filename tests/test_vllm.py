@@ -22,7 +22,7 @@ import torch
 
 pytestmark = pytest.mark.vllm  # skipped without vLLM, failed in a full run (conftest.py)
 
-from conftest import subprocess_env  # noqa: E402
+from conftest import subprocess_env, torchrun  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
 from bench.common import load_hf_model  # noqa: E402
 from nanoalign.model import Policy, load_processor, shard_policy  # noqa: E402
@@ -265,9 +265,11 @@ TOY_RL = [  # a toy reward any policy learns in a few steps (tests/toy_rewards.p
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """train.py in a subprocess (torchrun for nproc > 1), with tests/ importable for the toy rewards."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + ["train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    if nproc > 1:
+        proc = torchrun("train.py", *args, nproc=nproc, timeout=timeout)
+    else:
+        proc = subprocess.run([sys.executable, "train.py", *args], cwd=os.path.dirname(TESTS_DIR), env=subprocess_env(),
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

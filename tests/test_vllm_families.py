@@ -24,8 +24,8 @@ pytestmark = pytest.mark.vllm  # skipped without vLLM, failed in a full run (con
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
 from nanoalign.vllm_server import VLLMClient, WeightSync  # noqa: E402
-from conftest import subprocess_env  # noqa: E402
-from test_families import FAMILIES, family_dirs  # noqa: E402,F401  (family_dirs: the built tiny models fixture)
+from conftest import EXTRA_FAMILIES, family_params, subprocess_env  # noqa: E402
+from test_families import family_dirs  # noqa: E402,F401  (family_dirs: the built tiny models fixture)
 from test_vllm import logp_gap, perturbed_policy, sample, serving  # noqa: E402
 
 
@@ -39,7 +39,8 @@ NOT_SERVED = {
 }
 
 
-SERVABLE = [pytest.param(f, marks=pytest.mark.skip(reason=NOT_SERVED[f])) if f in NOT_SERVED else f for f in FAMILIES]
+SERVABLE = [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(reason=NOT_SERVED[p.values[0]])])
+            if p.values[0] in NOT_SERVED else p for p in family_params(EXTRA_FAMILIES)]
 
 
 @pytest.mark.parametrize("family", SERVABLE)

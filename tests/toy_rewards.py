@@ -1,7 +1,7 @@
 """Reward functions for tests/test_algorithms.py, loaded by import path (`--reward-funcs toy_rewards:says_three`).
 
 They follow the protocol of nanoalign/rewards.py: fn(completions, **columns) -> list[float | None].
-tests/ must be on sys.path (the test module adds it; torchrun workers get it through PYTHONPATH).
+tests/ must be on sys.path (pytest: pythonpath in pyproject.toml; torchrun workers get it through PYTHONPATH).
 """
 
 
