@@ -134,11 +134,13 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
 def loads_nothing_by_design(record: logging.LogRecord) -> bool:
     """Logging filter: False for vLLM's "<layer>: Failed to load weights" about a layer that gets no
-    weight at any sync, by design: a rotary embedding (a buffer computed at start, in no checkpoint)
-    and an lm_head tied to the embedding (its weight arrives as the embedding's; an untied one is a
-    trainer parameter like any other). Left in, the warning came at every sync on every rank."""
+    weight at any sync, by design: a rotary embedding and the fused image normalisation
+    (FusedMMInputNorm: the processor's mean/std) hold buffers computed at start, in no checkpoint; an
+    lm_head tied to the embedding gets its weight as the embedding's (an untied one is a trainer
+    parameter like any other). Left in, the warning came at every sync on every rank."""
     layer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
-    return not (record.msg.endswith("Failed to load weights") and (layer.endswith("RotaryEmbedding") or layer == "ParallelLMHead"))
+    by_design = layer.endswith("RotaryEmbedding") or layer in ("ParallelLMHead", "FusedMMInputNorm")
+    return not (record.msg.endswith("Failed to load weights") and by_design)
 
 
 def finish_reload(model: torch.nn.Module, model_config, device: torch.device) -> None:

@@ -81,7 +81,7 @@ def test_other_online_algorithms_run_colocated(warm_model, tmp_path, algo):
 
 def test_only_layers_that_load_nothing_by_design_are_not_warned_about():
     warned = lambda layer: loads_nothing_by_design(logging.LogRecord("vllm", logging.WARNING, "", 0, "%s: Failed to load weights", (layer,), None))  # noqa: E731
-    assert not any(warned(layer) for layer in ("RotaryEmbedding", "MRotaryEmbedding", "ParallelLMHead"))
+    assert not any(warned(layer) for layer in ("RotaryEmbedding", "MRotaryEmbedding", "ParallelLMHead", "FusedMMInputNorm"))
     assert warned("QKVParallelLinear")  # a real layer that got no weight is still reported
 
 
