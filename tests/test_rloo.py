@@ -57,7 +57,7 @@ def test_nan_rewards_are_left_out_of_the_baseline():
 
 
 def test_group_size_errors():
-    with pytest.raises(ValueError, match="num-generations >= 2"):  # check_config's rule, before any advantage
+    with pytest.raises(ValueError, match="num-generations must be >= 2 for --algo rloo"):  # check_config's rule, before any advantage
         check_config(dataclasses.replace(rloo_preset(), num_generations=1))
     with pytest.raises(ValueError, match="multiple of num_generations"):
         rloo_advantages(t(1.0, 2.0, 3.0), num_generations=2)
