@@ -366,6 +366,7 @@ def train(cfg: Config) -> dict:
 def main(argv: list[str]) -> None:
     """The command line: the built-in warm start first when a run asks for it, then the run."""
     cfg = parse_config(argv)
+    check_config(cfg)  # a mistake in the flags shows now, not after the warm start's minutes
     if cfg.model == "tiny-sft":  # two SFT runs of this same loop (nanoalign/tiny.py), cached: first use only
         for stage in tiny_sft_stages():
             if int(os.environ.get("RANK", 0)) == 0:

@@ -264,6 +264,9 @@ def test_tiny_sft_is_built_in_two_cached_phases(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     cfg = train_module.parse_config(["--algo", "gspo"])
+    with pytest.raises(ValueError, match="num-generations"):  # a bad flag stops before the warm start's runs
+        train_module.main(["--algo", "gspo", "--num-generations", "1"])
+    assert built == []
     with pytest.raises(ValueError, match="tiny-sft is not built yet"):  # train() alone never builds it
         train_module.resolve_model(cfg, rank=0, device="cpu")
     train_module.main(["--algo", "gspo"])  # the command line builds it first, as a stage of its own
