@@ -57,6 +57,7 @@ from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_i
 from nanoalign.loading import export_hf
 from nanoalign.metrics import COUNTS, MetricsLog, first_logged, open_tracker, plot_metrics, sample_table
 from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
+from nanoalign.preference import reference_table
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
 from nanoalign.runtime import (
@@ -92,8 +93,8 @@ def resolve_model(cfg: Config, rank: int, device) -> str:
     id is downloaded once (by the first process of each node); anything else fails now, clearly."""
     if cfg.model == "tiny-sft":
         if tiny_sft_stages():
-            raise ValueError("--model tiny-sft is not built yet: `python train.py --model tiny-sft ...` (or torchrun) builds "
-                             "it first, with two SFT runs of this loop (about 3 minutes, once); or pass a checkpoint directory")  # fmt: skip
+            raise ValueError("--model tiny-sft is not built yet: `python -m nanoalign.tiny build tiny-sft` builds it (two SFT "
+                             "runs of this loop, about 3 minutes, once), as train.py's command line does on first use")  # fmt: skip
         return tiny_sft_dir()
     if cfg.model in BUILDERS:
         if rank == 0:  # on a shared filesystem one rank builds; the others wait at the barrier
@@ -198,30 +199,16 @@ def train(cfg: Config) -> dict:
     policy = build_policy(model_dir, cfg, mesh, bf16, trainable=True)
     ref_policy = build_policy(model_dir, cfg, mesh, bf16, trainable=False) if algo.needs_reference(cfg) else None
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
-    run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id)
-    # Samples too long for --max-length are found when fetched: always for RL (before anything is
-    # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
-    # it the batch builder stops on them, naming the sample, at no extra cost).
-    if algo.DATA_FORMAT == "rl" or cfg.skip_bad_samples:
-        run.check_sample = partial(check_prompt_fits, processor, cfg.max_length, algo.DATA_FORMAT)
-    if algo.DATA_FORMAT == "rl":
-        run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
     # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
-        run.rollouts = VLLMServer(policy, processor, url=cfg.vllm_url, timeout=cfg.vllm_timeout, sync_every=cfg.vllm_sync_every,
-                                  stop_ids=stop_ids, rank=rank, device=device)  # fmt: skip
+        rollouts = VLLMServer(cfg, policy, processor, stop_ids=stop_ids, rank=rank, device=device)
     elif cfg.vllm_mode == "colocate":  # a vLLM engine in this process (vllm is optional: imported only here)
         from nanoalign.vllm_colocate import VLLMColocate
 
-        run.rollouts = VLLMColocate(
-            policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank, world_size=world_size, device=device,
-            dtype="bfloat16" if bf16 else "float32", seed=cfg.seed, sync_every=cfg.vllm_sync_every,
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager, model_impl=cfg.vllm_model_impl,
-            max_images=cfg.vllm_max_images,
-        )  # fmt: skip
+        rollouts = VLLMColocate(cfg, policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank,
+                                world_size=world_size, device=device, dtype="bfloat16" if bf16 else "float32")  # fmt: skip
     else:  # the policy being trained samples
-        run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=cfg.sampler)
+        rollouts = InProcess(cfg, policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     # fused: one kernel updates every parameter; left to itself torch loops over the parameters in
@@ -229,18 +216,26 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    train_data = run.train_data = load_split(
-        cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns, cfg.shapes_overcount
-    )
-    algo_eval, accuracy_eval, eval_skips = [], [], {}
+    train_data = load_split(cfg.dataset, cfg.train_split, algo.DATA_FORMAT, cfg.num_shapes_samples, cfg.columns, cfg.shapes_overcount)
+    eval_data = None
     if cfg.eval_split:
-        run.eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns, held_out=True)
-        if run.eval_data is None and rank == 0:
+        eval_data = load_split(cfg.dataset, cfg.eval_split, algo.DATA_FORMAT, cfg.num_eval_samples, cfg.columns, held_out=True)
+        if eval_data is None and rank == 0:
             print(f"no evaluation: --dataset {cfg.dataset} has no held-out split {cfg.eval_split!r} (a single file holds "
                   "training rows only; a directory needs e.g. eval.jsonl or test.jsonl beside train.jsonl). Pass "
                   "--eval-split '' to say so, or the name of its held-out split.", flush=True)  # fmt: skip
-    if run.eval_data is not None:
-        algo_eval, num_eval_skipped = eval_samples(run.eval_data, algo.DATA_FORMAT, cfg, run, run.check_sample)
+    # Samples too long for --max-length are found when fetched: always for RL (before anything is
+    # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
+    # it the batch builder stops on them, naming the sample, at no extra cost).
+    check_sample = None
+    if algo.DATA_FORMAT == "rl" or cfg.skip_bad_samples:
+        check_sample = partial(check_prompt_fits, processor, cfg.max_length, algo.DATA_FORMAT)
+    reward_funcs = load_reward_funcs(list(cfg.reward_funcs)) if algo.DATA_FORMAT == "rl" else []
+    run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, pad_id, train_data=train_data,
+              eval_data=eval_data, reward_funcs=reward_funcs, rollouts=rollouts, check_sample=check_sample)  # fmt: skip
+    algo_eval, accuracy_eval, eval_skips = [], [], {}
+    if eval_data is not None:
+        algo_eval, num_eval_skipped = eval_samples(eval_data, algo.DATA_FORMAT, cfg, run, check_sample)
         eval_skips = {"eval/skipped_samples": num_eval_skipped}  # logged with every evaluation
         accuracy_eval = accuracy_prompts(algo_eval)  # the held-out samples with a gold `solution`, if any
 
@@ -259,7 +254,9 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = MetricsLog(out_dir, rank, cfg.log_every, open_tracker(cfg, out_dir, rank, resumed=step > 0), run.tables)
-    if step == 0 and run.eval_data is not None:
+    if cfg.precompute_ref_logps:  # the reference's scores, computed once, replace a second model
+        run.ref_logps_table.update(reference_table(run, out_dir / "ref_logps.pt", resumed=step > 0))
+    if step == 0 and eval_data is not None:
         first_eval = {**evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips}
         log.log(0, first_eval, force_print=True)
 
@@ -330,7 +327,7 @@ def train(cfg: Config) -> dict:
         # loss is their sum, world_size x their mean.
         metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device, COUNTS)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
-        if run.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips)
         log.log(step, metrics, force_print=step == cfg.max_steps)
         # The last step always saves (a generation batch it leaves unfinished is dropped).

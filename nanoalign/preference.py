@@ -3,7 +3,7 @@
 A pair becomes two rows, prompt + chosen and prompt + rejected (`encode_pairs`); DPO/MPO and their
 evaluation score rows by `completion_logps`. The frozen reference's sums come from a second model,
 or (--precompute-ref-logps) from a table computed once before the first update and saved in out_dir
-(`precomputed_reference`), so that no second model is kept in memory.
+(`reference_table`, a stage of train.py's setup), so that no second model is kept in memory.
 """
 
 from pathlib import Path
@@ -38,29 +38,25 @@ def reference_logps(samples: list[dict], batch: Batch, run) -> torch.Tensor:
     """(2B,) reference sums: from the frozen reference model, or from the precomputed table."""
     if run.ref_policy is not None:
         return completion_logps(run.ref_policy, batch)[0]
-    table = precomputed_reference(run)
-    rows = torch.stack([table[s["split"]][s["index"]] for s in samples])  # (B, 2): chosen, rejected
+    rows = torch.stack([run.ref_logps_table[s["split"]][s["index"]] for s in samples])  # (B, 2): chosen, rejected
     return torch.cat([rows[:, 0], rows[:, 1]]).to(run.device)
 
 
-def precomputed_reference(run) -> dict[str, torch.Tensor]:
-    """{split: (N, 2) chosen/rejected reference sums}, computed once before the first update and saved.
+@torch.no_grad()
+def reference_table(run, path: Path, resumed: bool) -> dict[str, torch.Tensor]:
+    """{split: (N, 2) chosen/rejected reference sums}, computed before the first update and saved.
 
     Before any optimizer step the policy IS the reference, so we score every train and eval pair
-    with it, all ranks splitting the work, and save the table in out_dir: later epochs and resumed
-    runs read it back instead of keeping a second model in memory (--precompute-ref-logps).
+    with it, all ranks splitting the work, and save the table at `path`: a resumed run reads it back
+    instead of keeping a second model in memory (--precompute-ref-logps).
     """
-    if run.ref_logps_table is not None:
-        return run.ref_logps_table
-    path = Path(run.cfg.out_dir) / "ref_logps.pt"
-    # Only a resumed run (step > 0) reads the file: at step 0 the policy is the reference, and a table
-    # left in out_dir by an earlier run (another model or dataset, or --no-resume) would be stale.
-    if path.exists() and run.step > 0:
-        run.ref_logps_table = torch.load(path)
-        return run.ref_logps_table
-    if run.step > 0:
-        raise ValueError(f"{path} is missing, and after training started the reference can no longer be recomputed; "
-                         "restart the run from scratch (or drop --precompute-ref-logps)")  # fmt: skip
+    # Only a resumed run reads the file: at step 0 the policy is the reference, and a table left in
+    # out_dir by an earlier run (another model or dataset, or --no-resume) would be stale.
+    if resumed:
+        if not path.exists():
+            raise ValueError(f"{path} is missing, and after training started the reference can no longer be recomputed; "
+                             "restart the run from scratch (or drop --precompute-ref-logps)")  # fmt: skip
+        return torch.load(path)
     table = {}
     for split, dataset in ((run.cfg.train_split, run.train_data), (run.cfg.eval_split, run.eval_data)):
         if dataset is None:
@@ -78,5 +74,4 @@ def precomputed_reference(run) -> dict[str, torch.Tensor]:
         table[split] = all_gather_rows(torch.cat(sums))[: len(dataset)].cpu()  # rank-major = index order
     if run.rank == 0:
         torch.save(table, path)
-    run.ref_logps_table = table
     return table

@@ -138,8 +138,8 @@ class InProcess:
     """The rollout backend that samples with the policy being trained (its FSDP2 weights gathered once
     per call): nanoalign's sampler or HF generate (--sampler). Nothing to sync."""
 
-    def __init__(self, policy, processor, *, stop_ids: set[int], pad_id: int, device, sampler: str):
-        self.policy, self.processor, self.device, self.sampler = policy, processor, device, sampler
+    def __init__(self, cfg, policy, processor, *, stop_ids: set[int], pad_id: int, device):
+        self.policy, self.processor, self.device, self.sampler = policy, processor, device, cfg.sampler
         self.stop_ids, self.pad_id = stop_ids, pad_id
 
     def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:

@@ -82,7 +82,7 @@ class Run:
     train_data: object = None  # map-style datasets of raw rows (nanoalign/data.py)
     eval_data: object = None
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
-    ref_logps_table: dict | None = None  # precomputed reference log-probs per split (--precompute-ref-logps)
+    ref_logps_table: dict = field(default_factory=dict)  # split -> (N, 2) reference sums (--precompute-ref-logps)
     rollouts: object = None  # the rollout backend (nanoalign/rollout.py): sample(...), sync(step), close()
     # Tables for the tracker at the next logged step, name -> rows (metrics.sample_table): held-out
     # answers, RL rollouts. The step's log sends and empties it.

@@ -17,6 +17,8 @@ Everything is deterministic (fixed seeds, fixed corpus): building twice gives id
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -545,3 +547,31 @@ def tiny_sft_stages() -> list[Config]:
 def tiny_sft_dir() -> str:
     """Where the built-in "tiny-sft" lives once built: the export of the last warm-start run."""
     return str(Path(warm_start_configs()[-1].out_dir) / "final")
+
+
+def stage_flags(stage: Config) -> list[str]:
+    """A warm-start run as train.py's command line: its fields that differ from the SFT preset."""
+    preset = PRESETS["sft"]()
+    return [arg for f in dataclasses.fields(stage) if getattr(stage, f.name) != getattr(preset, f.name)
+            for arg in (f"--{f.name.replace('_', '-')}", str(getattr(stage, f.name)))]  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    """python -m nanoalign.tiny build NAME...: build built-in models now instead of on first use.
+
+    tiny-sft's stages are SFT runs of train.py, one process each (train.py runs them itself, under
+    torchrun too, when a run asks for --model tiny-sft)."""
+    names = ["tiny-sft", *BUILDERS]
+    if len(argv) < 2 or argv[0] != "build" or not set(argv[1:]) <= set(names):
+        raise SystemExit(f"usage: python -m nanoalign.tiny build NAME... (NAME: {', '.join(names)})")
+    for name in argv[1:]:
+        if name != "tiny-sft":
+            print(f"{name}: {ensure_tiny(name)}", flush=True)
+            continue
+        for stage in tiny_sft_stages():
+            subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), *stage_flags(stage)], check=True)
+        print(f"tiny-sft: {tiny_sft_dir()}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -2,7 +2,7 @@
 
 train.py builds one `VLLMColocate` per torchrun rank, after the policy is sharded:
 
-    rollouts = VLLMColocate(policy, processor, model_dir=model_dir, ...)   # every rank: its own vllm.LLM
+    rollouts = VLLMColocate(cfg, policy, processor, model_dir=model_dir, ...)  # every rank: its own vllm.LLM
     rollouts.sync(step)                    # every rank: the policy's weights into its engine, in-process
     rollouts.sample(chunks, n, max_tokens=256, temperature=1.0, top_p=1.0)  # every rank: its own prompts
 
@@ -62,16 +62,16 @@ class VLLMColocate:
     k = 1); dtype is the trainer's compute dtype ("float32" on CPUs), so that vLLM's log-probs can
     match the trainer's."""
 
-    def __init__(self, policy, processor, *, model_dir: str, stop_ids: set[int], rank: int, world_size: int, device,
-                 dtype: str, seed: int, sync_every: int, tensor_parallel_size: int, gpu_memory_utilization: float,
-                 max_model_len: int | None, enforce_eager: bool, model_impl: str, max_images: int):  # fmt: skip
+    def __init__(self, cfg, policy, processor, *, model_dir: str, stop_ids: set[int], rank: int, world_size: int, device,
+                 dtype: str):
+        tensor_parallel_size = cfg.vllm_tensor_parallel_size
         check_tensor_parallel(tensor_parallel_size, world_size, device)
         # The ranks of a TP group drive one engine together: they submit the same prompts (all of the
         # group's) with the same seed, and each keeps the samples of its own prompts.
         self.tp_group = tensor_parallel_group(rank, world_size, tensor_parallel_size)
         self.hf_model = getattr(policy, "hf", policy)  # parameter names without the Policy's "hf." prefix: HF names
         self.processor, self.stop_ids, self.device, self.model_dir = processor, stop_ids, device, model_dir
-        self.sync_every, self.synced_step = sync_every, None  # the step whose weights the engine has
+        self.sync_every, self.synced_step = cfg.vllm_sync_every, None  # the step whose weights the engine has
         self.llm, error = None, None
         # Read when vllm is imported: no engine process of its own (the model must live in this one, for
         # apply_model), and on CPUs GiB of KV cache (vLLM's default there is far more than rollouts need).
@@ -86,9 +86,10 @@ class VLLMColocate:
 
             self.llm = vllm.LLM(
                 model=model_dir, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
-                dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                seed=seed + rank // tensor_parallel_size,  # one seed per engine: its ranks must sample alike
-                enforce_eager=enforce_eager, model_impl=model_impl, limit_mm_per_prompt={"image": max_images, "video": 0},
+                dtype=dtype, max_model_len=cfg.vllm_max_model_len, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                seed=cfg.seed + rank // tensor_parallel_size,  # one seed per engine: its ranks must sample alike
+                enforce_eager=cfg.vllm_enforce_eager, model_impl=cfg.vllm_model_impl,
+                limit_mm_per_prompt={"image": cfg.vllm_max_images, "video": 0},
                 logprobs_mode="processed_logprobs",  # the log-probs of the distribution sampled from (after T, top_p)
                 generation_config="vllm",  # ignore the checkpoint's sampling defaults (top_k, ...): we say how to sample
             )  # fmt: skip

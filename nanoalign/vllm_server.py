@@ -238,12 +238,12 @@ class VLLMServer:
     """The rollout backend for a vLLM server (`--vllm-mode server`): every rank sends its own prompts,
     and every vllm_sync_every steps the policy's weights are pushed into the server (`WeightSync`)."""
 
-    def __init__(self, policy, processor, *, url: str, timeout: float, sync_every: int, stop_ids: set[int], rank: int, device):
-        self.client = VLLMClient(url, timeout=timeout)
+    def __init__(self, cfg, policy, processor, *, stop_ids: set[int], rank: int, device):
+        self.client = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
         self.client.health()  # fail now, with the URL in the message, rather than at the first rollout
-        self.weight_sync = WeightSync(policy, self.client if rank == 0 else None, rank=rank, timeout=timeout)
+        self.weight_sync = WeightSync(policy, self.client if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout)
         self.processor, self.stop_ids, self.device = processor, stop_ids, device
-        self.sync_every, self.synced_step = sync_every, None  # the step whose weights the server has
+        self.sync_every, self.synced_step = cfg.vllm_sync_every, None  # the step whose weights the server has
 
     def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
         error, rollouts = None, []

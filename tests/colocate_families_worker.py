@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoalign.config import Config  # noqa: E402
 from nanoalign.model import load_processor  # noqa: E402
 from nanoalign.runtime import init_distributed  # noqa: E402
 from nanoalign.vllm_colocate import VLLMColocate  # noqa: E402
@@ -26,11 +27,10 @@ def main(model_dir: str, out_path: str) -> None:
     processor = load_processor(model_dir)
     policy = perturbed_policy(model_dir, seed=1)  # not the weights the engine loads from disk
     stop_ids = {processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id} - {None}
-    engine = VLLMColocate(
-        policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank, world_size=world_size, device=device,
-        dtype="float32", seed=0, sync_every=1, tensor_parallel_size=1, gpu_memory_utilization=0.1, max_model_len=1024,
-        enforce_eager=True, model_impl="auto", max_images=2,
-    )  # fmt: skip
+    cfg = Config(seed=0, vllm_sync_every=1, vllm_gpu_memory_utilization=0.1, vllm_max_model_len=1024,
+                 vllm_enforce_eager=True, vllm_max_images=2)  # fmt: skip
+    engine = VLLMColocate(cfg, policy, processor, model_dir=model_dir, stop_ids=stop_ids, rank=rank, world_size=world_size,
+                          device=device, dtype="float32")  # fmt: skip
     chunks = [[{**s, "sample_id": f"prompt {i}"}] for i, s in enumerate(SAMPLES)]  # 1 image, then 2 images
 
     def gap() -> float:

@@ -53,14 +53,14 @@ def sharded_policy(model_dir: str, world_size: int, device) -> Policy:
     return shard_policy(Policy(load_hf_model(model_dir), logps_chunk_size=32), device_mesh(world_size, device), bf16=False)
 
 
-def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int) -> dict:
+def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int, build=sharded_policy) -> dict:
     """One step's (loss as train.py logs it, full gradients, global token count) on this rank's share."""
     rank, world_size, device = init_distributed()
     algo = {"sft": sft, "dpo": mpo, "mpo": mpo}[algo_name]
     cfg = dataclasses.replace(PRESETS[algo_name](), batch_size=batch_size, grad_accum_steps=grad_accum, max_length=512)
     processor = load_processor(model_dir)
-    policy = sharded_policy(model_dir, world_size, device)
-    ref_policy = sharded_policy(model_dir, world_size, device) if algo.needs_reference(cfg) else None
+    policy = build(model_dir, world_size, device)
+    ref_policy = build(model_dir, world_size, device) if algo.needs_reference(cfg) else None
     eos = policy.hf.generation_config.eos_token_id
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, processor.tokenizer.pad_token_id)

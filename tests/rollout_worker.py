@@ -19,8 +19,8 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))  # train.py
 sys.path.insert(0, str(TESTS))  # toy_rewards
 import train as train_module  # noqa: E402
-from nanoalign import rl  # noqa: E402
 from nanoalign.data import prepare_sample  # noqa: E402
+from nanoalign.rollout import InProcess  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 
 PROBE_GENERATIONS = 4
@@ -34,28 +34,28 @@ RUNS = [
 ]
 
 
-def probe_then_sample(out_root: Path):
-    """Wrap rl.rollout_chunks (what every RL round samples through): the first call first samples the same prompt on every rank."""
-    real = rl.rollout_chunks
-    state = {"done": False}
+class ProbeThenSample(InProcess):
+    """The in-process backend, whose first call first samples the same prompt on every rank."""
 
-    def rollout_chunks(samples, run, num_generations):
-        if not state["done"]:
-            state["done"] = True
+    out_root: Path
+    probed = False
+
+    def sample(self, chunks, n, **sampling):
+        if not ProbeThenSample.probed:
+            ProbeThenSample.probed = True
             same = [prepare_sample(shapes_sample("train", 0, "rl"), "rl", "probe sample")]
-            (rollout,) = real(same, run, PROBE_GENERATIONS)
-            texts = [None] * run.world_size
+            (rollout,) = super().sample([same], PROBE_GENERATIONS, **sampling)
+            texts = [None] * dist.get_world_size()
             dist.all_gather_object(texts, rollout.texts)
-            if run.rank == 0:
-                (out_root / "probe.json").write_text(json.dumps({"texts": texts}))
-        return real(samples, run, num_generations)
-
-    return rollout_chunks
+            if dist.get_rank() == 0:
+                (self.out_root / "probe.json").write_text(json.dumps({"texts": texts}))
+        return super().sample(chunks, n, **sampling)
 
 
 def main(model_dir: str, out_root: str) -> None:
     out_root = Path(out_root)
-    rl.rollout_chunks = probe_then_sample(out_root)
+    ProbeThenSample.out_root = out_root
+    train_module.InProcess = ProbeThenSample  # the backend train() builds
     for algo, flags in RUNS:
         argv = ["--algo", algo, "--model", model_dir, "--out-dir", str(out_root / algo), "--max-steps", "2",
                 "--batch-size", "8", "--max-completion-length", "16", "--warmup-steps", "1", "--eval-split", "",

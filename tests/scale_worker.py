@@ -48,11 +48,9 @@ def main(model_dir: str, out_dir: str) -> None:
     for spec in ("sft", "mpo"):  # mpo also loads the frozen reference model
         steps = {}
         for name, build in (("old", old_path), ("new", new_path)):
-            parity_worker.sharded_policy = build
-            step = parity_worker.parity_step(model_dir, spec, 2, 1)
+            step = parity_worker.parity_step(model_dir, spec, 2, 1, build=build)
             steps[name] = {"loss": step["loss"], "grads": step["grads"]}
         result[spec] = steps
-    parity_worker.sharded_policy = old_path
 
     # Export from rank 0 alone; every other rank takes part in the gathers and receives nothing.
     received = [gather_full(p) is not None for p in new.parameters()]

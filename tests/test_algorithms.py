@@ -28,10 +28,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from nanoalign import grpo, rl
+from nanoalign import grpo
 from nanoalign.checkpoint import latest_checkpoint
 from nanoalign.data import BadSampleError
 from nanoalign.metrics import read_metrics
+from nanoalign.rollout import InProcess
 from nanoalign.shapes import completion_text, make_example
 
 TESTS = Path(__file__).resolve().parent
@@ -276,16 +277,15 @@ def test_online_dpo_all_none_rewards_skip_every_pair(warm_model, tmp_path):
 
 
 def test_online_dpo_skips_pairs_whose_completions_are_both_empty_or_identical(warm_model, tmp_path, monkeypatch, capsys):
-    sample = rl.rollout_chunks  # what every RL round samples through
+    class FirstPairsUseless(InProcess):  # as if the policy had answered nothing twice, then the same thing twice
+        def sample(self, *args, **kwargs):
+            rollouts = super().sample(*args, **kwargs)
+            r = rollouts[0]
+            r.texts[0] = r.texts[1] = ""
+            r.completion_ids[3], r.has_eos[3], r.texts[3] = list(r.completion_ids[2]), r.has_eos[2], r.texts[2]
+            return rollouts
 
-    def first_pairs_useless(*args):  # as if the policy had answered nothing twice, then the same thing twice
-        rollouts = sample(*args)
-        r = rollouts[0]
-        r.texts[0] = r.texts[1] = ""
-        r.completion_ids[3], r.has_eos[3], r.texts[3] = list(r.completion_ids[2]), r.has_eos[2], r.texts[2]
-        return rollouts
-
-    monkeypatch.setattr(rl, "rollout_chunks", first_pairs_useless)
+    monkeypatch.setattr(train_module, "InProcess", FirstPairsUseless)  # the backend train() builds
     run_train(tmp_path, "online_dpo", "--model", warm_model, "--max-steps", "1", "--batch-size", "8")
     record = steps(tmp_path)[0]
     assert record["skipped_pairs"] == 2  # of 4: the empty and the identical pair; the other 2 train

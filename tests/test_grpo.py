@@ -319,31 +319,33 @@ COMPLETIONS = ["The answer is \\boxed{3}.", "3", "<think>I count 4 shapes.</thin
                "four", "<think>count</think> \\boxed{1}"]  # fmt: skip
 
 
-def fixed_rollouts(samples, run, num_generations):
-    """rollout_chunks with fixed completions (different lengths, some without EOS), chunked like the
-    real one, so every batch split sees exactly the same rows."""
-    tok = run.processor.tokenizer
-    end = sorted(run.stop_ids)[0]
-    size = run.cfg.batch_size // num_generations
-    rollouts = []
-    for start in range(0, len(samples), size):
-        chunk = samples[start : start + size]
-        texts = [render(run.processor, s["prompt"], add_generation_prompt=True) for s in chunk for _ in range(num_generations)]
-        enc = process_prompts(run.processor, texts, [s["images"] for s in chunk for _ in range(num_generations)], "left")
+class FixedRollouts:
+    """A rollout backend with fixed completions (different lengths, some without EOS), so every batch
+    split sees exactly the same rows."""
+
+    def __init__(self, processor, stop_ids):
+        self.processor, self.end = processor, sorted(stop_ids)[0]
+
+    def sample(self, chunks, n, **sampling):
+        return [self.rollout(chunk, n) for chunk in chunks]
+
+    def rollout(self, chunk, n):
+        processor = self.processor
+        texts = [render(processor, s["prompt"], add_generation_prompt=True) for s in chunk for _ in range(n)]
+        enc = process_prompts(processor, texts, [s["images"] for s in chunk for _ in range(n)], "left")
         ids, eos, decoded = [], [], []
         for s in chunk:
-            for g in range(num_generations):
+            for g in range(n):
                 text = COMPLETIONS[(3 * s["index"] + g) % len(COMPLETIONS)]
                 with_eos = (s["index"] + g) % 3 != 0
-                ids.append(tok(text, add_special_tokens=False)["input_ids"] + ([end] if with_eos else []))
+                ids.append(processor.tokenizer(text, add_special_tokens=False)["input_ids"] + ([self.end] if with_eos else []))
                 eos.append(with_eos)
                 decoded.append(text)
         # As nanoalign's sampler returns them: with the distinct prompts, so training reads each once.
-        distinct = process_prompts(run.processor, texts[::num_generations], [s["images"] for s in chunk], "left")
+        distinct = process_prompts(processor, texts[::n], [s["images"] for s in chunk], "left")
         rollout = Rollout(enc, ids, eos, decoded, shared_prompts=distinct)
-        rollout.sample_ids = completion_ids_of(chunk, num_generations)
-        rollouts.append(rollout)
-    return rollouts
+        rollout.sample_ids = completion_ids_of(chunk, n)
+        return rollout
 
 
 def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
@@ -354,8 +356,8 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     policy = sharded_policy(model_dir, 1, torch.device("cpu"))
     ref = sharded_policy(model_dir, 1, torch.device("cpu")) if module.needs_reference(cfg) else None
     stop_ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id)
-    run.reward_funcs = load_reward_funcs(list(cfg.reward_funcs))
+    run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id,
+              reward_funcs=load_reward_funcs(list(cfg.reward_funcs)), rollouts=FixedRollouts(processor, stop_ids))
     micro, _ = module.prepare(samples, run)
     assert len(micro) == rl.micro_batches_per_round(cfg) * (cfg.num_iterations if module is not online_dpo else 1)
     total = 0.0
@@ -378,15 +380,13 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     ],
 )
 @pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
-def test_rl_accumulation_equals_the_doubled_batch(algo, overrides, warm_model, dist_world, monkeypatch):
+def test_rl_accumulation_equals_the_doubled_batch(algo, overrides, warm_model, dist_world):
     # accum 2 x spg 1 (two micro-batches of B rows) must be the step of accum 1 x spg 1 on 2B rows of
     # the same prompts. Before: the loop took only spg micro-batches per step, so the gradient was
     # scaled by spg / accum (and dapo's accumulation did nothing).
     # bnpo is left out on purpose: TRL defines it as the token mean of each micro-batch, which two
     # micro-batches of different token counts do not share with their union.
     module = {"grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}[algo]
-    monkeypatch.setattr(module, "rollout_chunks", fixed_rollouts, raising=False)
-    monkeypatch.setattr(rl, "rollout_chunks", fixed_rollouts)  # generation_round's
     G = 2 if algo in ("rloo", "online_dpo") else 4
     base = dataclasses.replace(PRESETS[algo](), num_generations=G, max_length=512, steps_per_generation=1,
                                reward_funcs=("toy_rewards:shorter",), reward_weights=(1.0,), **overrides)  # fmt: skip

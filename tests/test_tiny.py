@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from nanoalign.tiny import TINY_VERSION, build_tiny, cache_dir, ensure_tiny
+from train import parse_config
 
 from conftest import CORE_FAMILIES  # noqa: E402
 
@@ -81,3 +82,15 @@ def test_test_families_are_the_builtins():
     from nanoalign.tiny import BUILDERS
 
     assert FAMILIES == tuple(BUILDERS)
+
+
+def test_tiny_sft_stages_are_train_py_command_lines():
+    # `python -m nanoalign.tiny build tiny-sft` runs each stage as `python train.py FLAGS`: the flags
+    # must give back exactly the stage's config, or the CLI would build another model than train.py.
+    from nanoalign.tiny import main, stage_flags, warm_start_configs
+
+    stages = warm_start_configs()
+    assert [parse_config(stage_flags(stage)) for stage in stages] == stages
+    assert "--shapes-overcount" in stage_flags(stages[1])  # the biased teacher: a field that differs is said
+    with pytest.raises(SystemExit, match="usage: python -m nanoalign.tiny build"):
+        main(["build", "tiny-ssft"])
