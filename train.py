@@ -209,7 +209,7 @@ def train(cfg: Config) -> dict:
     # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
         run.rollouts = VLLMServer(policy, processor, url=cfg.vllm_url, timeout=cfg.vllm_timeout, sync_every=cfg.vllm_sync_every,
-                                  stop_ids=stop_ids, rank=rank, device=device)  # fmt: skip
+                                  stop_ids=stop_ids, rank=rank, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
     elif cfg.vllm_mode == "colocate":  # a vLLM engine in this process (vllm is optional: imported only here)
         from nanoalign.vllm_colocate import VLLMColocate
 
