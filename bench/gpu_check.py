@@ -26,6 +26,8 @@ budget (--budget-s) has no room left for is recorded as "skipped: budget".
                  whose log-probs are computed.
   fwd_bwd_7b     7B widths: forward and backward of one SFT micro-batch (no optimizer: one GPU cannot
                  hold 7B's AdamW state); PASS: no out-of-memory.
+  two_process_grads
+                 with 2 GPUs (skipped with one): one SFT step from 2 processes (NCCL) equals one process's
 On the CPU (--cpu) the same stages run tiny models and judge what a CPU can show: correctness as above,
 the training stages by a finite loss (MFU and memory are GPU figures).
 It needs torch, transformers, tokenizers, pillow and safetensors; tyro and math-verify are replaced by
@@ -58,7 +60,7 @@ TINY_3B_SHAPED = ModelSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediat
 TINY_7B_SHAPED = dataclasses.replace(TINY_3B_SHAPED, hidden=112, heads=2, intermediate=224)
 # Seconds each stage is expected to take on one H200 (the budget skips what no longer fits).
 GPU_COST = {"env": 20, "fsdp_vs_cpu": 25, "bf16_vs_fp32": 20, "sampler_logps": 15, "export_reload": 15, "sft": 60,
-            "sft_ckpt": 60, "grpo": 75, "grpo_ckpt": 75, "fwd_bwd_7b": 60}  # fmt: skip
+            "sft_ckpt": 60, "grpo": 75, "grpo_ckpt": 75, "fwd_bwd_7b": 60, "two_process_grads": 40}  # fmt: skip
 STAGES = list(GPU_COST)
 
 
@@ -339,7 +341,9 @@ def train_stage(ctx, algo_name: str, checkpointing: bool) -> dict:
     algo = train.ALGOS[algo_name]
     gpu = ctx.device.type == "cuda"
     rl = algo_name == "grpo"
-    overrides = {"batch_size": ctx.args.batch_size, "max_length": 4096, "activation_checkpointing": checkpointing, "lr": 1e-5}
+    # GRPO: one prompt's group per micro-batch (its image read once without checkpointing).
+    batch_size = ctx.args.generations if rl else ctx.args.batch_size
+    overrides = {"batch_size": batch_size, "max_length": 4096, "activation_checkpointing": checkpointing, "lr": 1e-5}
     if rl:
         overrides.update(num_generations=ctx.args.generations, max_completion_length=ctx.args.completion_length,
                          reward_funcs=("bench.gpu_check:boxed_reward",), reward_weights=(1.0,))  # fmt: skip
@@ -430,6 +434,32 @@ def stage_fwd_bwd_7b(ctx) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}  # fmt: skip
 
 
+def stage_two_process_grads(ctx) -> dict:
+    """One SFT step's loss and gradients: 2 processes (torchrun: NCCL on 2 GPUs, gloo on the CPU) vs one."""
+    import subprocess
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from parity_worker import parity_step
+
+    out = Path(tempfile.mkdtemp(prefix="gpu_check_grads_")) / "two.pt"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "parity_worker.py"), ctx.small, str(out), "sft:2:1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError("torchrun failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
+    two = torch.load(out, weights_only=False)["sft:2:1"]
+    one = parity_step(ctx.small, "sft", 4, 1)
+    scale = max(float(g.abs().max()) for g in one["grads"].values())
+    grad_diff = max(float((one["grads"][k].cpu() - two["grads"][k].cpu()).abs().max()) for k in one["grads"]) / scale
+    loss_diff = abs(one["loss"] - two["loss"]) / abs(one["loss"])
+    return {"pass": loss_diff <= 1e-5 and grad_diff <= 1e-4, "threshold": "loss to 1e-5, gradients to 1e-4 (relative)",
+            "loss_1proc": one["loss"], "loss_2proc": two["loss"], "grad_max_diff_rel": grad_diff}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- the runner
 
 
@@ -440,14 +470,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting stages after this (default 450 GPU, 300 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per training stage (default 3, CPU 1)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch (default 8, CPU 4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="SFT rows per micro-batch (default 4: 3B's AdamW state and a 1-megapixel "
+                        "image per row fill most of an H200 without checkpointing; nanoalign.plan says so)")
     parser.add_argument("--generations", type=int, default=None, help="GRPO: completions per prompt (default 8, CPU 2)")
     parser.add_argument("--completion-length", type=int, default=None, help="GRPO: max new tokens (default 128, CPU 8)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
     args = parser.parse_args()
     cpu = args.cpu
     args.steps = args.steps or (1 if cpu else 3)
-    args.batch_size = args.batch_size or (4 if cpu else 8)
+    args.batch_size = args.batch_size or 4
     args.generations = args.generations or (2 if cpu else 8)
     args.completion_length = args.completion_length or (8 if cpu else 128)
     budget = args.budget_s or (300.0 if cpu else 450.0)
@@ -471,12 +502,14 @@ def main() -> None:
                  "sampler_logps": stage_sampler_logps, "export_reload": stage_export_reload,
                  "sft": lambda c: train_stage(c, "sft", False), "sft_ckpt": lambda c: train_stage(c, "sft", True),
                  "grpo": lambda c: train_stage(c, "grpo", False), "grpo_ckpt": lambda c: train_stage(c, "grpo", True),
-                 "fwd_bwd_7b": stage_fwd_bwd_7b}  # fmt: skip
+                 "fwd_bwd_7b": stage_fwd_bwd_7b, "two_process_grads": stage_two_process_grads}  # fmt: skip
     results = {}
     for name in args.stages:
         elapsed = time.perf_counter() - start
         if not cpu and elapsed + GPU_COST[name] > budget:
             results[name] = {"status": "skipped: budget", "pass": None}
+        elif name == "two_process_grads" and not cpu and torch.cuda.device_count() < 2:
+            results[name] = {"status": f"skipped: {torch.cuda.device_count()} GPU, the check needs 2", "pass": None}
         else:
             t0 = time.perf_counter()
             try:
