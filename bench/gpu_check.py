@@ -251,7 +251,7 @@ def stage_bf16_vs_fp32(ctx) -> dict:
     (loss32, g32), (loss16, g16) = out["fp32"], out["bf16"]
     a = torch.cat([g32[k].reshape(-1) for k in sorted(g32)])
     b = torch.cat([g16[k].reshape(-1) for k in sorted(g32)])
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    cosine = float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
     rel = abs(loss16 - loss32) / abs(loss32)
     return {"pass": rel <= 1e-2 and cosine >= 0.99, "threshold": "loss within 1e-2 (relative), gradient cosine >= 0.99",
             "loss_fp32": loss32, "loss_bf16": loss16, "loss_rel_diff": rel, "grad_cosine": cosine}  # fmt: skip

@@ -33,6 +33,8 @@ CONFIGS = {  # name: (model size, algo, Config overrides)
     "small-sft-ckpt": ("small", "sft", {"batch_size": 8, "activation_checkpointing": True}),
     "medium-sft": ("medium", "sft", {"batch_size": 8}),
     "medium-sft-ckpt": ("medium", "sft", {"batch_size": 8, "activation_checkpointing": True}),
+    "small-sft-b32": ("small", "sft", {"batch_size": 32}),  # activations the largest part
+    "small-sft-b32-ckpt": ("small", "sft", {"batch_size": 32, "activation_checkpointing": True}),
     "small-dpo": ("small", "dpo", {"batch_size": 4}),
     "small-grpo": ("small", "grpo", {**RL, "batch_size": 8, "beta": 0.04}),
     "medium-grpo-ckpt": ("medium", "grpo", {**RL, "batch_size": 8, "activation_checkpointing": True}),
@@ -72,9 +74,16 @@ def child(spec: dict) -> None:
 
     algo = train.ALGOS[spec["algo"]]
 
-    class Watched:  # the algorithm module, noting the shapes its micro-batches have
+    class Watched:  # the algorithm module, noting the shapes its micro-batches have and the peak by phase
         def __getattr__(self, name):
             return getattr(algo, name)
+
+        def prepare(self, samples, run):
+            before = vm_kib("VmHWM")
+            prepared = algo.prepare(samples, run)
+            if vm_kib("VmHWM") > before:  # the peak so far was reached while preparing (RL: the rollouts)
+                seen["prepare_peak_bytes"] = (vm_kib("VmHWM") - baseline["kib"]) * 1024
+            return prepared
 
         def loss(self, micro, run):
             batch = getattr(micro, "batch", None) or micro

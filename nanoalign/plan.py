@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name in ("train_peak", "generation_peak", "peak", "total"):
             continue
         print(f"  {name:<32} {value / GIB:8.2f} GiB")
-    print(f"  {'peak of training':<32} {c['train_peak'] / GIB:8.2f} GiB")
+    print(f"  {'peak of training':<32} {c['train_peak'] / GIB:8.2f} GiB  (not the sum: gradients and activations peak at different moments)")
     if c["generation_peak"]:
         print(f"  {'peak of in-process generation':<32} {c['generation_peak'] / GIB:8.2f} GiB")
     print(f"  {'total per GPU':<32} {c['total'] / GIB:8.2f} GiB  ->  {'fits' if c['total'] <= budget else 'does NOT fit'}")
