@@ -37,6 +37,7 @@ CONFIGS = {  # name: (model size, algo, Config overrides)
     "small-sft-b32-ckpt": ("small", "sft", {"batch_size": 32, "activation_checkpointing": True}),
     "small-dpo": ("small", "dpo", {"batch_size": 4}),
     "small-grpo": ("small", "grpo", {**RL, "batch_size": 8, "beta": 0.04}),
+    "small-grpo-noref": ("small", "grpo", {**RL, "batch_size": 8}),
     "medium-grpo-ckpt": ("medium", "grpo", {**RL, "batch_size": 8, "activation_checkpointing": True}),
 }
 SIZES_HERE = {"small": SIZES["small"], "medium": MEDIUM}
@@ -143,15 +144,20 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_check.json"))
+    parser.add_argument("--from-json", default=None, help="judge the planner again against the measurements of an earlier --out")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    stored = {r["config"]: r for r in json.loads(Path(args.from_json).read_text())["rows"]} if args.from_json else {}
     rows = []
-    for name in args.configs:
-        run = measure(name)
+    for name in stored or args.configs:
+        run = stored[name] if stored else measure(name)
+        size, _, overrides = CONFIGS[name.split(" ")[0]]  # "small-grpo (2nd run)": a repeat of small-grpo
+        run["model"], run["overrides"] = run.get("model") or model_dir("small", SIZES_HERE[size]), run.get("overrides", overrides)
         predicted = predict(run)
         measured = max(r["peak_bytes"] for r in run["ranks"])
-        row = {"config": name, "algo": run["algo"], "width": max(r["width"] for r in run["ranks"]),
+        row = {"config": name, "algo": run["algo"], "model": run["model"], "overrides": run["overrides"],
+               "width": max(r["width"] for r in run["ranks"]),
                "measured_mib": measured / 2**20, "predicted_mib": predicted["peak"] / 2**20,
                "error": predicted["peak"] / measured - 1, "ranks": run["ranks"],
                "components_mib": {k: v / 2**20 for k, v in predicted.items()}}  # fmt: skip

@@ -29,7 +29,8 @@ the peak is the larger of the training and the generation phase. Per token and d
 keeps (transformers' Qwen2-style layer, SDPA): the two RMSNorms' fp32 input and b-byte output, the
 attention's q, k, v after RoPE (k and v repeated to the query heads when rows are padded), its output
 and the o_proj input, and the MLP's gate, up, SiLU(gate) and product: (4 + b) 2H + b (3H + 2 KV) + 4 b I
-bytes. The vision tower counts the same per patch with its own widths.
+bytes. The vision tower counts the same per patch with its own widths. RL rows count whole, though
+training reads each prompt once for its G rows: measured, that forward's peak was whole rows'.
 Not counted: the CUDA context and NCCL buffers (~1-2 GB on a GPU, added as a flat 2 GiB line there),
 allocator fragmentation, and the Python process itself. Validated against measured peaks on CPUs
 (BENCHMARKS.md section "Memory planner"); GPU figures are predictions.
@@ -107,14 +108,10 @@ def plan(shape: Shape, cfg, *, gpus: int, device: str, row_length: int, prompt_l
     W = gpus
     rl = cfg.algo in ("grpo", "gspo", "rloo", "online_dpo")
     rows = cfg.batch_size * (2 if cfg.algo in ("dpo", "mpo") else 1)  # a preference micro-batch holds chosen and rejected
-    tokens, images, prompt_cache = rows * row_length, rows, 0
+    # Whole rows, RL included: the shared-prompt forward (model.shared_prompt_hidden) reads each prompt
+    # once, but its measured peak was that of whole rows (BENCHMARKS.md section 11), so it is counted so.
+    tokens, images = rows * row_length, rows
     kv = shape.kv_width if cfg.batch_size == 1 and not rl else shape.hidden  # padded rows: SDPA gets k, v repeated
-    if rl and not cfg.activation_checkpointing:
-        # model.shared_prompt_hidden: each prompt (and image) once, its KV cache repeated for its G rows,
-        # which autograd keeps for every layer's attention.
-        images = cfg.batch_size // cfg.num_generations
-        tokens = images * prompt_length + rows * (row_length - prompt_length)
-        prompt_cache = shape.layers * rows * prompt_length * 2 * kv * b
     patches = images * image_pixels // shape.patch_pixels
     # The reference model: kept in the compute dtype (model.build_policy); none when precomputed or beta = 0.
     reference = needs_reference and not cfg.precompute_ref_logps
@@ -131,7 +128,7 @@ def plan(shape: Shape, cfg, *, gpus: int, device: str, row_length: int, prompt_l
     text_layer = tokens * layer_bytes_per_token(shape.hidden, kv, shape.intermediate, b)
     vision_layer = patches * layer_bytes_per_token(shape.vision_hidden, shape.vision_hidden, shape.vision_intermediate, b)
     heads = rows * row_length * 3 * b * shape.hidden  # the embeddings' output, the final norm's, the lm_head's input
-    full = shape.layers * text_layer + shape.blocks * vision_layer + heads + prompt_cache
+    full = shape.layers * text_layer + shape.blocks * vision_layer + heads
     kept_inputs = b * (shape.layers * tokens * shape.hidden + shape.blocks * patches * shape.vision_hidden) + heads
     # One layer's working set on top in backward: its gradients are about its saved activations.
     working = max(text_layer, vision_layer)
