@@ -352,7 +352,7 @@ def train_stage(ctx, algo_name: str, checkpointing: bool) -> dict:
     params = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=True)
     num_prompts = cfg.batch_size // cfg.num_generations if rl else cfg.batch_size
-    steps, widths = [], []
+    steps, shapes = [], []
     for step in range(ctx.args.warmup + ctx.args.steps):
         batch_samples = samples("rl" if rl else "sft", num_prompts, ctx.image_size)
         if gpu:
@@ -377,7 +377,10 @@ def train_stage(ctx, algo_name: str, checkpointing: bool) -> dict:
             n, f = step_flops(run, micro)
             tokens, flops = tokens + n, flops + f
             losses.append(float(loss.detach()))
-            widths.append((micro.batch.input_ids.shape[1], micro.batch))
+            batch = micro.batch  # its shape, for the plan: width, prompt width, patches per image
+            grid = (batch.shared_prompts or batch.mm_inputs).get("image_grid_thw")
+            shapes.append((batch.input_ids.shape[1], batch.shared_prompts["input_ids"].shape[1] if batch.shared_prompts else 0,
+                           int(grid.prod(-1).float().mean()) if grid is not None else 0))  # fmt: skip
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -395,19 +398,18 @@ def train_stage(ctx, algo_name: str, checkpointing: bool) -> dict:
         "loss": steps[-1]["loss"], "params_M": sum(p.numel() for p in run.policy.parameters()) / 1e6,
     }  # fmt: skip
     finite = all(math.isfinite(s["loss"]) for s in steps)
+    # nanoalign.plan for the widest micro-batch's shape (on the CPU too, so its inputs are checked there).
+    width, prompt, patches = max(shapes)
+    shape = read_shape(ctx.big)
+    predicted = plan(shape, cfg, gpus=1, device=ctx.device.type, row_length=width, prompt_length=prompt or width,
+                     image_pixels=patches * shape.patch_pixels, gpu_memory_gib=0, needs_reference=False)["peak"]  # fmt: skip
+    result["plan_gib"] = predicted / 2**30
     if not gpu:
         return {**result, "pass": finite, "threshold": "finite loss (CPU: MFU and memory are GPU figures)"}
-    # The plan for this shape: the widest micro-batch, its prompt width and patches per image.
-    width, batch = max(widths, key=lambda w: w[0])
-    grid = (batch.shared_prompts or batch.mm_inputs).get("image_grid_thw")
-    pixels = int(grid.prod(-1).float().mean()) * 196 if grid is not None else 0
-    prompt = batch.shared_prompts["input_ids"].shape[1] if batch.shared_prompts else width
-    predicted = plan(read_shape(ctx.big), cfg, gpus=1, device="cuda", row_length=width, prompt_length=prompt, image_pixels=pixels,
-                     gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30, needs_reference=False)["peak"]  # fmt: skip
     peak = max(s["peak_bytes"] for s in steps)
     floor = 0.15 if rl else 0.25
     result.update(peak_mem_gib=peak / 2**30, mem_per_token_kib=peak / median([s["tokens"] for s in steps]) / 1024,
-                  plan_gib=predicted / 2**30, plan_error=predicted / peak - 1)  # fmt: skip
+                  plan_error=predicted / peak - 1)  # fmt: skip
     ok = finite and result["mfu"] >= floor and abs(result["plan_error"]) <= 0.2
     return {**result, "pass": ok, "threshold": f"no OOM, MFU >= {floor}, peak within 20% of nanoalign.plan"}
 
