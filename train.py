@@ -201,7 +201,8 @@ def train(cfg: Config) -> dict:
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
-        rollouts = VLLMServer(cfg, policy, processor, stop_ids=stop_ids, rank=rank, device=device)
+        rollouts = VLLMServer(cfg, policy, processor, stop_ids=stop_ids, rank=rank, device=device,
+                              dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
     elif cfg.vllm_mode == "colocate":  # a vLLM engine in this process (vllm is optional: imported only here)
         from nanoalign.vllm_colocate import VLLMColocate
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one command: bash bench/gpu_check.sh [--cpu] [more flags of bench/gpu_check.py]
 #
-# On a machine with one GPU it finishes in under 8 minutes (bf16 FSDP2 SFT and GSPO steps on a
-# random-init 3B-class Qwen2.5-VL, bf16 vs fp32 on the 74M model, a 2-process gradient check when
-# there are 2 GPUs); --cpu runs the same stages at tiny sizes (CI). Wheels in .whl/ (e.g. math-verify
-# and its dependencies, carried to a machine that lacks them) are installed first into /tmp/site.
+# For one GPU lent for 15 minutes (e.g. an H200; torch and transformers installed, no vLLM, no network):
+# the stages of bench/gpu_check.py inside its 8-minute budget, each printing PASS/FAIL and rewriting
+# bench/results/gpu_check.json as it ends; a hard stop at 470 s keeps what was written. --cpu runs every
+# stage at tiny sizes on the CPU (the test suite does). Wheels in .whl/ (e.g. math-verify, carried to a
+# machine that lacks them) are installed first into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,5 +16,5 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export HF_HUB_OFFLINE=1  # every model here is built locally; nothing is downloaded
-"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.device_count())"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation between stages
 exec timeout --signal=INT 470 "$PYTHON" bench/gpu_check.py "$@"

@@ -269,12 +269,12 @@ def child_trl(spec: dict) -> None:
 def child_check(spec: dict) -> None:
     import torch
 
-    from nanoalign.model import Policy, load_processor
+    from nanoalign.model import Policy, load_processor, logps_chunk_size
 
     torch.set_num_threads(spec["threads"])
     algo = spec["algo"]
     cfg = nanoalign_config(algo, spec["model"], "unused", 1, spec["batch_size"])
-    policy = Policy(load_hf_model(spec["model"]), cfg.logps_chunk_size)  # initial weights, trainable
+    policy = Policy(load_hf_model(spec["model"]), logps_chunk_size(cfg.logps_chunk_size, "cpu"))  # initial weights, trainable
     processor = load_processor(spec["model"])
     batch = torch.load(spec["batch_file"], weights_only=False)
     if algo in ("sft", "dpo", "mpo"):

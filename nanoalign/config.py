@@ -77,9 +77,14 @@ class Config:
     """Recompute each layer's activations in backward to save memory."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed."""
-    logps_chunk_size: int = 128
+    logps_chunk_size: int = 0
     """Token positions per chunk when computing log-probs, so the full (B, T, V) fp32 log-softmax is
-    never materialised at once."""
+    never materialised at once. 0: by device, 128 on CPUs and 1024 on GPUs (nanoalign/model.py)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the text and vision towers: sdpa (PyTorch's), eager, flash_attention_2
+    (needs the flash-attn package), flash_attention_3 (flash-attn 3), or a hub kernel such as
+    kernels-community/flash-attn (needs the kernels package). Flash kernels need a GPU and bf16; for
+    Qwen2.5-VL's windowed vision attention they run every window in one call, where sdpa loops."""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 1
@@ -262,6 +267,9 @@ def check_config(cfg: Config) -> None:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # found, not imported
         raise ValueError(f"--report-to {cfg.report_to}: {cfg.report_to} is not installed; pip install -e '.[{cfg.report_to}]' "
                          f"(or pip install {cfg.report_to})")  # fmt: skip
+    check_attn_implementation(cfg.attn_implementation)
+    if cfg.logps_chunk_size < 0:
+        raise ValueError(f"--logps-chunk-size must be >= 0 (0: chosen by device), got {cfg.logps_chunk_size}")
     if cfg.max_steps < 0:  # 0 is allowed: load (resume), export and evaluate without training
         raise ValueError(f"--max-steps must be >= 0, got {cfg.max_steps}")
     for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length", "max_completion_length"):
@@ -304,6 +312,29 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.algo == "online_dpo" and cfg.num_generations != 2:
         raise ValueError(f"online DPO compares 2 completions per prompt; set --num-generations 2 (got {cfg.num_generations})")
+
+
+# The package each --attn-implementation needs, and the pip command that installs it.
+ATTN_PACKAGES = {
+    "sdpa": None,
+    "eager": None,
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build flash-attention's hopper/ directory (FlashAttention 3)"),
+}
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an attention implementation that does not exist or whose package is not installed."""
+    if "/" in name:  # a kernel from the hub, loaded by the kernels package
+        needs = ("kernels", "pip install kernels")
+    elif name in ATTN_PACKAGES:
+        needs = ATTN_PACKAGES[name]
+    else:
+        raise ValueError(f"--attn-implementation {name!r} is not one of {', '.join(ATTN_PACKAGES)} or a hub kernel (org/name, "
+                         "e.g. kernels-community/flash-attn)")  # fmt: skip
+    if needs is not None and importlib.util.find_spec(needs[0]) is None:
+        raise ValueError(f"--attn-implementation {name} needs the {needs[0]} package, which is not installed: {needs[1]}, "
+                         "or use --attn-implementation sdpa")  # fmt: skip
 
 
 def sft_preset() -> Config:

@@ -76,14 +76,15 @@ def meta_parameters():
         nn.Module.register_parameter = register
 
 
-def empty_hf_model(model_dir: str):
+def empty_hf_model(model_dir: str, attn_implementation: str = "sdpa"):
     """The checkpoint's own *ForConditionalGeneration class (AutoModelForImageTextToText), fp32,
-    parameters on meta, buffers real, tied weights tied, its generation config loaded."""
+    parameters on meta, buffers real, tied weights tied, its generation config loaded; the text and
+    vision towers both use `attn_implementation` (config.py: --attn-implementation)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     with meta_parameters():
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     try:
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json: from_pretrained keeps the one derived from config

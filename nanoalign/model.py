@@ -221,9 +221,31 @@ class _ChunkedLogps(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(dlogits.T, hidden[rows].float())  # in place: no (V, H) temporary per chunk
+                add_weight_grad_(grad_weight, dlogits, hidden[rows])
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def add_weight_grad_(grad_weight, dlogits, hidden) -> None:
+    """grad_weight (V, H) fp32 += dlogits (C, V)^T @ hidden (C, H), in place: no (V, H) temporary.
+
+    On a GPU with bf16 (or fp16) activations the GEMM runs in that dtype with an fp32 output
+    (addmm's out_dtype: cuBLAS multiplies at tensor-core speed and accumulates in fp32); an fp32 GEMM
+    with TF32 off is several times slower and was ~10-15% of a GPU SFT step. dlogits is rounded to
+    the compute dtype first, as grad_hidden's GEMM already does. On CPUs (no such kernel) and in
+    fp32 it is the fp32 GEMM.
+    """
+    if grad_weight.device.type != "cpu" and hidden.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(grad_weight, dlogits.T.to(hidden.dtype), hidden, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(dlogits.T, hidden.float())
+
+
+def logps_chunk_size(requested: int, device_type: str) -> int:
+    """--logps-chunk-size, with 0 resolved by device: 128 positions on CPUs (the fastest there, as
+    bench/logps.py measures) and 1024 on GPUs, where a (128, V) GEMM leaves the tensor cores idle
+    and a (1024, V) fp32 block costs 0.6 GB at V = 152k, small next to a GPU's memory."""
+    return requested or (1024 if device_type == "cuda" else 128)
 
 
 def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 128, with_entropy: bool = False,
@@ -303,7 +325,7 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     """Build the model on the meta device, shard it with FSDP2 (nanoalign/model.py: vision blocks,
     layers, root), then fill the shards: rank 0 reads the checkpoint, every rank receives only its
     rows (nanoalign/loading.py). No rank ever holds a full copy of the model."""
-    hf_model = empty_hf_model(model_dir)
+    hf_model = empty_hf_model(model_dir, cfg.attn_implementation)
     if cfg.freeze_vision:
         vision_module(hf_model).requires_grad_(False)
     if trainable:
@@ -316,7 +338,10 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
                 module.p = 0.0
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
-    policy = Policy(hf_model, cfg.logps_chunk_size)
+        if bf16:  # it only computes: kept in the compute dtype, not fp32 shards cast at every gather (half the memory)
+            for param in hf_model.parameters():  # parameters only: buffers such as rotary inv_freq stay fp32
+                param.data = param.data.to(torch.bfloat16)
+    policy = Policy(hf_model, logps_chunk_size(cfg.logps_chunk_size, mesh.device_type))
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)
     return policy

@@ -8,6 +8,7 @@ Backend: NCCL on GPUs, gloo on CPUs.
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,21 +16,31 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from nanoalign.config import Config
 
+# How long a collective may wait before the group gives up. NCCL's default (10 minutes) is shorter
+# than rank 0's hub download of a 7B checkpoint (train.py's resolve_model), during which every other
+# rank waits in a collective; an hour covers it (accelerate's default is 30 minutes, verl's 10).
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Join (or create) the default process group. Returns (rank, world_size, device)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in os.environ:  # launched by torchrun: it set RANK, WORLD_SIZE, MASTER_ADDR/PORT
-            dist.init_process_group(backend)
-        else:  # a single process: an in-memory store is all a world of one needs
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    """Join (or create) the default process group. Returns (rank, world_size, device).
+
+    On GPUs the device is chosen first and handed to the group (`device_id`), as torchtitan does:
+    NCCL then binds each rank's communicator to its own GPU at once, instead of every rank creating
+    a context on GPU 0 first and guessing the device at the first collective.
+    """
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return rank, world_size, torch.device("cuda", local_rank)
-    return rank, world_size, torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"timeout": COLLECTIVE_TIMEOUT, "device_id": device if device.type == "cuda" else None}
+        if "RANK" in os.environ:  # launched by torchrun: it set RANK, WORLD_SIZE, MASTER_ADDR/PORT
+            dist.init_process_group(backend, **kwargs)
+        else:  # a single process: an in-memory store is all a world of one needs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def device_mesh(world_size: int, device: torch.device):

@@ -1,5 +1,5 @@
-"""What the trainer and nanoalign's vLLM weight-transfer engine share: how tensors are cut into
-buckets, and the private gloo group they travel through.
+"""What the trainer and nanoalign's vLLM weight-transfer engines share: the dtype weights travel in,
+how tensors are cut into buckets, and the private gloo group they travel through.
 
 Imported on both sides: by nanoalign/vllm_server.py in the trainer and by nanoalign/vllm_engine.py
 inside vLLM's worker processes, which is why it imports nothing but torch.
@@ -29,6 +29,12 @@ def plan_buckets(dtype_names: list[str], shapes: list[list[int]], bucket_bytes: 
             buckets.append([i])
             size = nbytes
     return buckets
+
+
+def wire_dtype(param: torch.Tensor, engine_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a parameter is sent to an inference engine in: floating-point ones in the engine's
+    dtype (None: their own), others (integer buffers registered as parameters) as they are."""
+    return engine_dtype if engine_dtype is not None and param.is_floating_point() else param.dtype
 
 
 def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, store=None):

@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
+from nanoalign.transfer import wire_dtype
 
 
 class VLLMColocate:
@@ -71,6 +72,7 @@ class VLLMColocate:
         self.tp_group = tensor_parallel_group(rank, world_size, tensor_parallel_size)
         self.hf_model = getattr(policy, "hf", policy)  # parameter names without the Policy's "hf." prefix: HF names
         self.processor, self.stop_ids, self.device, self.model_dir = processor, stop_ids, device, model_dir
+        self.dtype = getattr(torch, dtype)  # what the engine computes in, and what the weights travel in
         self.sync_every, self.synced_step = cfg.vllm_sync_every, None  # the step whose weights the engine has
         self.llm, error = None, None
         # Read when vllm is imported: no engine process of its own (the model must live in this one, for
@@ -158,6 +160,8 @@ class VLLMColocate:
         # Looked up at every sync: FSDP2 swaps the registered tensors between the sharded DTensors and
         # gathered copies, so parameters kept from an earlier step could be stale.
         for name, param in self.hf_model.named_parameters():  # the same order on every rank
+            # Cast the shard to the engine's dtype first: a bf16 engine's gather moves half the bytes.
+            param = param.detach().to(wire_dtype(param, self.dtype))
             full = param.full_tensor() if isinstance(param, DTensor) else param  # all-gather of the shards
             num_bytes += full.numel() * full.element_size()
             if error is not None:
@@ -201,10 +205,15 @@ def check_tensor_parallel(tensor_parallel_size: int, world_size: int, device) ->
 
 def tensor_parallel_group(rank: int, world_size: int, size: int):
     """This rank's group of `size` consecutive ranks (None for size 1). Collective: every rank creates
-    every group, as torch.distributed.new_group requires."""
+    every group, as torch.distributed.new_group requires.
+
+    A gloo group whatever the default backend: it carries Python objects (prompts with their PIL
+    images, all_gather_object), which NCCL could only move by pickling them into GPU tensors and
+    back, with a device sync per call; gloo sends them from host memory.
+    """
     if size == 1:
         return None
-    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world_size, size)]
+    groups = [dist.new_group(list(range(start, start + size)), backend="gloo") for start in range(0, world_size, size)]
     return groups[rank // size]
 
 

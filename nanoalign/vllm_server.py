@@ -54,7 +54,7 @@ import torch.distributed as dist
 from nanoalign.loading import gather_full
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
-from nanoalign.transfer import gloo_group, plan_buckets
+from nanoalign.transfer import gloo_group, plan_buckets, wire_dtype
 
 SERVE_HINT = "start one with `python -m nanoalign.serve --model MODEL --port PORT` and pass its URL with --vllm-url"
 
@@ -238,10 +238,10 @@ class VLLMServer:
     """The rollout backend for a vLLM server (`--vllm-mode server`): every rank sends its own prompts,
     and every vllm_sync_every steps the policy's weights are pushed into the server (`WeightSync`)."""
 
-    def __init__(self, cfg, policy, processor, *, stop_ids: set[int], rank: int, device):
+    def __init__(self, cfg, policy, processor, *, stop_ids: set[int], rank: int, device, dtype: torch.dtype | None = None):
         self.client = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
         self.client.health()  # fail now, with the URL in the message, rather than at the first rollout
-        self.weight_sync = WeightSync(policy, self.client if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout)
+        self.weight_sync = WeightSync(policy, self.client if rank == 0 else None, rank=rank, timeout=cfg.vllm_timeout, dtype=dtype)
         self.processor, self.stop_ids, self.device = processor, stop_ids, device
         self.sync_every, self.synced_step = cfg.vllm_sync_every, None  # the step whose weights the server has
 
@@ -293,10 +293,13 @@ class WeightSync:
     `model` is the (FSDP2-sharded) Policy or a plain HF model; HF checkpoint names are its
     parameters' names (the Policy's "hf." prefix dropped), which vLLM's load_weights maps itself.
     Only rank 0 gets a client and talks to the server; all ranks join the gathers.
+    `dtype`: what the engine computes in (None: the parameters' own). Floating-point weights travel
+    in it, cast shard by shard before the gather: a bf16 engine gets half the bytes of the fp32
+    master weights, and every gather moves half as much.
     """
 
     def __init__(self, model, client: VLLMClient | None, *, rank: int, backend: str | None = None,
-                 bucket_mb: float = 16.0, timeout: float = 120.0):  # fmt: skip
+                 bucket_mb: float = 16.0, timeout: float = 120.0, dtype: torch.dtype | None = None):  # fmt: skip
         if rank == 0 and client is None:
             raise ValueError("WeightSync: rank 0 needs a VLLMClient (the other ranks pass None)")
         self.hf_model = getattr(model, "hf", model)
@@ -305,7 +308,8 @@ class WeightSync:
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.timeout = timeout
-        self.num_bytes = sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+        self.dtype = dtype
+        self.num_bytes = sum(p.numel() * wire_dtype(p, dtype).itemsize for p in self.hf_model.parameters())
         self.group = self.nccl_engine = None
         if self.backend == "nccl":
             self._init_nccl()
@@ -353,7 +357,18 @@ class WeightSync:
     def _init_nccl(self) -> None:
         """GPU: vLLM's own trainer-side NCCL engine, which speaks to its built-in "nccl" engine."""
         from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.base import ParamMeta, materialize_full_tensor
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        dtype = self.dtype
+
+        class EngineDtypeSource(ModuleSource):  # ModuleSource, with floating-point weights in the engine's dtype
+            def metadata(self):
+                return [ParamMeta(n, wire_dtype(p, dtype), tuple(p.shape)) for n, p in self._module.named_parameters()]
+
+            def __iter__(self):  # cast the shard, then gather (full_tensor(), on every rank)
+                for name, param in self._module.named_parameters():
+                    yield name, materialize_full_tensor(param.detach().to(wire_dtype(param, dtype)))
 
         if self.client is not None:
             world_size, address, port = 1 + self.client.get_world_size(), address_towards(self.client.url), free_port()
@@ -361,8 +376,8 @@ class WeightSync:
             world_size, address, port = 0, "", 0
         info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=self.rank, packed=True,
                                    packed_buffer_size_bytes=self.bucket_bytes)  # fmt: skip
-        # ModuleSource iterates hf_model.named_parameters() and full_tensor()s DTensors, on every rank.
-        self.nccl_engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=ModuleSource(self.hf_model))
+        source = EngineDtypeSource(self.hf_model)
+        self.nccl_engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=source)
 
     # --- one sync ---------------------------------------------------------------------------
     def sync(self, version: str | None = None) -> dict[str, float]:
@@ -387,7 +402,7 @@ class WeightSync:
         # Parameters are looked up at every sync: FSDP2 swaps the registered tensors between the
         # sharded DTensors and gathered copies, so a list kept from an earlier step could be stale.
         params = list(self.hf_model.named_parameters())  # the same order on every rank
-        names, dtypes, shapes = zip(*[(n, str(p.dtype).removeprefix("torch."), list(p.shape)) for n, p in params])
+        names, dtypes, shapes = zip(*[(n, str(wire_dtype(p, self.dtype)).removeprefix("torch."), list(p.shape)) for n, p in params])
         update_info = {"names": list(names), "dtype_names": list(dtypes), "shapes": list(shapes)}
         error: Exception | None = None
         update = in_flight = None
@@ -405,7 +420,7 @@ class WeightSync:
             # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
             # collectives, and a rank that stopped early would leave the others waiting in one.
             # Only rank 0 receives the full tensors (None elsewhere), at most one bucket at a time.
-            tensors = [gather_full(params[i][1]) for i in bucket]
+            tensors = [gather_full(params[i][1].detach().to(wire_dtype(params[i][1], self.dtype))) for i in bucket]
             if self.client is None or error is not None:
                 continue
             try:

@@ -202,18 +202,19 @@ def test_two_launchers_as_two_nodes_give_the_same_losses_as_one(tiny_dirs, tmp_p
 # the prepared GPU check, small CPU variant
 
 
-def test_gpu_check_cpu_variant_runs_every_stage(tiny_dirs, tmp_path):
-    # bench/gpu_check.sh --cpu: the GPU script's stages at tiny sizes, so the script cannot rot.
+def test_gpu_check_cpu_variant_passes_every_stage(tiny_dirs, tmp_path):
+    # bench/gpu_check.sh --cpu: every stage of the GPU check at tiny sizes, judged by its threshold,
+    # so the script cannot rot between GPU loans.
+    from bench.gpu_check import STAGES
+
     out = tmp_path / "gpu_check.json"
     env = {**subprocess_env(), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(results, "ok")
-    assert set(results) == {"sft_3b", "gspo_3b", "bf16_vs_fp32", "two_process_grads"}
-    for name in ("sft_3b", "gspo_3b"):
-        assert results[name]["step_s"] > 0 and results[name]["tokens_per_s"] > 0 and 0 < results[name]["mfu"] < 1
-    assert results["bf16_vs_fp32"]["rel_diff"] < 0.05  # bf16 rounding, not a different model
-    assert results["bf16_vs_fp32"]["export_max_abs_logp_diff"] < 1e-4
-    assert results["two_process_grads"]["equal"]
+    failed = {name: r["status"] for name, r in results.items() if r["pass"] is not True}
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert list(results) == STAGES  # every stage ran; the budget skipped none
+    assert results["fsdp_vs_cpu"]["grad_max_diff_rel"] <= 1e-5 and results["bf16_vs_fp32"]["grad_cosine"] >= 0.99
+    assert results["sampler_logps"]["max_abs_diff"] <= 1e-4 and results["export_reload"]["max_abs_logp_diff"] <= 1e-4
+    assert all(results[name]["tokens_per_s"] > 0 and results[name]["backward_s"] > 0 for name in ("sft", "sft_ckpt", "grpo", "grpo_ckpt"))
