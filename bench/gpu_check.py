@@ -150,9 +150,9 @@ def make_run(cfg, model: str, device, mesh, *, bf16: bool, random_init: bool = F
     finally:
         model_module.load_hf_weights = loader
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
-    run = Run(cfg, processor, policy, None, 0, 1, device, stop_ids, pad_id)
-    run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler="nanoalign")
-    run.reward_funcs = load_reward_funcs(["bench.gpu_check:boxed_reward"])
+    rollouts = InProcess(cfg, policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device)
+    run = Run(cfg, processor, policy, None, 0, 1, device, stop_ids, pad_id, rollouts=rollouts,
+              reward_funcs=load_reward_funcs(["bench.gpu_check:boxed_reward"]))  # fmt: skip
     return run
 
 
