@@ -80,6 +80,10 @@ class Config:
     logps_chunk_size: int = 128
     """Token positions per chunk when computing log-probs, so the full (B, T, V) fp32 log-softmax is
     never materialised at once."""
+    padding_free: bool = False
+    """Forward each micro-batch's rows as one sequence without pad tokens: every row keeps its own
+    positions (M-RoPE: the family's rope index, per row) and attends only to itself (nanoalign/packing.py).
+    Same numbers as padded; refused for models with linear-attention layers (Qwen3.5)."""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 1

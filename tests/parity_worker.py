@@ -1,6 +1,6 @@
 """Helper for tests/test_sft_train.py: one optimizer step's loss and full gradients, any world size.
 
-    torchrun --standalone --nproc_per_node 2 tests/parity_worker.py MODEL_DIR OUT.pt sft:2:1 sft:1:2 mpo:2:1
+    torchrun --standalone --nproc_per_node 2 tests/parity_worker.py MODEL_DIR OUT.pt sft:2:1 sft:1:2 mpo:2:1 sft:1:2:pf
 
 Each ALGO:BATCH_SIZE:GRAD_ACCUM spec (ALGO: sft, dpo or mpo) runs one step from the same initial
 weights on the same global batch of 4 samples (`parity_samples`: conversations for sft, pairs for
@@ -49,18 +49,19 @@ def parity_samples(fmt: str = "sft") -> list[dict]:
     return samples
 
 
-def sharded_policy(model_dir: str, world_size: int, device) -> Policy:
-    return shard_policy(Policy(load_hf_model(model_dir), logps_chunk_size=32), device_mesh(world_size, device), bf16=False)
+def sharded_policy(model_dir: str, world_size: int, device, padding_free: bool = False) -> Policy:
+    policy = Policy(load_hf_model(model_dir), logps_chunk_size=32, padding_free=padding_free)
+    return shard_policy(policy, device_mesh(world_size, device), bf16=False)
 
 
-def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int) -> dict:
+def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int, padding_free: bool = False) -> dict:
     """One step's (loss as train.py logs it, full gradients, global token count) on this rank's share."""
     rank, world_size, device = init_distributed()
     algo = {"sft": sft, "dpo": mpo, "mpo": mpo}[algo_name]
     cfg = dataclasses.replace(PRESETS[algo_name](), batch_size=batch_size, grad_accum_steps=grad_accum, max_length=512)
     processor = load_processor(model_dir)
-    policy = sharded_policy(model_dir, world_size, device)
-    ref_policy = sharded_policy(model_dir, world_size, device) if algo.needs_reference(cfg) else None
+    policy = sharded_policy(model_dir, world_size, device, padding_free)
+    ref_policy = sharded_policy(model_dir, world_size, device, padding_free) if algo.needs_reference(cfg) else None
     eos = policy.hf.generation_config.eos_token_id
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     run = Run(cfg, processor, policy, ref_policy, rank, world_size, device, stop_ids, processor.tokenizer.pad_token_id)
@@ -88,8 +89,8 @@ if __name__ == "__main__":
     model_dir, out_path, *specs = sys.argv[1:]
     results = {}
     for spec in specs:
-        algo_name, batch_size, grad_accum = spec.split(":")
-        results[spec] = parity_step(model_dir, algo_name, int(batch_size), int(grad_accum))
+        algo_name, batch_size, grad_accum, *padding_free = spec.split(":")  # a 4th field "pf": --padding-free
+        results[spec] = parity_step(model_dir, algo_name, int(batch_size), int(grad_accum), padding_free == ["pf"])
     # train.py's metric average over ranks: rank 0 has nothing to measure for "partly" (NaN)
     rank = dist.get_rank()
     results["mean_over_ranks"] = mean_over_ranks(

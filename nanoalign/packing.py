@@ -1,0 +1,77 @@
+"""Padding-free forward (--padding-free): a micro-batch's rows as one sequence, no pad token computed.
+
+A padded micro-batch of B rows costs B x T_max tokens in every layer; real VLM rows (one or two images
+of 64..1,300+ tokens, answers of 10..1,000+) leave much of that padding. Here the rows' real tokens are
+concatenated into one sequence of N = SUM_b len_b tokens and the decoder runs on (1, N):
+
+    padded   [r0 r0 r0 pad pad | r1 r1 r1 r1 r1 | r2 r2 pad pad pad]      (B, T)
+    packed   [r0 r0 r0 r1 r1 r1 r1 r1 r2 r2]                             (1, N)
+
+Three things keep it the same function as the padded forward, row by row:
+
+  1. Positions. Each row keeps the positions it has alone. They come from the family's own
+     position hook (`_prepare_position_ids_for_generation`, the one HF generate calls) run on the
+     padded rows, where every row is computed alone: 0..len-1 for plain RoPE; for M-RoPE (Qwen2-VL,
+     Qwen2.5-VL, Qwen3-VL) `get_rope_index` per row: text tokens at (p, p, p), each image's tokens on
+     its (t, h, w) grid starting one past the text before it, the text after an image one past the
+     grid's largest index (so a row's positions end below its length: its `rope_delta` is < 0).
+     Those are taken at the real tokens and concatenated, a text row (4, 1, N) first for M-RoPE:
+     row 0 = 0..len-1 per row, the rest t/h/w.
+  2. Attention never crosses rows. With no attention mask, transformers reads row boundaries off
+     the (text) positions (masking_utils.find_packed_sequence_indices: a new row wherever a
+     position is not the previous one + 1) and ANDs that block-diagonal mask into every layer's
+     mask: causal, sliding window, and Gemma 3's bidirectional image blocks alike (SDPA on CPU; with
+     flash-attention the same positions give the varlen kernel its cu_seqlens).
+  3. Everything per row follows its row. Per-token processor outputs (Gemma 3's token_type_ids,
+     Qwen's mm_token_type_ids) are packed like input_ids; images stay in the rows' order, so the
+     vision tower encodes each image once, as padded, and its features (and Qwen3-VL's deepstack
+     features, placed by the same image-token mask) land on the same tokens.
+
+The hidden states come back scattered into the padded (B, T) layout (zeros at pads), so log-probs,
+masks and every loss read exactly what they read padded. That costs one (B, T, H) tensor, the last
+layer's only; every layer before it, the vision tower and lm_head see N tokens.
+
+Not packable: a decoder layer that carries state along the sequence (Qwen3.5's linear-attention
+layers, a recurrence) would run on from one row into the next; without a varlen kernel it cannot be
+confined to a row, so such a model is refused (`check_packable`), not silently padded.
+"""
+
+import torch
+
+
+def check_packable(hf_model) -> None:
+    """Refuse (ValueError) a model whose decoder layers cannot be confined to one row of a packed sequence."""
+    layer_types = getattr(hf_model.config.get_text_config(), "layer_types", None) or []
+    if other := sorted(set(layer_types) - {"full_attention", "sliding_attention"}):
+        raise ValueError(
+            f"--padding-free: {type(hf_model).__name__} has {', '.join(other)} decoder layers, whose state runs along "
+            "the whole sequence: packed, each row would read the rows before it (no varlen kernel confines them to a "
+            "row). Drop --padding-free for this model."
+        )
+
+
+def row_positions(hf_model, input_ids, attention_mask, mm_inputs: dict) -> torch.Tensor:
+    """The family's positions of right-padded rows, each row computed alone: (B, T), or (C, B, T) with
+    C = 4 for M-RoPE (text row, then t/h/w). Values at pads are meaningless (they are never used)."""
+    base = hf_model.base_model
+    deltas = getattr(base, "rope_deltas", None)  # the hook stores per-row deltas for decoding: not ours to change
+    positions = hf_model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask, **mm_inputs})
+    if hasattr(base, "rope_deltas"):
+        base.rope_deltas = deltas
+    return positions
+
+
+def packed_hidden(hf_model, input_ids, attention_mask, mm_inputs: dict) -> torch.Tensor:
+    """The base model's last hidden states of B right-padded rows, (B, T, H), computed on their real
+    tokens only, as one packed sequence; zeros at pads."""
+    real = attention_mask.bool()  # (B, T)
+    positions = row_positions(hf_model, input_ids, attention_mask, mm_inputs)[..., real]  # (N,) or (C, N)
+    # Per-token processor outputs are (B, T) integer tensors like input_ids; per-image ones are not.
+    per_token = {k for k, v in mm_inputs.items() if v.shape == input_ids.shape and not v.is_floating_point()}
+    packed = {k: v[real][None] if k in per_token else v for k, v in mm_inputs.items()}
+    hidden = hf_model.model(
+        input_ids=input_ids[real][None], attention_mask=None, position_ids=positions.unsqueeze(-2), use_cache=False, **packed
+    ).last_hidden_state  # (1, N, H)
+    out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])  # (B, T, H)
+    out[real] = hidden[0]  # an index_put: the gradient flows back to the packed states
+    return out

@@ -1,0 +1,131 @@
+"""Tests for nanoalign/packing.py (--padding-free): a micro-batch forwarded as one packed sequence is the
+same function as the padded one, on every built-in family.
+
+  * per-row log-probs, a loss and every parameter's gradient, padded vs padding-free, within 1e-5
+    (fp32), with 1 and with 2 images of different sizes per row (M-RoPE, deepstack, token_type_ids,
+    tiles: each family's own path);
+  * the check is sharp: one row's positions shifted by one, and it fails;
+  * a family with linear-attention layers (Qwen3.5) is refused, naming the reason;
+  * sft / dpo / mpo steps through the algorithm modules on 2 FSDP ranks with gradient accumulation,
+    padding-free, give the one-process padded step's loss and gradients (DPO pairs stay paired).
+"""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from nanoalign import packing
+from nanoalign.batch import encode_conversations
+from nanoalign.model import Policy
+
+from conftest import FAMILIES, family_params, one_thread, torchrun  # noqa: E402
+from conftest import TESTS, assert_same_step  # noqa: E402
+
+PACKABLE = tuple(n for n in FAMILIES if n != "tiny-qwen3.5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def conversations(make_image, num_images: int):
+    """3 rows of clearly different lengths (answers of 1, ~10 and ~30 tokens), each with num_images
+    images of different sizes, so every row is padded by a different amount."""
+    questions = ["How many?", "How many shapes are in the image?", "Count the shapes, then name their colours."]
+    answers = ["2", "I count 2 shapes.", "<think>I count 3 shapes: a red one, a blue one and a green one.</think> "
+               "The answer is \\boxed{3}. There are three shapes in the image."]  # fmt: skip
+    sizes = [(112, 112), (168, 84), (56, 112)]
+    rows, images = [], []
+    for b, (question, answer) in enumerate(zip(questions, answers)):
+        user = {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}]}
+        rows.append([user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+        images.append([make_image(10 * b + k, sizes[(b + k) % 3]) for k in range(num_images)])
+    return rows, images
+
+
+def forward_and_grads(policy, batch, weights):
+    """Per-token log-probs (B, T) of the counted tokens and every parameter's gradient of the
+    SFT-normalised SUM_{b,t} w_{b,t} M_{b,t} l_{b,t} / SUM M (weights differ per token, so every row's
+    every token matters)."""
+    policy.hf.zero_grad(set_to_none=True)
+    logps, _ = policy(**batch.model_inputs(), logps_mask=batch.mask)
+    loss = (logps * batch.mask * weights).sum() / batch.mask.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.hf.named_parameters() if p.grad is not None}
+    return logps.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+@pytest.mark.parametrize("name", family_params(PACKABLE))
+def test_padding_free_equals_padded(name, num_images, load_family, make_image):
+    processor, model, stop_ids = load_family(name)
+    rows, images = conversations(make_image, num_images)
+    batch = encode_conversations(processor, rows, images, ["a", "b", "c"], max_length=1024, stop_ids=stop_ids)
+    lengths = batch.attention_mask.sum(1)
+    assert lengths.min() < lengths.max()  # padded rows (Gemma 4: image token counts do not follow the size)
+    weights = torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    padded = forward_and_grads(Policy(model, logps_chunk_size=16), batch, weights)
+    packed = forward_and_grads(Policy(model, logps_chunk_size=16, padding_free=True), batch, weights)
+    counted = batch.mask.bool()
+    assert (padded[0][counted] < 0).all()  # real log-probs, not the zeros of skipped positions
+    assert_close(packed[0][counted], padded[0][counted], atol=1e-5, rtol=1e-5)
+    assert (packed[0][~counted] == 0).all()
+    assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
+    assert packed[2].keys() == padded[2].keys()
+    for param, grad in padded[2].items():
+        assert_close(packed[2][param], grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{param}: {m}")
+
+
+@pytest.mark.parametrize("name", family_params(("tiny", "tiny-llava", "tiny-qwen3-vl")))
+def test_shifted_row_positions_are_caught(name, load_family, make_image, monkeypatch):
+    # The exactness check is sharp: move the middle row's positions after its first token one further
+    # (M-RoPE: t/h/w rows too) and its log-probs change, while the other rows' stay the same.
+    processor, model, stop_ids = load_family(name)
+    rows, images = conversations(make_image, 1)
+    batch = encode_conversations(processor, rows, images, ["a", "b", "c"], max_length=1024, stop_ids=stop_ids)
+    policy = Policy(model, logps_chunk_size=16, padding_free=True)
+    with torch.no_grad():
+        right = policy(**batch.model_inputs(), logps_mask=batch.mask)[0]
+        own = packing.row_positions
+
+        def shifted(*args):
+            positions = own(*args).clone()
+            positions[..., 1, 1:] += 1  # row 1, every token after the first
+            return positions
+
+        monkeypatch.setattr(packing, "row_positions", shifted)
+        wrong = policy(**batch.model_inputs(), logps_mask=batch.mask)[0]
+    counted = batch.mask.bool()
+    assert_close(wrong[0][counted[0]], right[0][counted[0]], atol=1e-5, rtol=1e-5)
+    assert_close(wrong[2][counted[2]], right[2][counted[2]], atol=1e-5, rtol=1e-5)
+    assert (wrong[1][counted[1]] - right[1][counted[1]]).abs().max() > 1e-3
+
+
+def test_linear_attention_family_is_refused(load_family, tmp_path):
+    _, model, _ = load_family("tiny-qwen3.5")
+    with pytest.raises(ValueError, match="linear_attention.*--padding-free"):
+        packing.check_packable(model)
+    packing.check_packable(load_family("tiny")[1])  # full attention: accepted
+
+
+PARITY_SPECS = ("sft:1:2:pf", "sft:2:1:pf", "dpo:1:2:pf", "mpo:1:2:pf")  # ALGO:BATCH:ACCUM, padding-free
+
+
+@pytest.fixture(scope="module")
+def two_ranks_padding_free(tiny_dirs, tmp_path_factory):
+    """2 FSDP ranks (torchrun, gloo), padding-free: each spec's step on the 4 parity samples."""
+    out = tmp_path_factory.mktemp("padding_free") / "two_ranks.pt"
+    proc = torchrun(str(TESTS / "parity_worker.py"), str(tiny_dirs["tiny"]), str(out), *PARITY_SPECS, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("spec, reference", [("sft:1:2:pf", "sft:4:1"), ("sft:2:1:pf", "sft:4:1"),
+                                             ("dpo:1:2:pf", "dpo:4:1"), ("mpo:1:2:pf", "mpo:4:1")])  # fmt: skip
+def test_two_ranks_padding_free_match_one_process_padded(spec, reference, two_ranks_padding_free, one_process):
+    # The step of train.py's normalisation rule (global counts) on 2 ranks x micro-batches, padding-free,
+    # == 1 process x 1 padded micro-batch: loss, count and every parameter's gradient. DPO/MPO: chosen
+    # and rejected rows of a pair are packed into one sequence, and their sums still pair up.
+    assert_same_step(two_ranks_padding_free[spec], one_process[reference])
