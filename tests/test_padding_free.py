@@ -12,14 +12,19 @@ same function as the padded one, on every built-in family.
 
 import pytest
 import torch
+from conftest import (
+    FAMILIES,
+    TESTS,
+    assert_same_step,
+    family_params,
+    one_thread,
+    torchrun,
+)
 from torch.testing import assert_close
 
 from nanoalign import packing
 from nanoalign.batch import encode_conversations
 from nanoalign.model import Policy
-
-from conftest import FAMILIES, family_params, one_thread, torchrun  # noqa: E402
-from conftest import TESTS, assert_same_step  # noqa: E402
 
 PACKABLE = tuple(n for n in FAMILIES if n != "tiny-qwen3.5")
 
@@ -34,8 +39,9 @@ def conversations(make_image, num_images: int):
     """3 rows of clearly different lengths (answers of 1, ~10 and ~30 tokens), each with num_images
     images of different sizes, so every row is padded by a different amount."""
     questions = ["How many?", "How many shapes are in the image?", "Count the shapes, then name their colours."]
-    answers = ["2", "I count 2 shapes.", "<think>I count 3 shapes: a red one, a blue one and a green one.</think> "
-               "The answer is \\boxed{3}. There are three shapes in the image."]  # fmt: skip
+    long_answer = ("<think>I count 3 shapes: a red one, a blue one and a green one.</think> "
+                   "The answer is \\boxed{3}. There are three shapes in the image.")  # fmt: skip
+    answers = ["2", "I count 2 shapes.", long_answer]
     sizes = [(112, 112), (168, 84), (56, 112)]
     rows, images = [], []
     for b, (question, answer) in enumerate(zip(questions, answers)):
@@ -75,7 +81,7 @@ def test_padding_free_equals_padded(name, num_images, load_family, make_image):
     assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
     assert packed[2].keys() == padded[2].keys()
     for param, grad in padded[2].items():
-        assert_close(packed[2][param], grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{param}: {m}")
+        assert_close(packed[2][param], grad, atol=1e-5, rtol=1e-5, msg=lambda m, param=param: f"{param}: {m}")
 
 
 @pytest.mark.parametrize("name", family_params(("tiny", "tiny-llava", "tiny-qwen3-vl")))
