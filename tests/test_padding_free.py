@@ -10,6 +10,8 @@ same function as the padded one, on every built-in family.
     padding-free, give the one-process padded step's loss and gradients (DPO pairs stay paired).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (
@@ -20,11 +22,15 @@ from conftest import (
     one_thread,
     torchrun,
 )
+from test_grpo import fixed_rollouts, one_step
 from torch.testing import assert_close
 
-from nanoalign import packing
+from nanoalign import grpo, online_dpo, packing, rl, rloo
 from nanoalign.batch import encode_conversations
+from nanoalign.config import PRESETS, check_config
+from nanoalign.data import prepare_sample
 from nanoalign.model import Policy
+from nanoalign.shapes import shapes_sample
 
 PACKABLE = tuple(n for n in FAMILIES if n != "tiny-qwen3.5")
 
@@ -135,3 +141,36 @@ def test_two_ranks_padding_free_match_one_process_padded(spec, reference, two_ra
     # == 1 process x 1 padded micro-batch: loss, count and every parameter's gradient. DPO/MPO: chosen
     # and rejected rows of a pair are packed into one sequence, and their sums still pair up.
     assert_same_step(two_ranks_padding_free[spec], one_process[reference])
+
+
+RL_MODULES = {"grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["whole_rows", "shared_prompts"])
+@pytest.mark.parametrize("algo", RL_MODULES)
+def test_rl_step_padding_free_equals_padded(algo, shared, tiny_dirs, dist_world, monkeypatch):
+    # One optimizer step (2 micro-batches: accumulation) of each RL loss through prepare and loss, old and
+    # reference (beta > 0) log-probs included, padded vs padding-free: loss and every gradient. Completions of
+    # different lengths, so the rows are padded differently. Rollouts without shared prompts (vLLM's,
+    # HF generate's) are packed; with them (nanoalign's sampler) the shared-prompt forward wins: it must
+    # then be the one that runs, packed_hidden never called.
+    module = RL_MODULES[algo]
+
+    def rollouts(*args):
+        return [r if shared else dataclasses.replace(r, shared_prompts={}) for r in fixed_rollouts(*args)]
+
+    monkeypatch.setattr(rl, "rollout_chunks", rollouts)
+    if shared:
+        monkeypatch.setattr("nanoalign.model.packed_hidden", lambda *a: pytest.fail("the shared-prompt forward should win"))
+    G = 2 if algo in ("rloo", "online_dpo") else 4
+    cfg = dataclasses.replace(PRESETS[algo](), num_generations=G, max_length=512, batch_size=2 * G, grad_accum_steps=2,
+                              steps_per_generation=1, beta=0.04, reward_funcs=("toy_rewards:shorter",), reward_weights=(1.0,))  # fmt: skip
+    check_config(cfg)
+    samples = [prepare_sample(shapes_sample("train", i, "rl"), "rl", f"sample {i}") | {"index": i} for i in range(4)]
+    loss_padded, grads_padded = one_step(module, str(tiny_dirs["tiny"]), cfg, samples)
+    loss_packed, grads_packed = one_step(module, str(tiny_dirs["tiny"]), dataclasses.replace(cfg, padding_free=True), samples)
+    assert sum(float(g.abs().sum()) for g in grads_padded.values()) > 0  # a real signal to compare
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5, abs=1e-6)
+    assert grads_packed.keys() == grads_padded.keys()
+    for name, grad in grads_padded.items():
+        assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
