@@ -37,6 +37,10 @@ confined to a row, so such a model is refused (`check_packable`), not silently p
 """
 
 import torch
+import torch.distributed as dist
+
+from nanoalign.data import BadSampleError
+from nanoalign.runtime import agree_on_failure
 
 
 def check_packable(hf_model) -> None:
@@ -75,3 +79,61 @@ def packed_hidden(hf_model, input_ids, attention_mask, mm_inputs: dict) -> torch
     out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])  # (B, T, H)
     out[real] = hidden[0]  # an index_put: the gradient flows back to the packed states
     return out
+
+
+# -----------------------------------------------------------------------------
+# Token-budget micro-batches (--max-tokens-per-micro-batch, sft / dpo / mpo)
+#
+# An optimizer step still draws batch_size x grad_accum_steps samples per rank, and every loss still
+# divides by its count over the whole step (train.py's rule), so the step's gradient is the same however
+# its samples are grouped. Only the grouping changes: consecutive samples (whole pairs for DPO/MPO) fill a
+# micro-batch up to the budget, so ten short rows cost one forward and a long one goes alone.
+
+
+def micro_batch_cost(row_lengths: list[int], padding_free: bool) -> int:
+    """Tokens the forward computes for these rows: their sum packed, rows x the longest padded."""
+    return sum(row_lengths) if padding_free else len(row_lengths) * max(row_lengths)
+
+
+def budget_groups(sample_rows: list[list[int]], budget: int, padding_free: bool, num_groups: int = 0) -> list[slice]:
+    """Consecutive samples (each a list of its rows' lengths) in groups costing at most `budget` tokens
+    (a sample over it alone goes alone), then split further until there are num_groups.
+
+    Splitting always works when num_groups <= len(sample_rows): the largest group of 2+ samples is cut
+    in half, which keeps every group within the budget.
+    """
+    def cost(first: int, last: int) -> int:
+        return micro_batch_cost([n for rows in sample_rows[first:last] for n in rows], padding_free)
+
+    groups, start = [], 0  # [first, last) sample indices
+    for end in range(2, len(sample_rows) + 1):
+        if cost(start, end) > budget:
+            groups.append([start, end - 1])
+            start = end - 1
+    groups.append([start, len(sample_rows)])
+    assert num_groups <= len(sample_rows), "every rank draws as many samples, so no rank needs more groups than samples"
+    while len(groups) < num_groups:
+        k = max((k for k, (first, last) in enumerate(groups) if last - first > 1), key=lambda k: cost(*groups[k]))
+        first, last = groups[k]
+        groups[k : k + 1] = [[first, (first + last) // 2], [(first + last) // 2, last]]
+    return [slice(first, last) for first, last in groups]
+
+
+def budget_slices(samples: list[dict], run, sample_rows) -> list[slice]:
+    """This rank's micro-batches (slices of `samples`) under --max-tokens-per-micro-batch.
+
+    sample_rows(samples) -> each sample's row lengths, image tokens included (the encoded rows).
+    FSDP needs every rank to run as many forwards and backwards per step (each one gathers weights
+    with the other ranks), so the ranks agree on one count: the largest any rank's budget needs
+    (an all-reduce MAX); a rank that needs fewer splits its largest groups until it has as many.
+    """
+    error, rows = None, []
+    try:
+        rows = sample_rows(samples)
+    except BadSampleError as err:
+        error = err
+    agree_on_failure(error, run.device)
+    budget, padding_free = run.cfg.max_tokens_per_micro_batch, run.cfg.padding_free
+    count = torch.tensor(len(budget_groups(rows, budget, padding_free)), device=run.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return budget_groups(rows, budget, padding_free, int(count))

@@ -122,7 +122,9 @@ def test_linear_attention_family_is_refused(load_family, tmp_path):
     packing.check_packable(load_family("tiny")[1])  # full attention: accepted
 
 
-PARITY_SPECS = ("sft:1:2:pf", "sft:2:1:pf", "dpo:1:2:pf", "mpo:1:2:pf")  # ALGO:BATCH:ACCUM, padding-free
+# ALGO:BATCH:ACCUM, :pf padding-free, then a token budget (tests/parity_worker.py). The parity samples' rows
+# are 48, 52, 66 and 99 tokens (pairs: 48+66, 52+67, 66+66, 99+69); rank 0 takes the first two.
+PARITY_SPECS = ("sft:1:2:pf", "sft:2:1:pf", "dpo:1:2:pf", "mpo:1:2:pf", "sft:2:1:pf:120", "dpo:2:1:pf:250", "mpo:2:1::250")
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +136,38 @@ def two_ranks_padding_free(tiny_dirs, tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("spec, reference", [("sft:1:2:pf", "sft:4:1"), ("sft:2:1:pf", "sft:4:1"),
-                                             ("dpo:1:2:pf", "dpo:4:1"), ("mpo:1:2:pf", "mpo:4:1")])  # fmt: skip
+@pytest.mark.parametrize("spec, reference", [("sft:1:2:pf", "sft:4:1"), ("sft:2:1:pf", "sft:4:1"), ("dpo:1:2:pf", "dpo:4:1"),
+                                             ("mpo:1:2:pf", "mpo:4:1"), ("sft:2:1:pf:120", "sft:4:1"),
+                                             ("dpo:2:1:pf:250", "dpo:4:1"), ("mpo:2:1::250", "mpo:4:1")])  # fmt: skip
 def test_two_ranks_padding_free_match_one_process_padded(spec, reference, two_ranks_padding_free, one_process):
     # The step of train.py's normalisation rule (global counts) on 2 ranks x micro-batches, padding-free,
     # == 1 process x 1 padded micro-batch: loss, count and every parameter's gradient. DPO/MPO: chosen
     # and rejected rows of a pair are packed into one sequence, and their sums still pair up.
     assert_same_step(two_ranks_padding_free[spec], one_process[reference])
+
+
+@pytest.mark.parametrize("spec, rows_per_rank", [("sft:2:1:pf:120", [[1, 1], [1, 1]]), ("dpo:2:1:pf:250", [[2, 2], [2, 2]]),
+                                                   ("mpo:2:1::250", [[2, 2], [2, 2]])])  # fmt: skip
+def test_token_budget_micro_batch_count_is_agreed_by_the_ranks(spec, rows_per_rank, two_ranks_padding_free):
+    # Rank 1's budget needs 2 micro-batches where rank 0's needs 1 (sft: 48 + 52 = 100 <= 120 < 66 + 99;
+    # dpo packed: pairs of 114 and 119 = 233 <= 250 < 132 + 168): both ranks run 2, rank 0 splitting its
+    # one. Padded (mpo), the budget counts rows x the longest row: 4 x 67 > 250 already on rank 0.
+    # Rows per micro-batch, rank by rank (a DPO pair is 2 rows).
+    assert two_ranks_padding_free[spec]["rows_per_rank"] == rows_per_rank
+
+
+def test_budget_groups_hand_values():
+    # Padding-free the cost is the sum: 6 + 1 + 1 = 8 fits a budget of 8 in one group; padded it is
+    # rows x longest: 2 x 6 = 12 > 8, so the 6 goes alone and 2 x 1 = 2 follows.
+    assert packing.budget_groups([[6], [1], [1]], 8, padding_free=True) == [slice(0, 3)]
+    assert packing.budget_groups([[6], [1], [1]], 8, padding_free=False) == [slice(0, 1), slice(1, 3)]
+    # A sample over the budget goes alone; the next group starts after it.
+    assert packing.budget_groups([[2], [20], [3], [4]], 8, padding_free=True) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+    # Asked for more groups (another rank needs them): the largest group of 2+ samples is halved.
+    assert packing.budget_groups([[6], [1], [1]], 8, padding_free=True, num_groups=2) == [slice(0, 1), slice(1, 3)]
+    assert packing.budget_groups([[6], [1], [1]], 8, padding_free=True, num_groups=3) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    # Pairs: a sample's two rows count together (4 + 5 = 9 <= 10; with 1 + 1 more, 11 > 10).
+    assert packing.budget_groups([[4, 5], [1, 1]], 10, padding_free=True) == [slice(0, 1), slice(1, 2)]
 
 
 RL_MODULES = {"grpo": grpo, "gspo": grpo, "rloo": rloo, "online_dpo": online_dpo}
@@ -174,3 +201,30 @@ def test_rl_step_padding_free_equals_padded(algo, shared, tiny_dirs, dist_world,
     assert grads_packed.keys() == grads_padded.keys()
     for name, grad in grads_padded.items():
         assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_train_loop_padding_free_with_a_token_budget_logs_the_padded_losses(algo, tiny_dirs, dist_world, tmp_path):
+    # train.train end to end, 3 steps of 4 samples: padded, 1 micro-batch of 4 vs padding-free with a
+    # budget of 1 token (every sample alone: 4 micro-batches a step, more than --grad-accum-steps 2, so
+    # the loop must take a step's micro-batches however many there are). Same losses, step by step.
+    from test_algorithms import run_train, steps
+
+    common = {"model": "tiny", "max-steps": 3, "num-shapes-samples": 64, "logps-chunk-size": 64}
+    run_train(tmp_path / "padded", algo, **common, **{"batch-size": 4})
+    run_train(tmp_path / "packed", algo, "--padding-free", **common,
+              **{"batch-size": 2, "grad-accum-steps": 2, "max-tokens-per-micro-batch": 1})  # fmt: skip
+    padded, packed = steps(tmp_path / "padded"), steps(tmp_path / "packed")
+    assert [r["step"] for r in packed] == [1, 2, 3]
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_flags_are_checked():
+    from nanoalign.config import Config
+
+    with pytest.raises(ValueError, match="--max-tokens-per-micro-batch does nothing for --algo grpo"):
+        check_config(dataclasses.replace(PRESETS["grpo"](), max_tokens_per_micro_batch=4096))
+    with pytest.raises(ValueError, match="--max-tokens-per-micro-batch must be >= 0"):
+        check_config(Config(max_tokens_per_micro_batch=-1))
