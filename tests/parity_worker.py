@@ -79,12 +79,20 @@ def parity_step(model_dir: str, algo_name: str, batch_size: int, grad_accum: int
         loss.backward()
         loss_sum += float(loss.detach())
     loss_mean = mean_over_ranks({"loss": loss_sum * world_size}, device)["loss"]  # what train.py logs
-    grads = {name: p.grad.full_tensor().detach().clone() for name, p in policy.named_parameters()}  # collective
+    # collective; a parameter no sample reaches (LLaVA's vision layer after the one it reads) has no gradient on any rank
+    grads = {name: p.grad.full_tensor().detach().clone() for name, p in policy.named_parameters() if p.grad is not None}
     rows_per_rank = [None] * world_size  # each rank's rows per micro-batch (a token budget decides them)
     torch.distributed.all_gather_object(rows_per_rank, [len(m.batch.input_ids) for m in micro_batches])
     step_tokens = micro_batches[0].normaliser if algo is sft else micro_batches[0].num_step_chosen_tokens
     return {"loss": loss_mean, "grads": grads, "num_tokens": step_tokens,
             "rank_tokens": [float(m.batch.mask.sum()) for m in micro_batches], "rows_per_rank": rows_per_rank}  # fmt: skip
+
+
+def parse_spec(spec: str) -> tuple:
+    """ALGO:BATCH:ACCUM, then optionally :pf (--padding-free) or : (padded), then :N (--max-tokens-per-micro-batch)
+    -> parity_step's arguments after the model directory."""
+    algo_name, batch_size, grad_accum, *extra = spec.split(":")
+    return algo_name, int(batch_size), int(grad_accum), extra[:1] == ["pf"], int(extra[1]) if len(extra) > 1 else 0
 
 
 if __name__ == "__main__":
@@ -93,10 +101,7 @@ if __name__ == "__main__":
     model_dir, out_path, *specs = sys.argv[1:]
     results = {}
     for spec in specs:
-        # ALGO:BATCH:ACCUM, then optionally :pf (--padding-free) or : (padded), then :N (--max-tokens-per-micro-batch)
-        algo_name, batch_size, grad_accum, *extra = spec.split(":")
-        padding_free, max_tokens = extra[:1] == ["pf"], int(extra[1]) if len(extra) > 1 else 0
-        results[spec] = parity_step(model_dir, algo_name, int(batch_size), int(grad_accum), padding_free, max_tokens)
+        results[spec] = parity_step(model_dir, *parse_spec(spec))
     # train.py's metric average over ranks: rank 0 has nothing to measure for "partly" (NaN)
     rank = dist.get_rank()
     results["mean_over_ranks"] = mean_over_ranks(

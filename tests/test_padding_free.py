@@ -146,6 +146,33 @@ def test_two_ranks_padding_free_match_one_process_padded(spec, reference, two_ra
     assert_same_step(two_ranks_padding_free[spec], one_process[reference])
 
 
+OTHER_PACKABLE = tuple(n for n in PACKABLE if n != "tiny")
+
+
+@pytest.fixture(scope="module")
+def families_two_ranks_padding_free(tmp_path_factory):
+    """sft:1:2:pf (2 ranks x 2 micro-batches, padding-free) for every other packable family, one launch."""
+    from nanoalign.tiny import ensure_tiny
+
+    dirs = {name: str(ensure_tiny(name)) for name in OTHER_PACKABLE}
+    out = tmp_path_factory.mktemp("padding_free_families") / "two_ranks.pt"
+    proc = torchrun(str(TESTS / "families_worker.py"), str(out), "sft:1:2:pf", *dirs.values(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {name: result for name, result in zip(dirs, torch.load(out).values())}
+
+
+@pytest.mark.parametrize("name", family_params(OTHER_PACKABLE))
+def test_every_family_two_ranks_padding_free_match_one_process_padded(name, families_two_ranks_padding_free, dist_world):
+    # As above, family by family: M-RoPE (Qwen2-VL, Qwen3-VL with deepstack), token_type_ids (Gemma 3),
+    # Gemma 4, tiles (SmolVLM), LLaVA. Some parameters get no gradient from these samples in some
+    # families (test_families.py checks the vision tower and lm_head), so zero gradients are not refused.
+    from nanoalign.tiny import ensure_tiny
+    from parity_worker import parity_step
+
+    reference = parity_step(str(ensure_tiny(name)), "sft", 4, 1)
+    assert_same_step(families_two_ranks_padding_free[name], reference, every_gradient_nonzero=False)
+
+
 @pytest.mark.parametrize("spec, rows_per_rank", [("sft:2:1:pf:120", [[1, 1], [1, 1]]), ("dpo:2:1:pf:250", [[2, 2], [2, 2]]),
                                                    ("mpo:2:1::250", [[2, 2], [2, 2]])])  # fmt: skip
 def test_token_budget_micro_batch_count_is_agreed_by_the_ranks(spec, rows_per_rank, two_ranks_padding_free):
