@@ -74,6 +74,8 @@ class Policy(nn.Module):
     of the lm_head work, which dominates at real vocabulary sizes (TRL's logits_to_keep does the same).
     shared_prompts, optional: the distinct prompts of rows that come G per prompt (RL); each prompt
     is then read once (`shared_prompt_hidden`; TRL reads every row whole), same numbers to rounding.
+    padding_free: rows without shared prompts are forwarded as one packed sequence, no pad token
+    computed (nanoalign/packing.py), same numbers to rounding; shared prompts, when given, win.
     """
 
     def __init__(self, hf_model, logps_chunk_size: int = 128, padding_free: bool = False):
