@@ -2,6 +2,7 @@
 
     python bench/padding_free.py                       # small model (~70M), 2 steps of 16 samples each mode
     python bench/padding_free.py --model tiny --steps 3
+    python bench/padding_free.py --mix rl --modes padded padding-free   # RL rows: completions up to the cap
 
 Each mode runs in a fresh child process (bench/common.run_child: its own peak RSS) through the real
 path: build_policy (FSDP2 over a world of 1), sft.prepare (encoding, token-budget grouping) and
@@ -52,14 +53,27 @@ def lognormal_int(rng: random.Random, median_value: float, sigma: float, low: in
     return max(low, min(high, round(math.exp(rng.gauss(math.log(median_value), sigma)))))
 
 
-def length_mix(num_samples: int, seed: int = 0) -> list[dict]:
-    """Prepared SFT samples with the module docstring's distribution (deterministic for a seed)."""
+def length_mix(num_samples: int, mix: str = "sft", seed: int = 0) -> list[dict]:
+    """Prepared SFT samples with the module docstring's distribution (deterministic for a seed).
+
+    mix "rl": RL training rows instead, G = 4 completions per prompt (each its own row, as rollouts
+    from vLLM or HF generate come: no shared prompt), a 224x224 image and a 16-word question per
+    prompt, completions of 8..256 words (the cap), uniform, a quarter of them cut at the cap.
+    """
     from nanoalign.data import prepare_sample
     from nanoalign.shapes import draw_shapes
 
     rng = random.Random(seed)
     samples = []
     for i in range(num_samples):
+        if mix == "rl":
+            if i % 4 == 0:  # a new prompt for each group of 4 completions
+                images = [draw_shapes(rng, 2, 224, 28)]
+                question = " ".join(rng.choices(WORDS, k=16)) + "?"
+            answer = " ".join(rng.choices(WORDS, k=256 if rng.random() < 0.25 else rng.randint(8, 256)))
+            raw = {"images": images, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            samples.append(prepare_sample(raw, "sft", f"rl {i}"))
+            continue
         num_images = 1 if rng.random() < 0.8 else 2
         sizes = rng.choices([s for s, _ in IMAGE_SIZES], weights=[w for _, w in IMAGE_SIZES], k=num_images)
         images = [draw_shapes(rng, 2, max(size), max(size) / 8).resize(size) for size in sizes]
@@ -91,7 +105,7 @@ def child(spec: dict) -> None:
     policy = build_policy(spec["model_dir"], cfg, device_mesh(world_size, device), bf16=device.type == "cuda", trainable=True)
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     run = Run(cfg, processor, policy, None, rank, world_size, device, stop_ids, pad_id)
-    samples = length_mix(spec["samples_per_step"] * (spec["warmup"] + spec["steps"]))
+    samples = length_mix(spec["samples_per_step"] * (spec["warmup"] + spec["steps"]), spec.get("mix", "sft"))
     steps = []
     for step in range(spec["warmup"] + spec["steps"]):
         # CPU seconds on CPU (this process's own, whatever else shares the cores), wall seconds on GPU
@@ -119,6 +133,7 @@ def main() -> None:
     add_model_flags(parser)
     parser.set_defaults(model="small")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--mix", default="sft", choices=["sft", "rl"], help="the length mix (module docstring)")
     parser.add_argument("--samples-per-step", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch without a budget")
     parser.add_argument("--budget", type=int, default=2048, help="--max-tokens-per-micro-batch in the budget modes")
@@ -131,7 +146,7 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         spec = {"mode": mode, "model_dir": model_dir, "threads": args.threads, "samples_per_step": args.samples_per_step,
-                "batch_size": args.batch_size, "budget": args.budget, "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+                "batch_size": args.batch_size, "budget": args.budget, "steps": args.steps, "warmup": args.warmup, "mix": args.mix}  # fmt: skip
         result = run_child(__file__, spec, timeout=3600)
         if "error" in result:
             print(f"{mode}: {result['error']}", flush=True)
@@ -155,8 +170,8 @@ def main() -> None:
     print_table(rows, [("mode", "mode", ""), ("tokens/s", "tokens_per_s", ".0f"), ("x padded", "speedup", ".2f"),
                        ("pad share of computed", "pad_fraction", ".2f"), ("micro-batches/step", "micro_batches", ".3g"),
                        ("fwd+bwd s", "train_s", ".1f"), ("encode s", "encode_s", ".1f"), ("peak MiB", "peak_mib", ".0f")],
-                title=f"SFT on the llava-instruct-like mix, {args.model}, {args.samples_per_step} samples/step x {args.steps} steps")  # fmt: skip
-    out = args.out or f"bench/results/padding_free-{args.model}.json"
+                title=f"{args.mix} length mix, {args.model}, {args.samples_per_step} samples/step x {args.steps} steps")  # fmt: skip
+    out = args.out or f"bench/results/padding_free-{args.mix}-{args.model}.json"
     write_json(out, {"args": vars(args), "rows": rows})
 
 
