@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
-from nanoalign.packing import check_packable, packed_hidden
+from nanoalign.packing import check_packable, packed_hidden, use_row_attention
 
 
 def stop_and_pad_ids(processor, hf_model) -> tuple[set[int], int]:
@@ -83,6 +83,9 @@ class Policy(nn.Module):
         self.hf = hf_model
         self.logps_chunk_size = logps_chunk_size
         self.padding_free = padding_free  # rows forwarded as one packed sequence (nanoalign/packing.py)
+        if padding_free:
+            check_packable(hf_model)
+            use_row_attention(hf_model)
         # Some families cap their final logits, z = c tanh(z / c) (Gemma 2-4's final_logit_softcapping);
         # HF applies it after lm_head, and since we compute lm_head ourselves, so must we.
         self.logit_softcap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
@@ -322,8 +325,6 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
                 module.p = 0.0
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
-    if cfg.padding_free:
-        check_packable(hf_model)
     policy = Policy(hf_model, cfg.logps_chunk_size, cfg.padding_free)
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)

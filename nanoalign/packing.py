@@ -39,8 +39,14 @@ confined to a row, so such a model is refused (`check_packable`), not silently p
 import torch
 import torch.distributed as dist
 
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
 from nanoalign.data import BadSampleError
 from nanoalign.runtime import agree_on_failure
+
+ROW_ATTENTION = "nanoalign_rows"  # SDPA, run row by row on a packed sequence (row_attention)
 
 
 def check_packable(hf_model) -> None:
@@ -52,6 +58,37 @@ def check_packable(hf_model) -> None:
             "the whole sequence: packed, each row would read the rows before it (no varlen kernel confines them to a "
             "row). Drop --padding-free for this model."
         )
+
+
+def row_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA on a packed sequence one row at a time, so attention costs SUM_b len_b^2, not N^2.
+
+    Rows are read off the text positions as transformers' packed masks read them (a new row wherever a
+    position is not the previous one + 1); each row's queries see its own keys under its own block of
+    the mask, which is all the full mask lets through. Anything else (padded rows, a KV cache, no
+    positions) is plain SDPA.
+    """
+    q_len = query.shape[2]
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or key.shape[2] != q_len:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    starts = [0, *(torch.nonzero(position_ids[0, 1:] != position_ids[0, :-1] + 1).flatten() + 1).tolist(), q_len]
+    outs = []
+    for start, end in zip(starts[:-1], starts[1:]):  # query, key, value: (1, heads, N, head_dim)
+        mask = attention_mask[..., start:end, start:end] if attention_mask is not None else None
+        row = slice(start, end)
+        outs.append(sdpa_attention_forward(module, query[:, :, row], key[:, :, row], value[:, :, row], mask, **kwargs)[0])
+    return torch.cat(outs, dim=1), None  # (1, N, heads, head_dim), as SDPA returns it
+
+
+AttentionInterface.register(ROW_ATTENTION, row_attention)
+AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+
+
+def use_row_attention(hf_model) -> None:
+    """The text decoder's attention becomes `row_attention` (the vision tower keeps its own)."""
+    text_config = hf_model.config.get_text_config()
+    if text_config._attn_implementation == "sdpa":  # flash-attention reads the rows from the positions itself
+        text_config._attn_implementation = ROW_ATTENTION
 
 
 def row_positions(hf_model, input_ids, attention_mask, mm_inputs: dict) -> torch.Tensor:

@@ -57,6 +57,9 @@ def conversations(make_image, num_images: int):
     return rows, images
 
 
+sdpa = packing.sdpa_attention_forward
+
+
 def forward_and_grads(policy, batch, weights):
     """Per-token log-probs (B, T) of the counted tokens and every parameter's gradient of the
     SFT-normalised SUM_{b,t} w_{b,t} M_{b,t} l_{b,t} / SUM M (weights differ per token, so every row's
@@ -71,7 +74,7 @@ def forward_and_grads(policy, batch, weights):
 
 @pytest.mark.parametrize("num_images", [1, 2])
 @pytest.mark.parametrize("name", family_params(PACKABLE))
-def test_padding_free_equals_padded(name, num_images, load_family, make_image):
+def test_padding_free_equals_padded(name, num_images, load_family, make_image, monkeypatch):
     processor, model, stop_ids = load_family(name)
     rows, images = conversations(make_image, num_images)
     batch = encode_conversations(processor, rows, images, ["a", "b", "c"], max_length=1024, stop_ids=stop_ids)
@@ -79,7 +82,10 @@ def test_padding_free_equals_padded(name, num_images, load_family, make_image):
     assert lengths.min() < lengths.max()  # padded rows (Gemma 4: image token counts do not follow the size)
     weights = torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(0)) + 0.5
     padded = forward_and_grads(Policy(model, logps_chunk_size=16), batch, weights)
+    query_lengths = []  # the decoder's attention runs row by row (packing.row_attention): one SDPA per row
+    monkeypatch.setattr(packing, "sdpa_attention_forward", lambda m, q, *a, **k: query_lengths.append(q.shape[2]) or sdpa(m, q, *a, **k))
     packed = forward_and_grads(Policy(model, logps_chunk_size=16, padding_free=True), batch, weights)
+    assert set(lengths.tolist()) <= set(query_lengths)
     counted = batch.mask.bool()
     assert (padded[0][counted] < 0).all()  # real log-probs, not the zeros of skipped positions
     assert_close(packed[0][counted], padded[0][counted], atol=1e-5, rtol=1e-5)
