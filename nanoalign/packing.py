@@ -36,9 +36,10 @@ layers, a recurrence) would run on from one row into the next; without a varlen 
 confined to a row, so such a model is refused (`check_packable`), not silently padded.
 """
 
+import itertools
+
 import torch
 import torch.distributed as dist
-
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -73,7 +74,7 @@ def row_attention(module, query, key, value, attention_mask, position_ids=None, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     starts = [0, *(torch.nonzero(position_ids[0, 1:] != position_ids[0, :-1] + 1).flatten() + 1).tolist(), q_len]
     outs = []
-    for start, end in zip(starts[:-1], starts[1:]):  # query, key, value: (1, heads, N, head_dim)
+    for start, end in itertools.pairwise(starts):  # query, key, value: (1, heads, N, head_dim)
         mask = attention_mask[..., start:end, start:end] if attention_mask is not None else None
         row = slice(start, end)
         outs.append(sdpa_attention_forward(module, query[:, :, row], key[:, :, row], value[:, :, row], mask, **kwargs)[0])

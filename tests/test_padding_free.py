@@ -22,15 +22,18 @@ from conftest import (
     one_thread,
     torchrun,
 )
+from parity_worker import parity_step
+from test_algorithms import run_train, steps
 from test_grpo import fixed_rollouts, one_step
 from torch.testing import assert_close
 
 from nanoalign import grpo, online_dpo, packing, rl, rloo
 from nanoalign.batch import encode_conversations
-from nanoalign.config import PRESETS, check_config
+from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import prepare_sample
 from nanoalign.model import Policy
 from nanoalign.shapes import shapes_sample
+from nanoalign.tiny import ensure_tiny
 
 PACKABLE = tuple(n for n in FAMILIES if n != "tiny-qwen3.5")
 
@@ -158,8 +161,6 @@ OTHER_PACKABLE = tuple(n for n in PACKABLE if n != "tiny")
 @pytest.fixture(scope="module")
 def families_two_ranks_padding_free(tmp_path_factory):
     """sft:1:2:pf (2 ranks x 2 micro-batches, padding-free) for every other packable family, one launch."""
-    from nanoalign.tiny import ensure_tiny
-
     dirs = {name: str(ensure_tiny(name)) for name in OTHER_PACKABLE}
     out = tmp_path_factory.mktemp("padding_free_families") / "two_ranks.pt"
     proc = torchrun(str(TESTS / "families_worker.py"), str(out), "sft:1:2:pf", *dirs.values(), timeout=900)
@@ -172,9 +173,6 @@ def test_every_family_two_ranks_padding_free_match_one_process_padded(name, fami
     # As above, family by family: M-RoPE (Qwen2-VL, Qwen3-VL with deepstack), token_type_ids (Gemma 3),
     # Gemma 4, tiles (SmolVLM), LLaVA. Some parameters get no gradient from these samples in some
     # families (test_families.py checks the vision tower and lm_head), so zero gradients are not refused.
-    from nanoalign.tiny import ensure_tiny
-    from parity_worker import parity_step
-
     reference = parity_step(str(ensure_tiny(name)), "sft", 4, 1)
     assert_same_step(families_two_ranks_padding_free[name], reference, every_gradient_nonzero=False)
 
@@ -241,8 +239,6 @@ def test_train_loop_padding_free_with_a_token_budget_logs_the_padded_losses(algo
     # train.train end to end, 3 steps of 4 samples: padded, 1 micro-batch of 4 vs padding-free with a
     # budget of 1 token (every sample alone: 4 micro-batches a step, more than --grad-accum-steps 2, so
     # the loop must take a step's micro-batches however many there are). Same losses, step by step.
-    from test_algorithms import run_train, steps
-
     common = {"model": "tiny", "max-steps": 3, "num-shapes-samples": 64, "logps-chunk-size": 64}
     run_train(tmp_path / "padded", algo, **common, **{"batch-size": 4})
     run_train(tmp_path / "packed", algo, "--padding-free", **common,
@@ -255,8 +251,6 @@ def test_train_loop_padding_free_with_a_token_budget_logs_the_padded_losses(algo
 
 
 def test_flags_are_checked():
-    from nanoalign.config import Config
-
     with pytest.raises(ValueError, match="--max-tokens-per-micro-batch does nothing for --algo grpo"):
         check_config(dataclasses.replace(PRESETS["grpo"](), max_tokens_per_micro_batch=4096))
     with pytest.raises(ValueError, match="--max-tokens-per-micro-batch must be >= 0"):
