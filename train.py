@@ -290,7 +290,9 @@ def train(cfg: Config) -> dict:
             except Exception as err:  # a bad sample, a raising reward function, a dead vLLM server, ...
                 save_before_stopping(err, out_dir, resume_state(step, drawn_before_round, cfg), policy, optimizer, scheduler, rank)
                 raise
-        micro_batches, buffer = buffer[: cfg.grad_accum_steps], buffer[cfg.grad_accum_steps :]
+        # A token budget groups one step's samples into as many micro-batches as it needs (agreed by the ranks).
+        per_step = len(buffer) if cfg.max_tokens_per_micro_batch else cfg.grad_accum_steps
+        micro_batches, buffer = buffer[:per_step], buffer[per_step:]
 
         micro_values: dict[str, list[float]] = {}
         loss_sum = 0.0

@@ -85,6 +85,14 @@ class Config:
     (needs the flash-attn package), flash_attention_3 (flash-attn 3), or a hub kernel such as
     kernels-community/flash-attn (needs the kernels package). Flash kernels need a GPU and bf16; for
     Qwen2.5-VL's windowed vision attention they run every window in one call, where sdpa loops."""
+    padding_free: bool = False
+    """Forward each micro-batch's rows as one sequence without pad tokens: every row keeps its own
+    positions (M-RoPE: the family's rope index, per row) and attends only to itself (nanoalign/packing.py).
+    Same numbers as padded; refused for models with linear-attention layers (Qwen3.5)."""
+    max_tokens_per_micro_batch: int = 0
+    """sft, dpo, mpo: fill each micro-batch with whole samples (whole pairs) up to this many computed
+    tokens (--padding-free: real tokens; padded: rows x longest row) instead of --batch-size rows; a
+    step still draws batch-size x grad-accum-steps samples per rank. 0: fixed --batch-size rows."""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 1
@@ -211,6 +219,7 @@ APPLIES_TO = {
     "loss_types": ("dpo", "mpo"),
     "loss_weights": ("dpo", "mpo"),
     "precompute_ref_logps": ("dpo", "mpo"),
+    "max_tokens_per_micro_batch": ("sft", "dpo", "mpo"),  # RL micro-batches hold whole groups of G completions
     "num_generations": RL_ALGOS,
     "temperature": RL_ALGOS,
     "top_p": RL_ALGOS,
@@ -275,6 +284,8 @@ def check_config(cfg: Config) -> None:
     for name in ("batch_size", "grad_accum_steps", "steps_per_generation", "num_iterations", "max_length", "max_completion_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_tokens_per_micro_batch < 0:
+        raise ValueError(f"--max-tokens-per-micro-batch must be >= 0 (0: --batch-size rows per micro-batch), got {cfg.max_tokens_per_micro_batch}")
     if len(cfg.loss_weights) != len(cfg.loss_types):
         raise ValueError(f"--loss-weights has {len(cfg.loss_weights)} values for {len(cfg.loss_types)} --loss-types; give one each")
     if cfg.algo not in RL_ALGOS:

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
+from nanoalign.packing import check_packable, packed_hidden, use_row_attention
 
 
 def stop_and_pad_ids(processor, hf_model) -> tuple[set[int], int]:
@@ -73,12 +74,18 @@ class Policy(nn.Module):
     of the lm_head work, which dominates at real vocabulary sizes (TRL's logits_to_keep does the same).
     shared_prompts, optional: the distinct prompts of rows that come G per prompt (RL); each prompt
     is then read once (`shared_prompt_hidden`; TRL reads every row whole), same numbers to rounding.
+    padding_free: rows without shared prompts are forwarded as one packed sequence, no pad token
+    computed (nanoalign/packing.py), same numbers to rounding; shared prompts, when given, win.
     """
 
-    def __init__(self, hf_model, logps_chunk_size: int = 128):
+    def __init__(self, hf_model, logps_chunk_size: int = 128, padding_free: bool = False):
         super().__init__()
         self.hf = hf_model
         self.logps_chunk_size = logps_chunk_size
+        self.padding_free = padding_free  # rows forwarded as one packed sequence (nanoalign/packing.py)
+        if padding_free:
+            check_packable(hf_model)
+            use_row_attention(hf_model)
         # Some families cap their final logits, z = c tanh(z / c) (Gemma 2-4's final_logit_softcapping);
         # HF applies it after lm_head, and since we compute lm_head ourselves, so must we.
         self.logit_softcap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
@@ -89,6 +96,8 @@ class Policy(nn.Module):
         # HF's checkpointed layers drop the KV cache in train mode, which the shared-prompt forward needs.
         if shared_prompts and not self.hf.is_gradient_checkpointing:
             hidden = shared_prompt_hidden(self.hf, input_ids, attention_mask, shared_prompts)
+        elif self.padding_free:
+            hidden = packed_hidden(self.hf, input_ids, attention_mask, mm_inputs)
         else:
             hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm_inputs).last_hidden_state
         hidden = hidden[:, :-1]  # (B, T-1, H): position t predicts token t+1
@@ -341,7 +350,7 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
         if bf16:  # it only computes: kept in the compute dtype, not fp32 shards cast at every gather (half the memory)
             for param in hf_model.parameters():  # parameters only: buffers such as rotary inv_freq stay fp32
                 param.data = param.data.to(torch.bfloat16)
-    policy = Policy(hf_model, logps_chunk_size(cfg.logps_chunk_size, mesh.device_type))
+    policy = Policy(hf_model, logps_chunk_size(cfg.logps_chunk_size, mesh.device_type), cfg.padding_free)
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)
     return policy

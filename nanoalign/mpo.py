@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from nanoalign.batch import Batch
 from nanoalign.data import BadSampleError
+from nanoalign.packing import budget_slices
 from nanoalign.preference import completion_logps, encode_pairs, reference_logps
 from nanoalign.runtime import agree_on_failure, all_reduce_sum, mean_over_ranks
 
@@ -153,13 +154,16 @@ def samples_per_round(cfg) -> int:
 def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     """Encode one optimizer step's pairs into micro-batches and score them with the reference."""
     size = run.cfg.batch_size
+    slices = [slice(i, i + size) for i in range(0, len(samples), size)]
+    if run.cfg.max_tokens_per_micro_batch:  # whole pairs: a sample's two rows, chosen and rejected
+        slices = budget_slices(samples, run, lambda s: encode_pairs(s, run).attention_mask.sum(1).view(2, -1).T.tolist())
     error, batches = None, []
     try:
-        batches = [encode_pairs(samples[i : i + size], run).to(run.device) for i in range(0, len(samples), size)]
+        batches = [encode_pairs(samples[s], run).to(run.device) for s in slices]
     except BadSampleError as err:
         error = err
     agree_on_failure(error, run.device)
-    refs = [reference_logps(samples[i : i + size], b, run) for i, b in zip(range(0, len(samples), size), batches)]
+    refs = [reference_logps(samples[s], b, run) for s, b in zip(slices, batches)]
     chosen_tokens = sum(float(b.mask.chunk(2)[0].sum()) for b in batches)
     num_pairs, num_chosen_tokens = all_reduce_sum([float(len(samples)), chosen_tokens], run.device)
     micro = [MicroBatch(b, r, num_pairs, num_chosen_tokens) for b, r in zip(batches, refs)]

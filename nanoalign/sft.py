@@ -20,6 +20,7 @@ import torch
 
 from nanoalign.batch import Batch, encode_conversations
 from nanoalign.data import BadSampleError
+from nanoalign.packing import budget_slices
 from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum
 
 DATA_FORMAT = "sft"
@@ -57,12 +58,14 @@ def encode(samples: list[dict], run: Run) -> Batch:
     )  # fmt: skip
 
 
-def encode_batches(samples: list[dict], run: Run) -> list[Batch]:
-    """Samples -> batches of batch_size rows. A bad sample on any rank stops every rank, with its name."""
+def encode_batches(samples: list[dict], run: Run, slices: list[slice] | None = None) -> list[Batch]:
+    """Samples -> batches of batch_size rows (or the given slices of samples). A bad sample on any rank
+    stops every rank, with its name."""
     size = run.cfg.batch_size
+    slices = slices or [slice(i, i + size) for i in range(0, len(samples), size)]
     error, batches = None, []
     try:
-        batches = [encode(samples[i : i + size], run) for i in range(0, len(samples), size)]
+        batches = [encode(samples[s], run) for s in slices]
     except BadSampleError as err:
         error = err
     agree_on_failure(error, run.device)
@@ -70,8 +73,11 @@ def encode_batches(samples: list[dict], run: Run) -> list[Batch]:
 
 
 def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
-    """Encode one optimizer step's samples into grad_accum_steps micro-batches."""
-    batches = encode_batches(samples, run)
+    """Encode one optimizer step's samples into grad_accum_steps micro-batches (or token-budget ones)."""
+    slices = None
+    if run.cfg.max_tokens_per_micro_batch:
+        slices = budget_slices(samples, run, lambda s: [[n] for n in encode(s, run).attention_mask.sum(1).tolist()])
+    batches = encode_batches(samples, run, slices)
     # One all-reduce per step gives every rank the global token count (the normaliser N above).
     (num_tokens,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
     if num_tokens == 0:

@@ -25,8 +25,8 @@ from nanoalign.runtime import Run, device_mesh, init_distributed
 
 
 
-def new_path(model_dir: str, world_size: int, device, trainable: bool = True):
-    cfg = dataclasses.replace(Config(), logps_chunk_size=32)
+def new_path(model_dir: str, world_size: int, device, padding_free: bool = False, trainable: bool = True):
+    cfg = dataclasses.replace(Config(), logps_chunk_size=32, padding_free=padding_free)
     return build_policy(model_dir, cfg, device_mesh(world_size, device), bf16=False, trainable=trainable)
 
 

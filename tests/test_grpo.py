@@ -353,8 +353,8 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     from nanoalign.rewards import load_reward_funcs
 
     processor = load_processor(model_dir)
-    policy = sharded_policy(model_dir, 1, torch.device("cpu"))
-    ref = sharded_policy(model_dir, 1, torch.device("cpu")) if module.needs_reference(cfg) else None
+    policy = sharded_policy(model_dir, 1, torch.device("cpu"), cfg.padding_free)
+    ref = sharded_policy(model_dir, 1, torch.device("cpu"), cfg.padding_free) if module.needs_reference(cfg) else None
     stop_ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id,
               reward_funcs=load_reward_funcs(list(cfg.reward_funcs)), rollouts=FixedRollouts(processor, stop_ids))
