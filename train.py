@@ -221,7 +221,8 @@ def train(cfg: Config) -> dict:
             max_images=cfg.vllm_max_images,
         )  # fmt: skip
     else:  # the policy being trained samples
-        run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=cfg.sampler)
+        run.rollouts = InProcess(policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=cfg.sampler,
+                                 rollout_batch_size=cfg.rollout_batch_size)  # fmt: skip
 
     params = [p for p in policy.parameters() if p.requires_grad]
     # fused: one kernel updates every parameter; left to itself torch loops over the parameters in
