@@ -35,16 +35,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The text and vision configs of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct (config.json), depth aside.
-VISION = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-              temporal_patch_size=2, window_size=112, hidden_act="silu", tokens_per_second=2)  # fmt: skip
+VISION = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14, "spatial_merge_size": 2,
+          "temporal_patch_size": 2, "window_size": 112, "hidden_act": "silu", "tokens_per_second": 2}  # fmt: skip
 REAL_DEPTH = {"text": {"3b": 36, "7b": 28}, "vision": 32}
 SHAPES = {
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
-               vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-               vocab_size=152064, tie_word_embeddings=False),
+    "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16, "num_key_value_heads": 2,
+           "vocab_size": 151936, "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "vocab_size": 152064, "tie_word_embeddings": False},
 }  # fmt: skip
-TEXT = dict(rope_theta=1000000.0, mrope_section=[16, 24, 24], rms_norm_eps=1e-6, max_position_embeddings=128000)
+TEXT = {"rope_theta": 1000000.0, "mrope_section": [16, 24, 24], "rms_norm_eps": 1e-6, "max_position_embeddings": 128000}
 PIXELS = {"shortest_edge": 3136, "longest_edge": 12845056}  # Qwen2.5-VL's min_pixels / max_pixels
 
 

@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import child_spec, emit, load_hf_model, machine_info, model_dir, num_params, print_table, run_child, write_json  # noqa: E402
+from bench.common import (
+    child_spec,
+    emit,
+    load_hf_model,
+    machine_info,
+    model_dir,
+    num_params,
+    print_table,
+    run_child,
+    write_json,
+)
 
 MODES = ("chunked", "batched")
 
@@ -41,7 +51,7 @@ def child(spec: dict) -> None:
     G, per_chunk = spec["num_generations"], spec["prompts"]
     samples = [shapes_sample("train", i, "rl", image_size=spec["image_size"]) for i in range(per_chunk * spec["chunks"])]
     chunks = [samples[i : i + per_chunk] for i in range(0, len(samples), per_chunk)]
-    common = dict(max_new_tokens=spec["max_new_tokens"], stop_ids=stop_ids, pad_id=pad_id, device="cpu")
+    common = {"max_new_tokens": spec["max_new_tokens"], "stop_ids": stop_ids, "pad_id": pad_id, "device": "cpu"}
 
     def run(mode: str, chunks=chunks):
         if mode == "chunked":

@@ -29,7 +29,6 @@ Two steps run; the second's times are reported (the first allocates the optimize
 
 import argparse
 import json
-import os
 import resource
 import sys
 import threading
@@ -37,7 +36,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import child_spec, current_rss_bytes, emit, machine_info, print_table, run_child, write_json  # noqa: E402
+from bench.common import (
+    child_spec,
+    current_rss_bytes,
+    emit,
+    machine_info,
+    print_table,
+    run_child,
+    write_json,
+)
 
 PHASES = ("load", "prefill", "decode", "scoring", "forward", "vision", "text", "lm_head+logps", "backward",
           "backward/lm_head+logps", "backward/text", "backward/vision", "optimizer")  # fmt: skip
@@ -95,13 +102,12 @@ def child(spec: dict) -> None:
     import torch
 
     import nanoalign.model as model_module
+    from bench.common import load_hf_model
+    from bench.real_shapes import Task, real_rl_samples
     from nanoalign.batch import image_token_ids, pack_rows
     from nanoalign.model import Policy, stop_and_pad_ids, vision_module
-    from nanoalign.rollout import encode_rows, distinct_prompts
+    from nanoalign.rollout import distinct_prompts, encode_rows
     from nanoalign.sampler import sample
-
-    from bench.real_shapes import Task, real_rl_samples
-    from bench.common import load_hf_model
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

@@ -8,11 +8,11 @@ batch is padded differently from each chunk: greedy ids must still be the same.
 
 import pytest
 import torch
+from test_sampler import sharpen
 
 import nanoalign.sampler as sampler_module
 from nanoalign.rollout import InProcess, sample_completions, sample_round
 from nanoalign.shapes import user_turn
-from test_sampler import sharpen  # noqa: E402
 
 G = 2
 MAX_NEW_TOKENS = 12
@@ -50,7 +50,7 @@ def per_chunk(setup, **kwargs):
     return [
         sample_completions(model, processor, [s["prompt"] for s in c], [s["images"] for s in c], num_generations=G,
                            max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_token_id,
-                           device="cpu", **kwargs)  # fmt: skip
+                           device="cpu", **kwargs)
         for c in chunks
     ]
 
