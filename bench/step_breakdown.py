@@ -24,7 +24,8 @@ does), "+ckpt" = --activation-checkpointing (HF's per-layer checkpointing), "+fs
 world of one process, as `python train.py` runs. Each phase reports wall and CPU seconds and
 memory: the RSS when it ends and its peak RSS above the RSS it started at (a thread samples RSS
 every 2 ms; glibc is told to serve blocks over 1 MiB from mmap, so freed tensors leave the RSS).
-Two steps run; the second's times are reported (the first allocates the optimizer state).
+--steps steps run and the last one's times are reported: with --steps 1 (the default, to keep a
+CPU run short) the optimizer time includes allocating its two moments.
 """
 
 import argparse
@@ -189,7 +190,7 @@ def child(spec: dict) -> None:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=True)
     num_tokens = float(batch.mask.sum())
-    for step in range(2):
+    for step in range(spec["steps"]):
         totals.clear()
         with phases.measure("forward"):
             logps, _ = policy(**inputs, logps_mask=batch.mask)
@@ -229,20 +230,23 @@ def main(argv=None) -> None:
     parser.add_argument("--completion-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded in the RL phase (per-token time is reported)")
     parser.add_argument("--logps-chunk-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=1, help="training steps; the last is reported")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/step_breakdown-<model dir name>.json)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    out = args.out or Path(__file__).parent / "results" / f"step_breakdown-{Path(args.model).name}.json"
     results = {}
     for variant in args.variants:
         spec = {k: getattr(args, k) for k in ("model", "prompts", "num_generations", "image_size", "completion_tokens",
-                                              "decode_tokens", "logps_chunk_size", "threads")}  # fmt: skip
+                                              "decode_tokens", "logps_chunk_size", "steps", "threads")}  # fmt: skip
         spec["variant"] = variant
         spec["mmap_threshold"] = 2**20
         start = time.perf_counter()
         results[variant] = run_child(__file__, spec, verbose=args.verbose, timeout=3600)
         results[variant]["wall_s"] = time.perf_counter() - start
         print(variant, json.dumps(results[variant])[:2000], flush=True)
+        write_json(out, {"machine": machine_info(), "args": vars(args), "results": results})  # so far
     table = []
     for phase in PHASES:
         row = {"phase": phase}
@@ -262,7 +266,6 @@ def main(argv=None) -> None:
     print_table(table, columns, title=f"{Path(args.model).name}: {args.prompts} prompts x G={args.num_generations}, "
                 f"{args.image_size}-px images, {args.completion_tokens} completion tokens, {args.threads} thread(s); "
                 "decode: seconds per token")  # fmt: skip
-    out = args.out or Path(__file__).parent / "results" / f"step_breakdown-{Path(args.model).name}.json"
     write_json(out, {"machine": machine_info(), "args": vars(args), "results": results, "table": table})
 
 
