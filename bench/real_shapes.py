@@ -79,11 +79,22 @@ def real_config(shape: str, text_layers: int, vision_layers: int):
     )  # fmt: skip
 
 
+def real_processor():
+    """The tiny model's processor (tokenizer, chat template) with Qwen2.5-VL's real pixel limits."""
+    from transformers import AutoProcessor
+
+    from nanoalign.tiny import ensure_tiny
+
+    processor = AutoProcessor.from_pretrained(ensure_tiny("tiny"))
+    processor.image_processor.size = dict(PIXELS)
+    return processor
+
+
 def build_real_model(shape: str = "3b", text_layers: int = 2, vision_layers: int = 2, out: str | Path | None = None) -> Path:
     """The directory of a random-init Qwen2.5-VL with `shape`'s widths at the given depths (built on
     first use, fp32 safetensors; cached next to the built-in models unless `out` is given)."""
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from nanoalign.tiny import cache_dir, ensure_tiny
 
@@ -100,9 +111,7 @@ def build_real_model(shape: str = "3b", text_layers: int = 2, vision_layers: int
     tiny_generation = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny).generation_config
     model.generation_config.eos_token_id = tiny_generation.eos_token_id
     model.generation_config.pad_token_id = tiny_generation.pad_token_id
-    processor = AutoProcessor.from_pretrained(tiny)
-    processor.image_processor.size = dict(PIXELS)
-    processor.image_processor.min_pixels, processor.image_processor.max_pixels = PIXELS["shortest_edge"], PIXELS["longest_edge"]
+    processor = real_processor()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
