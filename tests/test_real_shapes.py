@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from bench.real_shapes import Task, full_attention_blocks, real_config, real_processor, real_rl_samples
+from bench.real_shapes import (
+    Task,
+    full_attention_blocks,
+    real_config,
+    real_processor,
+    real_rl_samples,
+)
 from nanoalign.batch import image_token_ids, process_prompts, render
 
 
