@@ -24,6 +24,8 @@ does), "+ckpt" = --activation-checkpointing (HF's per-layer checkpointing), "+fs
 world of one process, as `python train.py` runs. Each phase reports wall and CPU seconds and
 memory: the RSS when it ends and its peak RSS above the RSS it started at (a thread samples RSS
 every 2 ms; glibc is told to serve blocks over 1 MiB from mmap, so freed tensors leave the RSS).
+The sub-phases (vision, text, lm_head+logps and the backward's parts) are timed by hooks, in wall
+and CPU seconds; on a CPU shared with other jobs the CPU seconds are the figures to read.
 --steps steps run and the last one's times are reported: with --steps 1 (the default, to keep a
 CPU run short) the optimizer time includes allocating its two moments.
 """
@@ -92,11 +94,21 @@ class Phases:
         return Span()
 
 
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def add_since(totals: dict, name: str, start: tuple[float, float]) -> None:
+    """totals[name] += (wall, CPU) seconds since `start` (a clocks() reading)."""
+    now, before = clocks(), totals.get(name, (0.0, 0.0))
+    totals[name] = (before[0] + now[0] - start[0], before[1] + now[1] - start[1])
+
+
 def timed_module(module, totals: dict, name: str) -> None:
-    """Add the wall time of every forward call of `module` to totals[name]."""
+    """Add the wall and CPU time of every forward call of `module` to totals[name]."""
     starts = []
-    module.register_forward_pre_hook(lambda m, args: starts.append(time.perf_counter()))
-    module.register_forward_hook(lambda m, args, out: totals.__setitem__(name, totals.get(name, 0.0) + time.perf_counter() - starts.pop()))
+    module.register_forward_pre_hook(lambda m, args: starts.append(clocks()))
+    module.register_forward_hook(lambda m, args, out: add_since(totals, name, starts.pop()))
 
 
 def child(spec: dict) -> None:
@@ -120,6 +132,9 @@ def child(spec: dict) -> None:
 
         processor = load_processor(spec["model"])
         hf = load_hf_model(spec["model"])
+        with torch.no_grad():  # into anonymous memory, as a training process holds them (not pages of the mmapped file)
+            for p in hf.parameters():
+                p.data = p.data.clone()
         hf.train()
         policy = Policy(hf, spec["logps_chunk_size"])
         if "+fsdp" in variant:
@@ -140,18 +155,20 @@ def child(spec: dict) -> None:
     # RL: prefill + decode (timed apart by a hook on the first forward), on the plain model.
     decoder = hf.model.language_model
     calls = []
-    decoder.register_forward_hook(lambda m, a, o: calls.append(time.perf_counter()))
+    first_hook = decoder.register_forward_hook(lambda m, a, o: calls.append(clocks()))
     from nanoalign.model import gathered_for_generation
 
     generating = gathered_for_generation(policy) if "+fsdp" in variant else __import__("contextlib").nullcontext()
     with phases.measure("decode"), generating:
-        start = time.perf_counter()
+        start = clocks()
         sampler = policy.sample if "+fsdp" in variant else lambda enc, **kw: sample(hf, enc, **kw)
         out = sampler(dict(distinct), num_samples=G, max_new_tokens=spec["decode_tokens"], stop_ids=set(), pad_id=pad_id,
                       end_ids=(), temperature=1.0)  # fmt: skip
-    prefill_s = calls[0] - start
-    phases.out["prefill"] = {"s": prefill_s}
-    phases.out["decode"]["s"] -= prefill_s
+    first_hook.remove()
+    prefill = (calls[0][0] - start[0], calls[0][1] - start[1])
+    phases.out["prefill"] = {"s": prefill[0], "cpu_s": prefill[1]}
+    phases.out["decode"]["s"] -= prefill[0]
+    phases.out["decode"]["cpu_s"] -= prefill[1]
     decoded_tokens = sum(len(ids) for ids in out.ids)
 
     # Training rows: the prompts + random completions of completion_tokens ids from the tokenizer's own range.
@@ -174,17 +191,17 @@ def child(spec: dict) -> None:
     backward = model_module._ChunkedLogps.backward
 
     def timed_backward(ctx, *grads):
-        start = time.perf_counter()
+        start = clocks()
         result = backward(ctx, *grads)
-        totals["backward/lm_head+logps"] = totals.get("backward/lm_head+logps", 0.0) + time.perf_counter() - start
-        totals["lm_head_backward_end"] = time.perf_counter()
+        add_since(totals, "backward/lm_head+logps", start)
+        totals["lm_head_backward_end"] = clocks()
         return result
 
     model_module._ChunkedLogps.backward = staticmethod(timed_backward)
     def mark_vision_backward(module, args, out) -> None:  # returns None: the output is left as it is
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         if features.requires_grad:
-            features.register_hook(lambda grad: totals.__setitem__("vision_grad_ready", time.perf_counter()))
+            features.register_hook(lambda grad: totals.__setitem__("vision_grad_ready", clocks()))
 
     vision_module(hf).register_forward_hook(mark_vision_backward)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -196,20 +213,25 @@ def child(spec: dict) -> None:
             logps, _ = policy(**inputs, logps_mask=batch.mask)
             loss = -(logps * batch.mask).sum() / num_tokens
         with phases.measure("backward"):
-            start = time.perf_counter()
             loss.backward()
-            end = time.perf_counter()
+            end = clocks()
         with phases.measure("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         del logps, loss
-    for name in ("vision", "text"):
-        phases.out[name] = {"s": totals.get(name, 0.0)}
-    phases.out["lm_head+logps"] = {"s": phases.out["forward"]["s"] - totals.get("vision", 0.0) - totals.get("text", 0.0)}
-    phases.out["backward/lm_head+logps"] = {"s": totals.get("backward/lm_head+logps", 0.0)}
+    def span(wall_cpu):
+        return {"s": wall_cpu[0], "cpu_s": wall_cpu[1]}
+
+    zero = (0.0, 0.0)
+    vision, text = totals.get("vision", zero), totals.get("text", zero)
+    for name, value in (("vision", vision), ("text", text), ("backward/lm_head+logps", totals.get("backward/lm_head+logps", zero))):
+        phases.out[name] = span(value)
+    forward = phases.out["forward"]
+    phases.out["lm_head+logps"] = span((forward["s"] - vision[0] - text[0], forward["cpu_s"] - vision[1] - text[1]))
     if "vision_grad_ready" in totals:
-        phases.out["backward/text"] = {"s": totals["vision_grad_ready"] - totals["lm_head_backward_end"]}
-        phases.out["backward/vision"] = {"s": end - totals["vision_grad_ready"]}
+        ready, lm_end = totals["vision_grad_ready"], totals["lm_head_backward_end"]
+        phases.out["backward/text"] = span((ready[0] - lm_end[0], ready[1] - lm_end[1]))
+        phases.out["backward/vision"] = span((end[0] - ready[0], end[1] - ready[1]))
     num_params = sum(p.numel() for p in policy.parameters())
     emit({
         "phases": phases.out, "rows": P * G, "prompt_tokens": prompt_tokens, "completion_tokens": spec["completion_tokens"],
@@ -255,13 +277,15 @@ def main(argv=None) -> None:
             if phase == "decode" and p:
                 p = {**p, "per_token_s": p["s"] / args.decode_tokens}
             row[f"{variant} s"] = p.get("per_token_s", p.get("s"))
+            row[f"{variant} CPU s"] = p.get("cpu_s") / (args.decode_tokens if phase == "decode" else 1) if p.get("cpu_s") is not None else None
             row[f"{variant} peak+ GiB"] = p.get("peak_above_start_gib")
             row[f"{variant} RSS GiB"] = p.get("rss_end_gib")
         table.append(row)
     table.append({"phase": "peak RSS", **{f"{v} RSS GiB": r.get("peak_rss_gib") for v, r in results.items()}})
     columns = [("phase", "phase", "s")]
     for variant in results:
-        columns += [(f"{variant} s", f"{variant} s", ".2f"), (f"{variant} peak+ GiB", f"{variant} peak+ GiB", ".2f"),
+        columns += [(f"{variant} s", f"{variant} s", ".2f"), (f"{variant} CPU s", f"{variant} CPU s", ".2f"),
+                    (f"{variant} peak+ GiB", f"{variant} peak+ GiB", ".2f"),
                     (f"{variant} RSS GiB", f"{variant} RSS GiB", ".2f")]  # fmt: skip
     print_table(table, columns, title=f"{Path(args.model).name}: {args.prompts} prompts x G={args.num_generations}, "
                 f"{args.image_size}-px images, {args.completion_tokens} completion tokens, {args.threads} thread(s); "
