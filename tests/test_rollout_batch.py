@@ -89,9 +89,13 @@ def test_seeded_round_of_one_chunk_per_batch_reproduces_chunk_by_chunk_sampling(
     reference = per_chunk(setup)
     torch.manual_seed(5)
     assert_same_rollouts(batched(setup, max_rows=2 * G), reference)
+    # One batch of all rows: other samples than chunk by chunk, but the same ones again under the same seed.
     torch.manual_seed(5)
     whole = batched(setup, max_rows=0)
-    assert [len(r.completion_ids) for r in whole] == [2 * G] * 3
+    torch.manual_seed(5)
+    again = batched(setup, max_rows=0)
+    assert_same_rollouts(again, whole)
+    assert [r.completion_ids for r in whole] != [r.completion_ids for r in reference]
 
 
 def test_in_process_backend_decodes_the_round_in_one_batch_up_to_the_cap(setup, monkeypatch):
