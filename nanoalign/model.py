@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from nanoalign import prompt_cache
 from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
 from nanoalign.packing import check_packable, packed_hidden, use_row_attention
@@ -93,8 +94,9 @@ class Policy(nn.Module):
     def forward(self, input_ids, attention_mask, *, temperature: float = 1.0, with_entropy: bool = False,
                 logps_mask=None, shared_prompts: dict | None = None, **mm_inputs):  # fmt: skip
         # The base model (vision tower + decoder, no lm_head) gives the final normed hidden states.
-        # HF's checkpointed layers drop the KV cache in train mode, which the shared-prompt forward needs.
-        if shared_prompts and not self.hf.is_gradient_checkpointing:
+        # HF's checkpointed layers drop the KV cache in train mode, which the shared-prompt forward needs:
+        # nanoalign/prompt_cache.py makes it safe to keep for full-attention decoders.
+        if shared_prompts and (not self.hf.is_gradient_checkpointing or prompt_cache.serves(self.hf)):
             hidden = shared_prompt_hidden(self.hf, input_ids, attention_mask, shared_prompts)
         elif self.padding_free:
             hidden = packed_hidden(self.hf, input_ids, attention_mask, mm_inputs)
@@ -145,9 +147,18 @@ def shared_prompt_hidden(hf_model, input_ids, attention_mask, prompts: dict) -> 
     group = input_ids.shape[0] // num_prompts
     prompt_lengths = prompts["attention_mask"].sum(1).repeat_interleave(group)  # (B,) real prompt tokens per row
     positions = prompt_positions(hf_model, prompts)  # (P, Tp) or (C, P, Tp)
-    out = hf_model.model(**prompts, position_ids=positions, use_cache=True)
+    recomputed = hf_model.is_gradient_checkpointing and hf_model.training  # layers run again in backward
+    def keep_cache():
+        return prompt_cache.checkpointed_layers_keep_cache(decoder_layers(hf_model)) if recomputed else contextlib.nullcontext()
+
+    with keep_cache():  # (use_cache is what HF switches off under checkpointing; the cache passed is used either way)
+        out = hf_model.model(**prompts, position_ids=positions, use_cache=not recomputed,
+                             past_key_values=prompt_cache.PromptKV() if recomputed else None)  # fmt: skip
     cache = out.past_key_values
-    cache.batch_repeat_interleave(group)
+    if recomputed:
+        cache = cache.repeated(group)
+    else:
+        cache.batch_repeat_interleave(group)
     expand_row_state(hf_model, group)
     # Row b's completion is input_ids[b, prompt_lengths[b]:]; lay the completions out as (B, L).
     width = input_ids.shape[1]
@@ -158,10 +169,11 @@ def shared_prompt_hidden(hf_model, input_ids, attention_mask, prompts: dict) -> 
     completion_ids = input_ids.gather(1, source).masked_fill(~valid, 0)
     completion_mask = attention_mask.gather(1, source) * valid
     completion_positions = positions[..., -1:].repeat_interleave(group, dim=-2) + 1 + steps  # (B, L) or (C, B, L)
-    completion = hf_model.model(
-        input_ids=completion_ids, position_ids=completion_positions, past_key_values=cache, use_cache=True,
-        attention_mask=torch.cat([prompts["attention_mask"].repeat_interleave(group, dim=0), completion_mask], dim=1),
-    ).last_hidden_state  # (B, L, H)
+    with keep_cache():
+        completion = hf_model.model(
+            input_ids=completion_ids, position_ids=completion_positions, past_key_values=cache, use_cache=not recomputed,
+            attention_mask=torch.cat([prompts["attention_mask"].repeat_interleave(group, dim=0), completion_mask], dim=1),
+        ).last_hidden_state  # (B, L, H)
     # Back to the rows' layout: column t < prompt length reads the prompt's states (shifted past
     # its left padding), the rest the completion's.
     columns = torch.arange(width, device=input_ids.device)[None]  # (1, T)

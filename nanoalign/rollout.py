@@ -85,6 +85,32 @@ def split_completions(new_tokens: torch.Tensor, stop_ids: set[int]) -> tuple[lis
     return completion_ids, has_eos
 
 
+def encode_rows(processor, prompts: list[list[dict]], images: list[list], num_generations: int) -> tuple[list[str], dict]:
+    """The prompts rendered for generation, and the processor batch of the training rows' prompts:
+    each prompt repeated G times, left-padded, images included."""
+    prompt_texts = [render(processor, p, add_generation_prompt=True) for p in prompts]
+    texts = [text for text in prompt_texts for _ in range(num_generations)]
+    row_images = [imgs for imgs in images for _ in range(num_generations)]
+    return prompt_texts, process_prompts(processor, texts, row_images, padding_side="left")
+
+
+def distinct_prompts(processor, prompt_texts: list[str], images: list[list], rows: dict, num_generations: int) -> dict:
+    """The P distinct prompts' processor batch, padded exactly as their rows in `rows` (encode_rows)."""
+    distinct = rows if num_generations == 1 else process_prompts(processor, prompt_texts, images, padding_side="left")
+    assert torch.equal(rows["input_ids"], distinct["input_ids"].repeat_interleave(num_generations, dim=0))
+    return distinct
+
+
+def sample_prompts(model, processor, distinct: dict, *, num_generations: int, device, **kwargs):
+    """nanoalign's sampler on a left-padded batch of distinct prompts (a Policy inside `generating`)."""
+    sample_fn = model.sample if isinstance(model, Policy) else functools.partial(sample, model)
+    return sample_fn(
+        {k: v.to(device) for k, v in distinct.items()}, num_samples=num_generations,
+        end_ids=image_token_ids(processor),  # a sampled image placeholder ends the completion (see completion_batch)
+        **kwargs,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def sample_completions(model, processor, prompts: list[list[dict]], images: list[list], *, num_generations: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -97,22 +123,14 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
     cache replicated for the G samples) or "hf" (HF generate on all P*G rows). A model nanoalign's
     sampler cannot serve is sampled with HF generate, and the reason is logged.
     """
-    prompt_texts = [render(processor, p, add_generation_prompt=True) for p in prompts]
-    texts = [text for text in prompt_texts for _ in range(num_generations)]
-    row_images = [imgs for imgs in images for _ in range(num_generations)]
-    enc = process_prompts(processor, texts, row_images, padding_side="left")  # the training rows' prompts
+    prompt_texts, enc = encode_rows(processor, prompts, images, num_generations)
     hf_model = model.hf if isinstance(model, Policy) else model
     reason = unsupported(hf_model, enc) if sampler == "nanoalign" else "--sampler hf"
     if reason is None:
-        # The sampler prefills the P distinct prompts, padded exactly as their rows in enc.
-        distinct = enc if num_generations == 1 else process_prompts(processor, prompt_texts, images, padding_side="left")
-        assert torch.equal(enc["input_ids"], distinct["input_ids"].repeat_interleave(num_generations, dim=0))
-        sample_fn = model.sample if isinstance(model, Policy) else functools.partial(sample, model)
-        samples = sample_fn(
-            {k: v.to(device) for k, v in distinct.items()}, num_samples=num_generations, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id,
-            end_ids=image_token_ids(processor),  # a sampled image placeholder ends the completion (see completion_batch)
-        )  # fmt: skip
+        distinct = distinct_prompts(processor, prompt_texts, images, enc, num_generations)
+        samples = sample_prompts(model, processor, distinct, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id,
+                                 device=device)  # fmt: skip
         completion_ids, has_eos = samples.ids, samples.has_eos
         shared = distinct if num_generations > 1 else {}
     else:
@@ -128,6 +146,45 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
     return Rollout(enc, completion_ids, has_eos, decoded, shared_prompts=shared)
 
 
+def sample_round(model, processor, chunks: list[list[dict]], *, num_generations: int, max_rows: int, max_new_tokens: int,
+                 temperature: float, top_p: float, stop_ids: set[int], pad_id: int, device, greedy: bool = False) -> list[Rollout] | None:  # fmt: skip
+    """One Rollout per chunk, as `sample_completions` on each chunk gives, with the rows of all the
+    chunks decoded together by nanoalign's sampler: max_rows rows per decode batch (0: all of them),
+    whole prompts each. None when the sampler cannot serve the model (the caller samples per chunk).
+
+    Decoding is memory-bound (each step reads every weight whatever the batch), so one batch of all
+    the round's rows costs about what one micro-batch's does on a GPU. Greedy, the ids are those of
+    per-chunk sampling (the prompts' padding differs, so logits agree to float rounding); sampled,
+    the RNG is drawn step-major over the whole batch instead of chunk by chunk, so a fixed seed
+    gives other (equally distributed) samples, unless max_rows is one chunk's rows.
+    """
+    hf_model = model.hf if isinstance(model, Policy) else model
+    encoded = [encode_rows(processor, [s["prompt"] for s in c], [s["images"] for s in c], num_generations) for c in chunks]
+    if unsupported(hf_model, encoded[0][1]) is not None:
+        return None
+    texts = [t for prompt_texts, _ in encoded for t in prompt_texts]  # every prompt of the round, in order
+    images = [s["images"] for c in chunks for s in c]
+    per_batch = max_rows // num_generations if max_rows else len(texts)
+    ids, has_eos = [], []
+    for start in range(0, len(texts), per_batch):
+        batch = slice(start, start + per_batch)
+        samples = sample_prompts(
+            model, processor, process_prompts(processor, texts[batch], images[batch], padding_side="left"),
+            num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            greedy=greedy, stop_ids=stop_ids, pad_id=pad_id, device=device,
+        )  # fmt: skip
+        ids += samples.ids
+        has_eos += samples.has_eos
+    rollouts, row = [], 0
+    for chunk, (prompt_texts, enc) in zip(chunks, encoded):
+        rows = slice(row, row + len(chunk) * num_generations)
+        row = rows.stop
+        shared = distinct_prompts(processor, prompt_texts, [s["images"] for s in chunk], enc, num_generations) if num_generations > 1 else {}
+        decoded = processor.tokenizer.batch_decode(ids[rows], skip_special_tokens=True)
+        rollouts.append(Rollout(enc, ids[rows], has_eos[rows], decoded, shared_prompts=shared))
+    return rollouts
+
+
 def generating(model):
     """Context for generation: gathers an FSDP2 Policy's weights once (see model.gathered_for_generation);
     nothing to do for a plain HF model."""
@@ -140,10 +197,20 @@ class InProcess:
 
     def __init__(self, cfg, policy, processor, *, stop_ids: set[int], pad_id: int, device):
         self.policy, self.processor, self.device, self.sampler = policy, processor, device, cfg.sampler
-        self.stop_ids, self.pad_id = stop_ids, pad_id
+        self.stop_ids, self.pad_id, self.rollout_batch_size = stop_ids, pad_id, cfg.rollout_batch_size
 
     def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
         with generating(self.policy):
+            if self.sampler == "nanoalign":  # every chunk's rows in one decode batch (up to rollout_batch_size)
+                rollouts = sample_round(
+                    self.policy, self.processor, chunks, num_generations=n, max_rows=self.rollout_batch_size,
+                    max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
+                    pad_id=self.pad_id, device=self.device,
+                )  # fmt: skip
+                if rollouts is not None:
+                    for rollout, chunk in zip(rollouts, chunks):
+                        rollout.sample_ids = completion_ids_of(chunk, n)
+                    return rollouts
             rollouts = [
                 sample_completions(
                     self.policy, self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],

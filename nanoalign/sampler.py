@@ -166,12 +166,14 @@ def sample(hf_model, prompt_enc: dict, *, num_samples: int, max_new_tokens: int,
         for step in range(max_new_tokens):
             next_ids, next_logps = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
             tokens[rows, step], logps[rows, step] = next_ids, next_logps
-            alive = ~torch.isin(next_ids, ending)  # (B,)
-            if step == max_new_tokens - 1 or not bool(alive.any()):
+            if step == max_new_tokens - 1:
                 break
-            if not bool(alive.all()):  # rows that ended leave the batch: it shrinks as completions end, and
-                keep = alive.nonzero().squeeze(1)  # an ended row is never fed the image token it may have sampled
-                cache.batch_select_indices(keep)
+            # The step's one host sync: which rows go on (on a GPU every other op here is queued).
+            keep = (~torch.isin(next_ids, ending)).nonzero().squeeze(1)  # (B',)
+            if len(keep) == 0:
+                break
+            if len(keep) < len(rows):  # rows that ended leave the batch: it shrinks as completions end, and
+                cache.batch_select_indices(keep)  # an ended row is never fed the image token it may have sampled
                 rows, next_ids, attention_mask, position = rows[keep], next_ids[keep], attention_mask[keep], position[..., keep, :]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (B, T + step + 1)
             position = position + 1

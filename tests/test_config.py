@@ -59,6 +59,10 @@ def test_cross_field_rules_are_checked_at_config_time():
         (dict(algo="grpo", vllm_is_cap=2.0), "--vllm-is-cap does nothing with --vllm-mode none"),
         (dict(algo="grpo", vllm_mode="colocate", vllm_timeout=5.0), "--vllm-timeout does nothing with --vllm-mode colocate"),
         (dict(algo="grpo", reward_weights=(1.0,)), "--reward-weights has 1 values for 2"),
+        # nanoalign's sampler decodes whole groups, and only it reads --rollout-batch-size
+        (dict(algo="grpo", rollout_batch_size=12), "--rollout-batch-size 12 must be 0 (all rows) or a positive multiple of --num-generations 8"),
+        (dict(algo="grpo", rollout_batch_size=16, sampler="hf"), "--sampler hf samples one micro-batch at a time"),
+        (dict(algo="grpo", rollout_batch_size=16, vllm_mode="server"), "--rollout-batch-size does nothing with --vllm-mode server"),
         (dict(algo="gspo", reward_funcs=(), reward_weights=()), "--reward-funcs is empty"),
         (dict(algo="sft", grad_accum_steps=0), "--grad-accum-steps must be >= 1"),
     ]
