@@ -348,8 +348,9 @@ class FixedRollouts:
         return rollout
 
 
-def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
-    """One optimizer step's summed loss and full gradients through the algorithm's prepare and loss."""
+def one_step(module, model_dir, cfg, samples, backend=None) -> tuple[float, dict]:
+    """One optimizer step's summed loss and full gradients through the algorithm's prepare and loss,
+    on the rollouts of `backend` (a FixedRollouts class)."""
     from nanoalign.rewards import load_reward_funcs
 
     processor = load_processor(model_dir)
@@ -357,7 +358,7 @@ def one_step(module, model_dir, cfg, samples) -> tuple[float, dict]:
     ref = sharded_policy(model_dir, 1, torch.device("cpu"), cfg.padding_free) if module.needs_reference(cfg) else None
     stop_ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     run = Run(cfg, processor, policy, ref, 0, 1, torch.device("cpu"), stop_ids, processor.tokenizer.pad_token_id,
-              reward_funcs=load_reward_funcs(list(cfg.reward_funcs)), rollouts=FixedRollouts(processor, stop_ids))
+              reward_funcs=load_reward_funcs(list(cfg.reward_funcs)), rollouts=(backend or FixedRollouts)(processor, stop_ids))
     micro, _ = module.prepare(samples, run)
     assert len(micro) == rl.micro_batches_per_round(cfg) * (cfg.num_iterations if module is not online_dpo else 1)
     total = 0.0

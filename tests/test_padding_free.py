@@ -24,10 +24,10 @@ from conftest import (
 )
 from parity_worker import parity_step
 from test_algorithms import run_train, steps
-from test_grpo import fixed_rollouts, one_step
+from test_grpo import FixedRollouts, one_step
 from torch.testing import assert_close
 
-from nanoalign import grpo, online_dpo, packing, rl, rloo
+from nanoalign import grpo, online_dpo, packing, rloo
 from nanoalign.batch import encode_conversations
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import prepare_sample
@@ -214,10 +214,10 @@ def test_rl_step_padding_free_equals_padded(algo, shared, tiny_dirs, dist_world,
     # then be the one that runs, packed_hidden never called.
     module = RL_MODULES[algo]
 
-    def rollouts(*args):
-        return [r if shared else dataclasses.replace(r, shared_prompts={}) for r in fixed_rollouts(*args)]
+    class WholeRows(FixedRollouts):  # as vLLM's or HF generate's rollouts come: no shared prompts
+        def rollout(self, chunk, n):
+            return dataclasses.replace(super().rollout(chunk, n), shared_prompts={})
 
-    monkeypatch.setattr(rl, "rollout_chunks", rollouts)
     if shared:
         monkeypatch.setattr("nanoalign.model.packed_hidden", lambda *a: pytest.fail("the shared-prompt forward should win"))
     G = 2 if algo in ("rloo", "online_dpo") else 4
@@ -225,8 +225,9 @@ def test_rl_step_padding_free_equals_padded(algo, shared, tiny_dirs, dist_world,
                               steps_per_generation=1, beta=0.04, reward_funcs=("toy_rewards:shorter",), reward_weights=(1.0,))  # fmt: skip
     check_config(cfg)
     samples = [prepare_sample(shapes_sample("train", i, "rl"), "rl", f"sample {i}") | {"index": i} for i in range(4)]
-    loss_padded, grads_padded = one_step(module, str(tiny_dirs["tiny"]), cfg, samples)
-    loss_packed, grads_packed = one_step(module, str(tiny_dirs["tiny"]), dataclasses.replace(cfg, padding_free=True), samples)
+    backend = FixedRollouts if shared else WholeRows
+    loss_padded, grads_padded = one_step(module, str(tiny_dirs["tiny"]), cfg, samples, backend)
+    loss_packed, grads_packed = one_step(module, str(tiny_dirs["tiny"]), dataclasses.replace(cfg, padding_free=True), samples, backend)
     assert sum(float(g.abs().sum()) for g in grads_padded.values()) > 0  # a real signal to compare
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5, abs=1e-6)
     assert grads_packed.keys() == grads_padded.keys()
