@@ -35,6 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 from nanoalign.config import Config
 
 KEEP = 2
+# Frozen weights (a LoRA run's whole base, a --freeze-vision tower) are the model checkpoint's own and
+# never change: a resume loads them from there, so checkpoints hold only what trains (LoRA: megabytes).
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 
 
 def _rng_state() -> dict:
@@ -68,7 +71,7 @@ def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: 
         revision += 1
         path = root / f"{name}.{revision}"
     dist.barrier()  # every rank has picked the same new name before any rank creates it
-    model_state, optim_state = get_state_dict(policy, optimizer)
+    model_state, optim_state = get_state_dict(policy, optimizer, options=TRAINED_ONLY)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": _rng_state()}, path / f"rank{rank}.pt")
     dist.barrier()  # every rank's files are complete before `latest` points at them
@@ -103,7 +106,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
             f"states would not be the saved ones, so it would not continue that run. Resume with "
             f"--nproc_per_node {saved_ranks}, or start over with --no-resume or another --out-dir."
         )
-    model_state, optim_state = get_state_dict(policy, optimizer)
+    model_state, optim_state = get_state_dict(policy, optimizer, options=TRAINED_ONLY)
     # get_state_dict gives a fresh optimizer state for every parameter, but AdamW keeps none for a
     # parameter that never had a gradient (e.g. LLaVA's vision post_layernorm, unused when features
     # come from hidden_states), so the checkpoint has none either: ask only for what was saved.
@@ -113,7 +116,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
     }
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(policy, state["model"])  # strict: every weight must be in the checkpoint
+    set_model_state_dict(policy, state["model"], options=TRAINED_ONLY)  # strict: every trained weight must be there
     # strict=False only lets those stateless parameters stay without state, as in the run that saved it.
     set_optimizer_state_dict(policy, optimizer, state["optim"], options=StateDictOptions(strict=False))
     extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
@@ -130,7 +133,7 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
                      "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
                      "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images", "report_to", "tracker_project",
-                     "run_name"}  # fmt: skip
+                     "run_name", "lora_export"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from nanoalign import lora
 from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
 
@@ -314,9 +315,13 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
         for module in hf_model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        if cfg.lora_rank:  # after the dropout switch-off: --lora-dropout is the adapters' own
+            lora.add_adapters(hf_model, cfg)
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
     policy = Policy(hf_model, cfg.logps_chunk_size)
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)
+    if trainable and cfg.lora_rank:
+        lora.init_adapters(hf_model, cfg.seed)
     return policy
