@@ -29,8 +29,7 @@ support read (tests/test_lora.py loads it with PEFT).
 
 Merged weights, W + (alpha / r) B A, are what vLLM receives at a sync (only the adapted layers: the
 rest of the model never changes) and what `--lora-export merged` writes (`merged_weight`).
-Simplifications: the frozen base is kept in fp32 like the rest (FSDP2's mixed precision still
-computes in bf16 on GPUs); no bias, DoRA or rsLoRA.
+Simplifications: no bias training, DoRA or rsLoRA; adapters on nn.Linear layers only.
 """
 
 import json
@@ -68,11 +67,15 @@ def _lora_forward(layer: nn.Linear, args: tuple, output: torch.Tensor) -> torch.
     return output + layer.lora_B(layer.lora_A(layer.lora_dropout(args[0]))) * layer.lora_scale
 
 
-def add_adapters(hf_model, cfg) -> dict[str, nn.Linear]:
-    """Freeze every weight and give each target layer A (r, in) and B (out, r). Call it on the model built
-    on the meta device, before FSDP2 wraps it (the adapters are then sharded with their layer);
+def add_adapters(hf_model, cfg, base_dtype: torch.dtype) -> dict[str, nn.Linear]:
+    """Freeze every weight, kept in base_dtype (the compute dtype: bf16 halves the base's memory and
+    changes no number, FSDP2 would cast it to that for every forward anyway), and give each target
+    layer A (r, in) and B (out, r), fp32 like any trained weight. Call it on the model built on the
+    meta device, before FSDP2 wraps it (the adapters are then sharded with their layer);
     `init_adapters` fills them once the shards exist. Returns the adapted layers."""
     hf_model.requires_grad_(False)
+    for param in hf_model.parameters():
+        param.data = param.data.to(base_dtype)
     layers = target_layers(hf_model, cfg.lora_target_modules, cfg.lora_vision)
     for layer in layers.values():
         layer.lora_A = nn.Linear(layer.in_features, cfg.lora_rank, bias=False, device=layer.weight.device)
@@ -144,7 +147,9 @@ def merged_weight(hf_model, name: str, tensor: torch.Tensor, gather):
     if not hasattr(layer, "lora_A"):
         return full
     A, B = gather(layer.lora_A.weight), gather(layer.lora_B.weight)  # same order on every rank
-    return None if full is None else full + layer.lora_scale * (B.to(full.device) @ A.to(full.device))
+    if full is None:
+        return None
+    return (full + layer.lora_scale * (B.to(full.device) @ A.to(full.device))).to(full.dtype)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -316,7 +316,7 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if cfg.lora_rank:  # after the dropout switch-off: --lora-dropout is the adapters' own
-            lora.add_adapters(hf_model, cfg)
+            lora.add_adapters(hf_model, cfg, base_dtype=torch.bfloat16 if bf16 else torch.float32)
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
     policy = Policy(hf_model, cfg.logps_chunk_size)

@@ -120,6 +120,21 @@ def test_zero_B_start_and_the_reference_are_the_base_model_exactly(tiny_dirs, di
     assert torch.equal(logps(policy, batch), adapted)  # and the adapters are back on afterwards
 
 
+def test_bf16_keeps_the_frozen_base_in_bf16_with_the_same_numbers(tiny_dirs, dist_world):
+    # --dtype bfloat16: FSDP2 computes in bf16 either way; a LoRA run also stores its frozen base in bf16
+    # (half the memory) and, B = 0, gives the bf16 base model's log-probs exactly.
+    model_dir = str(tiny_dirs["tiny"])
+    batch = pair_batch(model_dir)
+    mesh = device_mesh(1, torch.device("cpu"))
+    cfg = Config(logps_chunk_size=32, lora_rank=RANK)
+    policy = build_policy(model_dir, cfg, mesh, bf16=True, trainable=True)
+    adapters = {p.dtype for n, p in policy.hf.named_parameters() if lora.is_adapter(n)}
+    frozen = {p.dtype for n, p in policy.hf.named_parameters() if not lora.is_adapter(n)}
+    assert adapters == {torch.float32} and frozen == {torch.bfloat16}
+    base = build_policy(model_dir, Config(logps_chunk_size=32), mesh, bf16=True, trainable=False)  # fp32 shards, bf16 compute
+    assert torch.equal(logps(policy, batch), logps(base, batch))
+
+
 def test_two_ranks_match_one_process_and_only_adapters_train(tiny_dirs, dist_world, tmp_path):
     model_dir = str(tiny_dirs["tiny"])
     out = tmp_path / "two_ranks.pt"
@@ -174,6 +189,17 @@ def test_every_algorithm_trains_with_lora(algo, tiny_dirs, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
     assert records[-1]["grad_norm"] > 0  # the adapters learn something
+
+
+def test_bf16_lora_trains_on_two_ranks(tiny_dirs, tmp_path):
+    # FSDP2 groups then hold a bf16 frozen base beside fp32 adapters (it asks one dtype of trained weights only)
+    proc = torchrun("train.py", "--algo", "dpo", "--model", "tiny", "--out-dir", str(tmp_path), "--max-steps", "2",
+                    "--batch-size", "2", "--eval-split", "", "--save-every", "0", "--no-export", "--dtype", "bfloat16",
+                    "--lora-rank", "8", "--lr", "1e-2", "--warmup-steps", "1", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records), records
+    assert records[-1]["grad_norm"] > 0
 
 
 def test_resume_after_crash_continues_exactly_from_an_adapter_checkpoint(tiny_dirs, tmp_path, monkeypatch):
