@@ -131,11 +131,15 @@ class without_adapters:
 
 def sync_parameters(hf_model) -> list[tuple[str, torch.Tensor]]:
     """What a weight sync to vLLM sends: every parameter, or with LoRA only the adapted layers' weights
-    (merged by `merged_weight`); the rest of the base never changes, and vLLM loaded it at start."""
+    (merged by `merged_weight`); the rest of the base never changes, and vLLM loaded it at start.
+    Also the weights of an adapted layer's linear siblings (the default adapts them all anyway): vLLM
+    fuses q/k/v and gate/up into one weight, and one it receives only part of is left part garbage."""
     layers = adapted_layers(hf_model)
     if not layers:
         return list(hf_model.named_parameters())
-    return [(f"{name}.weight", layer.weight) for name, layer in layers.items()]
+    parents = {name.rpartition(".")[0] for name in layers}
+    return [(f"{name}.weight", m.weight) for name, m in hf_model.named_modules()
+            if isinstance(m, nn.Linear) and name.rpartition(".")[0] in parents]  # fmt: skip
 
 
 def merged_weight(hf_model, name: str, tensor: torch.Tensor, gather):

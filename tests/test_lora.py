@@ -91,6 +91,17 @@ def test_default_targets_are_the_language_models_linear_layers(name, load_family
     assert injected == set(with_vision)
 
 
+def test_sync_sends_the_adapted_layers_and_their_linear_siblings(load_family):
+    # vLLM fuses q/k/v (and gate/up) into one weight: adapting q_proj alone must still send k_proj and v_proj
+    _, model, _ = load_family("tiny")
+    assert len(lora.sync_parameters(model)) == len(list(model.parameters()))  # full fine-tuning: everything
+    lora.add_adapters(model, Config(lora_rank=2, lora_target_modules=("q_proj",)), base_dtype=torch.float32)
+    sent = [name for name, _ in lora.sync_parameters(model)]
+    attention = [f"{n}.weight" for n, m in model.get_decoder().named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".self_attn." in n and not lora.is_adapter(n + ".")]  # fmt: skip
+    assert sent == [f"model.language_model.{n}" for n in attention]  # q, k, v, o of every layer; no MLP, no vision
+
+
 def test_lora_flags_are_checked():
     check_config(Config(lora_rank=8, lora_alpha=16.0, lora_vision=True))
     with pytest.raises(ValueError, match="--lora-alpha does nothing without --lora-rank"):
@@ -326,10 +337,13 @@ def test_vllm_server_sync_of_merged_adapters(tmp_path):
 
 
 @pytest.mark.vllm
-def test_vllm_colocated_sync_of_merged_adapters(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("targets", [[], ["--lora-target-modules", "q_proj", "down_proj"]], ids=["all-linear", "q-down"])
+def test_vllm_colocated_sync_of_merged_adapters(targets, tiny_dirs, tmp_path):
+    # q-down: their siblings (k, v, o; gate, up) are sent too, else vLLM's fused qkv/gate_up weights would
+    # be part garbage (the first step's gradient was NaN); so the bytes are the same as all-linear's
     from test_vllm import run_train as run_script
 
     model_dir = str(tiny_dirs["tiny"])
-    run_script([*VLLM_RL, "--model", model_dir, "--out-dir", str(tmp_path), "--vllm-mode", "colocate",
+    run_script([*VLLM_RL, *targets, "--model", model_dir, "--out-dir", str(tmp_path), "--vllm-mode", "colocate",
                 "--vllm-max-model-len", "512", "--no-export"], nproc=2)  # fmt: skip
     check_vllm_run(tmp_path, model_dir)
