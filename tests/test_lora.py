@@ -119,7 +119,7 @@ def test_lora_flags_are_checked():
 def test_zero_B_start_and_the_reference_are_the_base_model_exactly(tiny_dirs, dist_world):
     model_dir = str(tiny_dirs["tiny"])
     batch = pair_batch(model_dir)
-    cfg, policy = lora_policy(model_dir, "dpo", 1, torch.device("cpu"))
+    _, policy = lora_policy(model_dir, "dpo", 1, torch.device("cpu"))
     base = build_policy(model_dir, Config(logps_chunk_size=32), device_mesh(1, torch.device("cpu")), bf16=False, trainable=False)
     base_logps = logps(base, batch)
     assert torch.equal(logps(policy, batch), base_logps)  # B = 0: not close, equal
@@ -214,9 +214,11 @@ def test_bf16_lora_trains_on_two_ranks(tiny_dirs, tmp_path):
 
 
 def test_resume_after_crash_continues_exactly_from_an_adapter_checkpoint(tiny_dirs, tmp_path, monkeypatch):
-    flags = ["--batch-size", "2", "--num-shapes-samples", "64", "--no-export"]
-    argv = lambda out: ["--algo", "sft", "--model", "tiny", "--out-dir", str(out), "--max-steps", "4", "--warmup-steps", "1",  # noqa: E731
-                        "--eval-split", "", "--save-every", "2", "--lora-rank", "8", "--lr", "1e-2", *flags]  # fmt: skip
+    def argv(out) -> list[str]:
+        return ["--algo", "sft", "--model", "tiny", "--out-dir", str(out), "--max-steps", "4", "--warmup-steps", "1",
+                "--eval-split", "", "--save-every", "2", "--lora-rank", "8", "--lr", "1e-2", "--batch-size", "2",
+                "--num-shapes-samples", "64", "--no-export"]  # fmt: skip
+
     train_module.train(train_module.parse_config(argv(tmp_path / "full")))
     save = train_module.save_checkpoint
 
@@ -255,7 +257,7 @@ def test_peft_adapter_and_merged_export_give_the_trainers_logps(tiny_dirs, dist_
 
     model_dir = str(tiny_dirs["tiny"])
     batch = pair_batch(model_dir)
-    cfg, policy = lora_policy(model_dir, "sft", 1, torch.device("cpu"))
+    _, policy = lora_policy(model_dir, "sft", 1, torch.device("cpu"))
     set_B(policy, seed=5)
     trainer = logps(policy, batch)
     lora.save_adapter(policy.hf, tmp_path / "adapter", 0, model_dir)
@@ -280,6 +282,7 @@ def test_train_exports_adapter_and_merged_and_leaves_the_base_unchanged(tiny_dir
     assert config["r"] == 8 and config["lora_alpha"] == 4 and config["peft_type"] == "LORA"
     assert merged.keys() == base.keys()
     from transformers import AutoConfig, AutoModelForImageTextToText
+
     from nanoalign.loading import checkpoint_to_model_names
 
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_dirs["tiny"]))
