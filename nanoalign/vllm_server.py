@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign.loading import gather_full
-from nanoalign.lora import merged_weight, sync_parameters
+from nanoalign.lora import adapted_layers, merged_weight, sync_parameters
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.transfer import gloo_group, plan_buckets
@@ -309,7 +309,7 @@ class WeightSync:
         # LoRA: only the adapted layers' weights are sent, merged (nanoalign/lora.py); the rest never change
         self.num_bytes = sum(p.numel() * p.element_size() for _, p in sync_parameters(self.hf_model))
         self.group = self.nccl_engine = None
-        if self.backend == "nccl" and any(n != m for (n, _), (m, _) in zip(sync_parameters(self.hf_model), self.hf_model.named_parameters())):
+        if self.backend == "nccl" and adapted_layers(self.hf_model):
             raise ValueError("--lora-rank with --vllm-mode server: vLLM's NCCL weight transfer sends every parameter "
                              "unmerged; use --vllm-mode colocate, or in-process rollouts, for LoRA on GPUs")  # fmt: skip
         if self.backend == "nccl":

@@ -102,6 +102,16 @@ def test_sync_sends_the_adapted_layers_and_their_linear_siblings(load_family):
     assert sent == [f"model.language_model.{n}" for n in attention]  # q, k, v, o of every layer; no MLP, no vision
 
 
+def test_server_sync_over_nccl_is_refused_with_lora(load_family):
+    # vLLM's NCCL transfer (server mode on GPUs) sends every parameter as it is: adapters unmerged
+    from nanoalign.vllm_server import WeightSync
+
+    _, model, _ = load_family("tiny")
+    lora.add_adapters(model, Config(lora_rank=2), base_dtype=torch.float32)
+    with pytest.raises(ValueError, match="--lora-rank with --vllm-mode server: vLLM's NCCL weight transfer"):
+        WeightSync(model, None, rank=1, backend="nccl")
+
+
 def test_lora_flags_are_checked():
     check_config(Config(lora_rank=8, lora_alpha=16.0, lora_vision=True))
     with pytest.raises(ValueError, match="--lora-alpha does nothing without --lora-rank"):
