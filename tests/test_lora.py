@@ -6,23 +6,31 @@
     adapters the reference (the policy with its adapters off) still gives the base's, bit for bit;
   * 2 FSDP ranks = 1 process: loss and every adapter's gradient (vision tower included); no base
     weight gets a gradient, and only adapters are trainable (what train.py hands the optimizer);
-  * every algorithm runs 2 steps with LoRA (finite losses), the KL/DPO reference included;
+  * every algorithm runs 2 steps with LoRA (finite losses), the KL/DPO reference and
+    --precompute-ref-logps included; bf16 (a bf16 frozen base beside fp32 adapters) on 2 ranks;
   * export: the adapter in PEFT's format loaded with peft.PeftModel.from_pretrained on the base, and
     the merged checkpoint, give the trainer's log-probs; a train.py run's merged export is the base
     plus (alpha / r) B A exactly where adapted and the base itself elsewhere (the base did not change);
-  * a run killed after a checkpoint resumes exactly; the checkpoint holds only adapters;
+  * a run stopped after a checkpoint (an exception, a SIGKILL) resumes exactly; the checkpoint holds
+    only adapters;
   * vLLM (server and colocated): after a sync of the merged adapted layers, vLLM's log-probs equal the
-    trainer's (1e-5, fp32), and only those layers' bytes are sent.
+    trainer's (1e-5, fp32), and only those layers' bytes are sent (with their fused siblings when
+    --lora-target-modules picks some); server mode over NCCL is refused.
 """
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import CORE_FAMILIES, one_thread, torchrun
+from conftest import CORE_FAMILIES, one_thread, subprocess_env, torchrun
 from lora_worker import RANK, lora_policy, lora_step, set_B
 from parity_worker import parity_samples
 from safetensors.torch import load_file
@@ -195,6 +203,7 @@ RL = ["--batch-size", "8", "--max-completion-length", "16", "--reward-funcs", "t
 ALGO_FLAGS = {
     "sft": ["--batch-size", "4"],
     "dpo": ["--batch-size", "4"],
+    "dpo-precomputed": ["--batch-size", "4", "--precompute-ref-logps", "--num-shapes-samples", "16"],  # the table, from the base
     "mpo": ["--batch-size", "4"],
     "grpo": [*RL, "--num-generations", "4", "--beta", "0.05"],  # beta > 0: a KL term against the base
     "gspo": [*RL, "--num-generations", "4"],
@@ -203,9 +212,9 @@ ALGO_FLAGS = {
 }
 
 
-@pytest.mark.parametrize("algo", list(ALGO_FLAGS))
-def test_every_algorithm_trains_with_lora(algo, tiny_dirs, tmp_path):
-    run_train(tmp_path, algo, *ALGO_FLAGS[algo], "--no-export")
+@pytest.mark.parametrize("name", list(ALGO_FLAGS))
+def test_every_algorithm_trains_with_lora(name, tiny_dirs, tmp_path):
+    run_train(tmp_path, name.split("-")[0], *ALGO_FLAGS[name], "--no-export")
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 0]
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
@@ -255,6 +264,41 @@ def test_resume_after_crash_continues_exactly_from_an_adapter_checkpoint(tiny_di
     for a, b in zip(full, cut):
         for key in ("loss", "grad_norm", "lr"):
             assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=f"step {a['step']} {key}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # a half-written one may be rewritten
+def test_resume_after_sigkill_continues_exactly(tiny_dirs, tmp_path):
+    # as tests/test_sft_train.py's: `python train.py` SIGKILLed once a checkpoint exists, at a constant LR
+    def argv(out, steps: int) -> list[str]:
+        return ["--algo", "sft", "--model", "tiny", "--out-dir", str(out), "--max-steps", str(steps), "--warmup-steps", "0",
+                "--min-lr-ratio", "1.0", "--eval-split", "", "--save-every", "2", "--lora-rank", "8", "--lr", "1e-2",
+                "--batch-size", "2", "--num-shapes-samples", "64", "--no-export"]  # fmt: skip
+
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(TESTS.parent / "train.py"), *argv(killed, 10_000)], cwd=TESTS.parent,
+                                env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while latest_checkpoint(killed) is None:
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    resumed_from = int(latest_checkpoint(killed).name.removeprefix("step_"))
+    end = resumed_from + 2
+    train_module.train(train_module.parse_config(argv(killed, end)))
+    train_module.train(train_module.parse_config(argv(tmp_path / "reference", end)))
+    reference = {r["step"]: r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
+    resumed = read_metrics(killed / "metrics.jsonl")[-2:]
+    assert [r["step"] for r in resumed] == [resumed_from + 1, end]
+    for record in resumed:
+        for key in ("loss", "grad_norm"):
+            assert_close(record[key], reference[record["step"]][key], rtol=1e-6, atol=1e-7, msg=f"step {record['step']} {key}")
 
 
 # -----------------------------------------------------------------------------
