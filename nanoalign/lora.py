@@ -147,8 +147,7 @@ def merged_weight(hf_model, name: str, tensor: torch.Tensor, gather):
     (alpha / r) B A when `name` is an adapted layer's weight. Collective when gather is."""
     full = gather(tensor)
     layer_name, _, leaf = name.rpartition(".")
-    layer = hf_model.get_submodule(layer_name) if leaf == "weight" and layer_name else None
-    if not hasattr(layer, "lora_A"):
+    if leaf != "weight" or not hasattr(layer := hf_model.get_submodule(layer_name), "lora_A"):
         return full
     A, B = gather(layer.lora_A.weight), gather(layer.lora_B.weight)  # same order on every rank
     if full is None:
