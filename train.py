@@ -47,7 +47,7 @@ import tyro
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from nanoalign import grpo, mpo, online_dpo, rloo, sft
+from nanoalign import grpo, lora, mpo, online_dpo, rloo, sft
 from nanoalign.batch import check_prompt_fits
 from nanoalign.checkpoint import (
     check_resumable, latest_checkpoint, load_checkpoint, resume_state, save_before_stopping, save_checkpoint, truncate_metrics,
@@ -197,7 +197,9 @@ def train(cfg: Config) -> dict:
 
     processor = load_processor(model_dir)
     policy = build_policy(model_dir, cfg, mesh, bf16, trainable=True)
-    ref_policy = build_policy(model_dir, cfg, mesh, bf16, trainable=False) if algo.needs_reference(cfg) else None
+    ref_policy = None
+    if algo.needs_reference(cfg):  # with LoRA the base model is the policy with its adapters off: no second copy
+        ref_policy = lora.without_adapters(policy) if cfg.lora_rank else build_policy(model_dir, cfg, mesh, bf16, trainable=False)
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
@@ -341,10 +343,14 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- export, final check, plot
     if cfg.export:
-        export_hf(policy, processor, out_dir / "final", rank)
+        if cfg.lora_rank and cfg.lora_export != "merged":  # PEFT's format, for peft.PeftModel.from_pretrained
+            lora.save_adapter(policy.hf, out_dir / "adapter", rank, model_dir)
+        merged = not cfg.lora_rank or cfg.lora_export != "adapter"
+        if merged:  # a plain HF checkpoint (LoRA: adapters merged into their layers)
+            export_hf(policy, processor, out_dir / "final", rank)
         dist.barrier()
         checked = ""
-        if accuracy_eval:  # reload what was written (sharded, like the reference) and check its answers
+        if accuracy_eval and merged:  # reload what was written (sharded, like the reference) and check its answers
             exported = build_policy(str(out_dir / "final"), cfg, mesh, bf16, trainable=False)
             final = evaluate(algo, run, [], accuracy_eval, model=exported)
             del exported
@@ -352,7 +358,8 @@ def train(cfg: Config) -> dict:
             log.amend_last({"final/exported_accuracy": final["eval/accuracy"]})
             checked = f": eval accuracy {final['eval/accuracy']:.3f}"
         if rank == 0:
-            print(f"exported model ({out_dir / 'final'}){checked}", flush=True)
+            what = f"model ({out_dir / 'final'})" if merged else f"adapter ({out_dir / 'adapter'})"
+            print(f"exported {what}{checked}", flush=True)
     if rank == 0:
         if (first_eval_accuracy := first_logged(out_dir, "eval/accuracy")) is not None:  # 0.0 is a start too
             print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")

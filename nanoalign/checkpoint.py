@@ -37,6 +37,19 @@ from nanoalign.config import Config
 KEEP = 2
 
 
+def frozen_names(policy) -> set[str]:
+    """Frozen weights (a LoRA run's whole base, a --freeze-vision tower) are the model checkpoint's own and
+    never change: a resume loads them from there, so checkpoints hold only what trains (LoRA: megabytes)."""
+    return {name for name, p in policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trained_state(policy, optimizer) -> tuple[dict, dict]:
+    """get_state_dict without the frozen weights, under any of their names (its ignore_frozen_params
+    keeps a tied lm_head.weight, the whole embedding, when embed_tokens is frozen)."""
+    model_state, optim_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {k: v for k, v in model_state.items() if k not in frozen_names(policy)}, optim_state
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -68,7 +81,7 @@ def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: 
         revision += 1
         path = root / f"{name}.{revision}"
     dist.barrier()  # every rank has picked the same new name before any rank creates it
-    model_state, optim_state = get_state_dict(policy, optimizer)
+    model_state, optim_state = trained_state(policy, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": _rng_state()}, path / f"rank{rank}.pt")
     dist.barrier()  # every rank's files are complete before `latest` points at them
@@ -103,7 +116,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
             f"states would not be the saved ones, so it would not continue that run. Resume with "
             f"--nproc_per_node {saved_ranks}, or start over with --no-resume or another --out-dir."
         )
-    model_state, optim_state = get_state_dict(policy, optimizer)
+    model_state, optim_state = trained_state(policy, optimizer)
     # get_state_dict gives a fresh optimizer state for every parameter, but AdamW keeps none for a
     # parameter that never had a gradient (e.g. LLaVA's vision post_layernorm, unused when features
     # come from hidden_states), so the checkpoint has none either: ask only for what was saved.
@@ -113,7 +126,11 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
     }
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(policy, state["model"])  # strict: every weight must be in the checkpoint
+    # strict for what trains: every trained weight must be in the checkpoint (the frozen ones are the model's)
+    missing = set(set_model_state_dict(policy, state["model"], options=StateDictOptions(strict=False)).missing_keys)
+    if missing - frozen_names(policy):
+        raise ValueError(f"{path} lacks trained weights of this model (e.g. {sorted(missing - frozen_names(policy))[:3]}): "
+                         "it was saved by another model or --lora-* setting; use another --out-dir or --no-resume")  # fmt: skip
     # strict=False only lets those stateless parameters stay without state, as in the run that saved it.
     set_optimizer_state_dict(policy, optimizer, state["optim"], options=StateDictOptions(strict=False))
     extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
@@ -130,7 +147,7 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
                      "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
                      "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images", "report_to", "tracker_project",
-                     "run_name"}  # fmt: skip
+                     "run_name", "lora_export"}  # fmt: skip
 
 
 def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:

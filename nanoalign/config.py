@@ -95,6 +95,21 @@ class Config:
     """sft, dpo, mpo: fill each micro-batch with whole samples (whole pairs) up to this many computed
     tokens (--padding-free: real tokens; padded: rows x longest row) instead of --batch-size rows; a
     step still draws batch-size x grad-accum-steps samples per rank. 0: fixed --batch-size rows."""
+    lora_rank: int = 0
+    """LoRA rank r (nanoalign/lora.py): train low-rank adapters on a frozen base; 0 = full fine-tuning.
+    The reference model (DPO, MPO, KL terms) is then the policy with its adapters off: nothing extra loaded."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapters' output is multiplied by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input during training (changes log-probs between forwards: RL ratios too)."""
+    lora_target_modules: tuple[str, ...] = ()
+    """Adapt only the linear layers whose name ends with one of these (e.g. q_proj v_proj); empty = every
+    linear layer of the language model (found by the model's structure, any family)."""
+    lora_vision: bool = False
+    """Also adapt the vision tower's and the merger's/projector's linear layers."""
+    lora_export: Literal["adapter", "merged", "both"] = "both"
+    """With --lora-rank: what --export writes: the adapter in PEFT's format (out_dir/adapter, for
+    peft.PeftModel.from_pretrained), the merged model (out_dir/final, a plain HF checkpoint), or both."""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 1
@@ -295,6 +310,13 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_tokens_per_micro_batch < 0:
         raise ValueError(f"--max-tokens-per-micro-batch must be >= 0 (0: --batch-size rows per micro-batch), got {cfg.max_tokens_per_micro_batch}")
+    if cfg.lora_rank < 0 or not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-rank must be >= 0 (got {cfg.lora_rank}), --lora-dropout in [0, 1) (got {cfg.lora_dropout})")
+    lora_flags = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision", "lora_export")
+    if cfg.lora_rank == 0 and (changed := [f for f in lora_flags if getattr(cfg, f) != getattr(default, f)]):
+        raise ValueError(f"--{changed[0].replace('_', '-')} does nothing without --lora-rank (> 0); set a rank or drop it")
+    if cfg.lora_rank and cfg.freeze_vision:
+        raise ValueError("--freeze-vision does nothing with --lora-rank: the whole base is frozen (--lora-vision adapts the vision tower)")
     if len(cfg.loss_weights) != len(cfg.loss_types):
         raise ValueError(f"--loss-weights has {len(cfg.loss_weights)} values for {len(cfg.loss_types)} --loss-types; give one each")
     if cfg.algo not in RL_ALGOS:

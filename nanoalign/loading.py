@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
+from nanoalign.lora import is_adapter, merged_weight
+
 # safetensors' dtype names (https://huggingface.co/docs/safetensors: the format is an 8-byte header
 # length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes)
 SAFETENSORS_DTYPES = {
@@ -226,6 +228,11 @@ def unique_tensors(hf_model) -> list[tuple[list[str], torch.Tensor]]:
     return list(groups.values())
 
 
+def base_tensors(hf_model) -> list[tuple[list[str], torch.Tensor]]:
+    """unique_tensors without LoRA adapters: what a Hugging Face checkpoint of the model holds."""
+    return [(names, t) for names, t in unique_tensors(hf_model) if not is_adapter(names[0])]
+
+
 @torch.no_grad()
 def materialize(policy: nn.Module, device) -> None:
     """Allocate this rank's shards (uninitialised) of a meta-built, FSDP2-sharded model on `device`.
@@ -246,7 +253,7 @@ def load_hf_weights(policy: nn.Module, model_dir: str, device) -> None:
     checkpoint (rank 0 reads, every rank receives its rows). Every rank must call it."""
     hf = getattr(policy, "hf", policy)
     materialize(policy, device)
-    tensors = unique_tensors(hf)
+    tensors = base_tensors(hf)  # LoRA adapters are not in the checkpoint: lora.init_adapters fills them
     rank = dist.get_rank()
     reason, source = None, None
     if rank == 0:
@@ -311,9 +318,10 @@ def gather_full(tensor: torch.Tensor) -> torch.Tensor | None:
 
 def full_state(hf_model):
     """Yield (model name, full CPU tensor on rank 0 / None elsewhere), one tensor at a time, tied
-    weights once (under their first name). Every rank must iterate it to the end (collectives)."""
-    for names, tensor in unique_tensors(hf_model):
-        yield names[0], gather_full(tensor)
+    weights once (under their first name), LoRA adapters merged into their layer's weight. Every rank
+    must iterate it to the end (collectives)."""
+    for names, tensor in base_tensors(hf_model):
+        yield names[0], merged_weight(hf_model, names[0], tensor, gather_full)
 
 
 # --------------------------------------------------------------------------- writing a checkpoint
@@ -364,7 +372,7 @@ def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes:
     """Write a Hugging Face checkpoint (safetensors + config + generation config + processor) that
     from_pretrained loads. Every rank calls it; only rank 0 receives tensors and writes, one at a time."""
     hf = getattr(policy, "hf", policy)
-    tensors = unique_tensors(hf)
+    tensors = base_tensors(hf)  # with LoRA: the base's tensors, adapters merged in (below)
     saved_names = model_to_checkpoint_names(hf, [names[0] for names, _ in tensors])
     if saved_names is None:  # a conversion that is not a renaming: save_pretrained writes it, from rank 0's copy
         state = dict(full_state(hf))
@@ -385,7 +393,7 @@ def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes:
         if f is not None:
             f.write(safetensors_header([entries[i] for i in indices]))
         for i in indices:
-            full = gather_full(tensors[i][1])  # collective: every rank, same order
+            full = merged_weight(hf, tensors[i][0][0], tensors[i][1], gather_full)  # collective: every rank, same order
             if f is not None:
                 f.write(full.contiguous().view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
             del full

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from nanoalign import prompt_cache
+from nanoalign import lora, prompt_cache
 from nanoalign.config import Config
 from nanoalign.loading import empty_hf_model, load_hf_weights
 from nanoalign.packing import check_packable, packed_hidden, use_row_attention
@@ -357,6 +357,8 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
         for module in hf_model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        if cfg.lora_rank:  # after the dropout switch-off: --lora-dropout is the adapters' own
+            lora.add_adapters(hf_model, cfg, base_dtype=torch.bfloat16 if bf16 else torch.float32)
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
         hf_model.requires_grad_(False).eval()
         if bf16:  # it only computes: kept in the compute dtype, not fp32 shards cast at every gather (half the memory)
@@ -365,4 +367,6 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     policy = Policy(hf_model, logps_chunk_size(cfg.logps_chunk_size, mesh.device_type), cfg.padding_free)
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)
+    if trainable and cfg.lora_rank:
+        lora.init_adapters(hf_model, cfg.seed)
     return policy

@@ -47,8 +47,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from nanoalign.lora import full_tensor, merged_weight, sync_parameters
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.transfer import wire_dtype
@@ -159,10 +159,10 @@ class VLLMColocate:
         num_bytes, error = 0, None
         # Looked up at every sync: FSDP2 swaps the registered tensors between the sharded DTensors and
         # gathered copies, so parameters kept from an earlier step could be stale.
-        for name, param in self.hf_model.named_parameters():  # the same order on every rank
-            # Cast the shard to the engine's dtype first: a bf16 engine's gather moves half the bytes.
-            param = param.detach().to(wire_dtype(param, self.dtype))
-            full = param.full_tensor() if isinstance(param, DTensor) else param  # all-gather of the shards
+        # LoRA: only the adapted layers' weights, merged (nanoalign/lora.py); the rest never change
+        for name, param in sync_parameters(self.hf_model):  # the same order on every rank
+            # all-gathers of the shards, cast to the engine's dtype first (a bf16 engine's gather moves half the bytes)
+            full = merged_weight(self.hf_model, name, param, full_tensor, wire_dtype(param, self.dtype))
             num_bytes += full.numel() * full.element_size()
             if error is not None:
                 continue

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from nanoalign.loading import gather_full
+from nanoalign.lora import adapted_layers, merged_weight, sync_parameters
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
 from nanoalign.runtime import agree_on_failure
 from nanoalign.transfer import gloo_group, plan_buckets, wire_dtype
@@ -309,8 +310,12 @@ class WeightSync:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.timeout = timeout
         self.dtype = dtype
-        self.num_bytes = sum(p.numel() * wire_dtype(p, dtype).itemsize for p in self.hf_model.parameters())
+        # LoRA: only the adapted layers' weights are sent, merged (nanoalign/lora.py); the rest never change
+        self.num_bytes = sum(p.numel() * wire_dtype(p, dtype).itemsize for _, p in sync_parameters(self.hf_model))
         self.group = self.nccl_engine = None
+        if self.backend == "nccl" and adapted_layers(self.hf_model):
+            raise ValueError("--lora-rank with --vllm-mode server: vLLM's NCCL weight transfer sends every parameter "
+                             "unmerged; use --vllm-mode colocate, or in-process rollouts, for LoRA on GPUs")  # fmt: skip
         if self.backend == "nccl":
             self._init_nccl()
         elif self.backend == "gloo":
@@ -401,7 +406,7 @@ class WeightSync:
     def _sync_gloo(self, version: str | None) -> None:
         # Parameters are looked up at every sync: FSDP2 swaps the registered tensors between the
         # sharded DTensors and gathered copies, so a list kept from an earlier step could be stale.
-        params = list(self.hf_model.named_parameters())  # the same order on every rank
+        params = sync_parameters(self.hf_model)  # the same order on every rank
         names, dtypes, shapes = zip(*[(n, str(wire_dtype(p, self.dtype)).removeprefix("torch."), list(p.shape)) for n, p in params])
         update_info = {"names": list(names), "dtype_names": list(dtypes), "shapes": list(shapes)}
         error: Exception | None = None
@@ -420,7 +425,7 @@ class WeightSync:
             # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
             # collectives, and a rank that stopped early would leave the others waiting in one.
             # Only rank 0 receives the full tensors (None elsewhere), at most one bucket at a time.
-            tensors = [gather_full(params[i][1].detach().to(wire_dtype(params[i][1], self.dtype))) for i in bucket]
+            tensors = [merged_weight(self.hf_model, *params[i], gather_full, wire_dtype(params[i][1], self.dtype)) for i in bucket]
             if self.client is None or error is not None:
                 continue
             try:
