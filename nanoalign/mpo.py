@@ -34,7 +34,7 @@ from nanoalign.data import BadSampleError
 from nanoalign.preference import completion_logps, encode_pairs, reference_logps
 from nanoalign.runtime import agree_on_failure, all_reduce_sum, mean_over_ranks
 
-LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")
+LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")  # Config.loss_types' Literal
 
 
 def sigmoid_loss(chosen_logratios, rejected_logratios, beta: float) -> torch.Tensor:
@@ -55,55 +55,27 @@ def ipo_loss(chosen_logratios, rejected_logratios, beta: float, chosen_lengths, 
     return (margin - 1 / (2 * beta)) ** 2  # IPO eq. 17
 
 
-def sft_loss(chosen_nll) -> torch.Tensor:
-    """SFT term of MPO: the caller's token-mean NLL of the chosen completions (a scalar)."""
-    return chosen_nll
-
-
-def mpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_nll,
-    beta: float,
-    loss_types,
-    loss_weights,
-    *,
-    chosen_lengths=None,
-    rejected_lengths=None,
-):
-    """Weighted mix of preference losses. Returns (loss, metrics).
+def mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll, beta: float,
+             loss_types, loss_weights, *, chosen_lengths=None, rejected_lengths=None):  # fmt: skip
+    """Weighted mix of preference losses: loss = SUM_k w_k mean_batch(L_k). Returns (loss, metrics).
 
     policy_* / ref_*: (B,) sums of completion-token log-probs (policy and frozen reference).
-    chosen_nll: 0-dim token-mean NLL of the chosen completions; needed only when "sft" is used.
-    loss_types / loss_weights: same length (check_config), names from LOSS_TYPES (Config's Literal);
-        DPO is ["sigmoid"], [1.0].
-    chosen_lengths / rejected_lengths: (B,) counted tokens per completion, needed for "ipo".
-    loss = SUM_k w_k mean_batch(L_k). Metrics (detached 0-dim): rewards/{chosen,rejected,accuracies,
-    margins}, logps/{chosen,rejected}, and loss/<type> (unweighted batch mean of each term).
+    chosen_nll: 0-dim token-mean NLL of the chosen completions, read by "sft".
+    loss_types / loss_weights: names from LOSS_TYPES and one weight each (distinct, non-empty: check_config);
+        DPO is ["sigmoid"], [1.0]. chosen_lengths / rejected_lengths: (B,) counted tokens, read by "ipo".
+    Metrics (detached 0-dim): rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, and
+    loss/<type> (unweighted batch mean of each term).
     """
-    loss_types, loss_weights = list(loss_types), list(loss_weights)
-    if not loss_types:
-        raise ValueError(f"loss_types is empty; pick at least one of {LOSS_TYPES}")
-    if len(set(loss_types)) != len(loss_types):
-        raise ValueError(f"loss_types {loss_types} repeats a name; merge the repeats by adding their weights")
     sums = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if policy_chosen_logps.dim() != 1 or any(x.shape != policy_chosen_logps.shape for x in sums):
-        raise ValueError(
-            f"policy/ref chosen/rejected logps must all be (B,) sums, got shapes {[tuple(x.shape) for x in sums]}"
-        )
-    if "sft" in loss_types and (chosen_nll is None or chosen_nll.dim() != 0):
-        raise ValueError("loss type 'sft' needs chosen_nll, a 0-dim tensor: the token-mean NLL of the chosen answers")
-    if "ipo" in loss_types and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError("loss type 'ipo' needs chosen_lengths and rejected_lengths, (B,) counted tokens each")
+        raise ValueError(f"policy/ref chosen/rejected logps must all be (B,) sums, got shapes {[tuple(x.shape) for x in sums]}")
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,) r_c
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,) r_r
     per_type = {
         "sigmoid": lambda: sigmoid_loss(chosen_logratios, rejected_logratios, beta),
         "bco_pair": lambda: bco_pair_loss(chosen_logratios, rejected_logratios, beta),
-        "sft": lambda: sft_loss(chosen_nll),
+        "sft": lambda: chosen_nll,  # the caller's token-mean NLL of the chosen completions
         "ipo": lambda: ipo_loss(chosen_logratios, rejected_logratios, beta, chosen_lengths, rejected_lengths),
     }
 
@@ -167,17 +139,16 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     return micro, stats
 
 
-def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
-    sums, logps = completion_logps(policy, micro.batch)
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    sums, logps = completion_logps(run.policy, micro.batch)
     chosen, rejected = sums.chunk(2)  # (B,) each
     ref_chosen, ref_rejected = micro.ref_logps.chunk(2)
     lengths = micro.batch.mask.sum(1).chunk(2)
-    num_pairs = chosen.shape[0]
     # Normalise by the whole step (all micro-batches, all ranks; FSDP sums gradients), as SFT does, so
     # accumulation and data parallelism give the big-batch gradient. mpo_loss averages the pair terms over this
     # micro-batch, so we scale its result by share = B / P_step; its sft term then needs
     # chosen_nll = (NLL sum / T_step) / share to come out as the step's token mean.
-    share = num_pairs / micro.num_step_pairs
+    share = chosen.shape[0] / micro.num_step_pairs
     nll_sum = -(logps.chunk(2)[0] * micro.batch.mask.chunk(2)[0]).sum()
     chosen_nll = nll_sum / micro.num_step_chosen_tokens / share
     value, metrics = mpo_loss(
@@ -187,17 +158,13 @@ def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
     return value * share, {k: float(v) for k, v in metrics.items()}
 
 
-def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
-    return _pair_loss(micro, run.policy, run)
-
-
 @torch.no_grad()
 def evaluate(samples: list[dict], run) -> dict:
     """Implicit-reward metrics on held-out pairs (rewards/accuracies is the headline)."""
     micro, _ = prepare(samples, run)  # one "step" over the held-out pairs
     totals: dict[str, float] = {}
     for m in micro:
-        _, metrics = _pair_loss(m, run.policy, run)
+        _, metrics = loss(m, run)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / len(micro)
     return mean_over_ranks({f"eval/{k}": v for k, v in totals.items()}, run.device)
