@@ -7,7 +7,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.testing import assert_close
 
 from nanoalign.batch import encode_conversations
-from nanoalign.loading import hf_state_dict
+from bench.common import hf_state_dict
 from nanoalign.model import (
     Policy,
     chunked_logps,
