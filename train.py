@@ -259,7 +259,7 @@ def train(cfg: Config) -> dict:
                 # Every rank reads its own slice of the same seeded stream (data.stream_indices).
                 start = num_drawn + rank * per_rank
                 indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
-                fetch = lambda: fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples, run.check_sample)  # noqa: E731
+                fetch = lambda: fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples, run.check_sample)
                 samples, num_skipped = on_every_rank(fetch, device)  # a bad sample stops every rank, at a step boundary
                 num_drawn += per_rank * world_size
                 buffer, prepared_metrics = algo.prepare(samples, run)
