@@ -52,7 +52,7 @@ from nanoalign.checkpoint import (
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import export_hf
-from nanoalign.metrics import COUNTS, MetricsLog, first_logged, open_tracker, plot_metrics, sample_table
+from nanoalign.metrics import COUNTS, MetricsLog, Tracker, first_logged, plot_metrics, sample_table
 from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
 from nanoalign.preference import reference_table
 from nanoalign.rewards import accuracy, load_reward_funcs
@@ -192,8 +192,7 @@ def train(cfg: Config) -> dict:
         rollouts = InProcess(cfg, policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device)
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    # fused: one kernel updates every parameter; left to itself torch loops over the parameters in
-    # Python on CPU (13% of a small-model step, BENCHMARKS.md section 5).
+    # fused: one kernel; else torch loops over parameters in Python on CPU (13% of a small step, BENCHMARKS.md 5).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
@@ -233,7 +232,8 @@ def train(cfg: Config) -> dict:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log = MetricsLog(out_dir, rank, cfg.log_every, open_tracker(cfg, out_dir, rank, resumed=step > 0), run.tables)
+    tracker = Tracker(cfg, out_dir, resumed=step > 0) if cfg.report_to != "none" and rank == 0 else None
+    log = MetricsLog(out_dir, rank, cfg.log_every, tracker, run.tables)
     if cfg.precompute_ref_logps:  # the reference's scores, computed once, replace a second model
         run.ref_logps_table.update(reference_table(run, out_dir / "ref_logps.pt", resumed=step > 0))
     if step == 0 and eval_data is not None:
@@ -244,8 +244,7 @@ def train(cfg: Config) -> dict:
     per_rank = algo.samples_per_round(cfg)
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
     metrics: dict = {}
-    # Periodic checkpoints: at the first step at or after each multiple of save_every that ends a
-    # generation batch (RL), so a resume needs no rollout state.
+    # Periodic checkpoints: the first step at or after each multiple of save_every that ends a round (no rollout state).
     next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
@@ -299,8 +298,7 @@ def train(cfg: Config) -> dict:
         progress.update(1)
 
         # ------------------------------------------------------------ log, evaluate, checkpoint
-        # Each rank's loss is its share of the step's loss (the normalisation rule above): the step's
-        # loss is their sum, world_size x their mean.
+        # Each rank's loss is its share of the step's (the normalisation rule above): the step's is world_size x their mean.
         metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device, COUNTS)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
         if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):

@@ -180,38 +180,16 @@ RL_ALGOS = ("grpo", "gspo", "rloo", "online_dpo")
 # Fields only some algorithms read: set elsewhere they would silently do nothing, so check_config refuses them.
 APPLIES_TO = {
     "beta": ("dpo", "mpo", *RL_ALGOS),
-    "loss_types": ("dpo", "mpo"),
-    "loss_weights": ("dpo", "mpo"),
-    "precompute_ref_logps": ("dpo", "mpo"),
-    "num_generations": RL_ALGOS,
-    "temperature": RL_ALGOS,
-    "top_p": RL_ALGOS,
-    "steps_per_generation": RL_ALGOS,
-    "reward_funcs": RL_ALGOS,
-    "reward_weights": RL_ALGOS,
-    "vllm_mode": RL_ALGOS,
-    "vllm_tensor_parallel_size": RL_ALGOS,
-    "vllm_gpu_memory_utilization": RL_ALGOS,
-    "vllm_max_model_len": RL_ALGOS,
-    "vllm_enforce_eager": RL_ALGOS,
-    "vllm_model_impl": RL_ALGOS,
-    "vllm_max_images": RL_ALGOS,
-    "vllm_url": RL_ALGOS,
-    "vllm_timeout": RL_ALGOS,
-    "vllm_sync_every": RL_ALGOS,
-    "epsilon": ("grpo", "gspo", "rloo"),
-    "epsilon_high": ("grpo", "gspo", "rloo"),
-    "num_iterations": ("grpo", "gspo", "rloo"),  # online DPO trains on each pair once (as TRL's)
-    "mask_truncated_completions": ("grpo", "gspo", "rloo"),  # online DPO: --missing-eos-penalty instead
-    "loss_type": ("grpo", "gspo"),
-    "importance_sampling_level": ("grpo", "gspo"),
-    "delta": ("grpo", "gspo"),
-    "scale_rewards": ("grpo", "gspo"),
-    "vllm_is_correction": ("grpo", "gspo"),
-    "vllm_is_cap": ("grpo", "gspo"),
+    **dict.fromkeys(("loss_types", "loss_weights", "precompute_ref_logps"), ("dpo", "mpo")),
+    **dict.fromkeys(("num_generations", "temperature", "top_p", "steps_per_generation", "reward_funcs", "reward_weights", "vllm_mode",
+                     "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager",
+                     "vllm_model_impl", "vllm_max_images", "vllm_url", "vllm_timeout", "vllm_sync_every"), RL_ALGOS),
+    # online DPO trains on each pair once (as TRL's), and has --missing-eos-penalty instead of masking
+    **dict.fromkeys(("epsilon", "epsilon_high", "num_iterations", "mask_truncated_completions"), ("grpo", "gspo", "rloo")),
+    **dict.fromkeys(("loss_type", "importance_sampling_level", "delta", "scale_rewards", "vllm_is_correction", "vllm_is_cap"), ("grpo", "gspo")),
     "normalize_advantages": ("rloo",),
     "missing_eos_penalty": ("online_dpo",),
-}
+}  # fmt: skip
 
 
 # The vLLM settings and the --vllm-mode values that read them: refused with any other mode.

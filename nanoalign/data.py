@@ -58,11 +58,12 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
     if dataset == "shapes":
         return ShapesDataset(split, fmt, num_samples, overcount)
     import datasets
+    import pyarrow.parquet
 
     path = Path(dataset)
     # `datasets` fails on an empty local file without naming it (a bare StopIteration, an Arrow error)
     for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS):
-        if file.stat().st_size == 0 or (file.suffix == ".parquet" and _parquet_rows(file) == 0):
+        if file.stat().st_size == 0 or (file.suffix == ".parquet" and pyarrow.parquet.ParquetFile(file).metadata.num_rows == 0):
             raise ValueError(f"--dataset {dataset}: {file} has no rows; fill it or remove it")
     if path.is_file():  # one local file is the training split, whatever the split is called
         if path.suffix not in LOCAL_BUILDERS:
@@ -84,19 +85,14 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, datasets.Sequence | list) and isinstance(_inner(feature), datasets.Image):
-            ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
+        elif isinstance(feature, datasets.Sequence | list):  # a Sequence has .feature, a list its one item
+            if isinstance(feature.feature if hasattr(feature, "feature") else feature[0], datasets.Image):
+                ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in ds.column_names]
     if missing and not (fmt == "sft" and {"prompt", "completion"} <= set(ds.column_names)):
         raise ValueError(f"--dataset {dataset} [{split}] lacks column(s) {missing} needed for {fmt} data (it has "
                          f"{ds.column_names}); rename with --columns ours=theirs")  # fmt: skip
     return ds
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[str, str]:
@@ -112,10 +108,6 @@ def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[st
             raise ValueError(f"--columns {ours}={theirs}: the dataset already has a column {ours!r}. Rename that one out of "
                              f"the way in the same flag (--columns {ours}={theirs} original_{ours}={ours}) or drop it from the data")  # fmt: skip
     return renames
-
-
-def _inner(feature):
-    return feature.feature if hasattr(feature, "feature") else feature[0]
 
 
 def decode_image(image, sample_id: str, position: int) -> Image.Image:

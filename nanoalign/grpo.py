@@ -149,8 +149,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str, 
     return loss, metrics
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo grpo / --algo gspo). prepare() is one generation round
+# ----- The algorithm module train.py drives (--algo grpo / --algo gspo). prepare() is one generation round
 # (rl.generation_round), repeated num_iterations times.
 
 DATA_FORMAT = "rl"

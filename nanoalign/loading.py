@@ -285,13 +285,6 @@ def gather_full(tensor: torch.Tensor) -> torch.Tensor | None:
     return out[: tensor.shape[0]].cpu() if rank == 0 else None
 
 
-def full_state(hf_model):
-    """Yield (model name, full CPU tensor on rank 0 / None elsewhere), tied weights once. Every rank must iterate
-    it to the end (collectives)."""
-    for names, tensor in unique_tensors(hf_model):
-        yield names[0], gather_full(tensor)
-
-
 # --------------------------------------------------------------------------- writing a checkpoint
 
 
@@ -342,7 +335,7 @@ def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes:
     tensors = unique_tensors(hf)
     saved_names = model_to_checkpoint_names(hf, [names[0] for names, _ in tensors])
     if saved_names is None:  # a conversion that is not a renaming: save_pretrained writes it, from rank 0's copy
-        state = dict(full_state(hf))
+        state = {names[0]: gather_full(tensor) for names, tensor in tensors}  # collective: every rank, same order
         if rank == 0:
             hf.save_pretrained(out_dir, state_dict=state)
             processor.save_pretrained(out_dir)

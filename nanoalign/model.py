@@ -276,9 +276,8 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
     if cfg.freeze_vision:
         vision_module(hf_model).requires_grad_(False)
     if trainable:
-        # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
-        # must not change any log-prob, though (old, reference and sampled ones are compared with the
-        # current ones), so dropout is switched off as TRL's disable_dropout does.
+        # Train mode (HF skips activation checkpointing in eval mode) must not change any log-prob (old, reference
+        # and sampled ones are compared with the current ones): dropout off, as TRL's disable_dropout.
         hf_model.train()
         for module in hf_model.modules():
             if isinstance(module, torch.nn.Dropout):

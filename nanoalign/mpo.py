@@ -97,11 +97,8 @@ def mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss, metrics
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo dpo / --algo mpo)
-#
-# A micro-batch holds B pairs as 2B rows, [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]: one
-# forward scores both answers of every prompt, each row with its own copy of the prompt's images.
+# ----- The algorithm module train.py drives (--algo dpo / --algo mpo). A micro-batch holds B pairs as 2B rows,
+# [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]: one forward scores both answers, each row with its images.
 
 DATA_FORMAT = "preference"
 

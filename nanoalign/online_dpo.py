@@ -68,8 +68,7 @@ def online_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, None, beta, ["sigmoid"], [1.0])
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo online_dpo): the RL generation round with G = 2, whose
+# ----- The algorithm module train.py drives (--algo online_dpo): the RL generation round with G = 2, whose
 # "advantages" are the pair selection (+1 chosen, -1 rejected, 0 for an unrankable pair's two rows).
 
 DATA_FORMAT = "rl"

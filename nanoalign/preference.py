@@ -44,12 +44,8 @@ def reference_logps(samples: list[dict], batch: Batch, run) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_table(run, path: Path, resumed: bool) -> dict[str, torch.Tensor]:
-    """{split: (N, 2) chosen/rejected reference sums}, computed before the first update and saved.
-
-    Before any optimizer step the policy IS the reference, so we score every train and eval pair
-    with it, all ranks splitting the work, and save the table at `path`: a resumed run reads it back
-    instead of keeping a second model in memory (--precompute-ref-logps).
-    """
+    """{split: (N, 2) chosen/rejected reference sums}: before the first update the policy IS the reference, so every
+    train and eval pair is scored with it (ranks split the work) and saved at `path` for a resumed run."""
     # Only a resumed run reads the file: at step 0 the policy is the reference, and a table left in
     # out_dir by an earlier run (another model or dataset, or --no-resume) would be stale.
     if resumed:

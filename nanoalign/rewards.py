@@ -43,8 +43,7 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 RewardFunc = Callable[..., list[float | None]]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Counters
+# ----- Counters
 
 
 @dataclass
@@ -67,12 +66,10 @@ class RewardStats:
                 "timeout_rate": self.num_timeouts / num_samples}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------
-# Format rewards
+# ----- Format rewards
 
-# TRL's think_format_reward pattern: the text starts with "<think>", the think block is closed by the
-# first "</think>", and no second "<think>" follows anywhere (the lookahead). Group 1 is the reasoning,
-# group 2 everything after the first "</think>" (the answer).
+# TRL's think_format_reward pattern: "<think>" first, closed by the first "</think>", no second "<think>" anywhere
+# (the lookahead). Group 1 is the reasoning, group 2 everything after the first "</think>" (the answer).
 _THINK_BLOCK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>(.*)$", re.DOTALL)
 # A \boxed{...} whose content is not empty or blank: "\boxed{3}", "\boxed{\frac{1}{2}}", not "\boxed{}".
 _BOXED = re.compile(r"\\boxed\{\s*[^\s}].*\}", re.DOTALL)
@@ -104,8 +101,7 @@ def format_reward(completions: list[str], **columns: list) -> list[float | None]
     return scores
 
 
-# ---------------------------------------------------------------------------------------------------
-# Accuracy reward (math-verify)
+# ----- Accuracy reward (math-verify)
 
 # One extraction config for gold and answer: LaTeX only ($...$, \(...\), \[...\], \boxed{...}),
 # stop at the first match (math-verify tries the highest-priority, rightmost match first).
@@ -127,11 +123,9 @@ def _gold_as_latex(gold: Any, index: int) -> str:
 
 def _verify_one(completion: str, gold_latex: str) -> float | None:
     """1.0 / 0.0 for one sample, or None if the gold has no math expression. May raise; may hang."""
-    # parsing_timeout=None / timeout_seconds=None turn off math-verify's signal.alarm timeouts, which
-    # only work on the main thread; _run_with_timeout enforces the time limit instead.
-    # raise_on_error=True: an internal failure raises (counted as an error) instead of being turned
-    # into an empty parse / False, i.e. a silent 0.0. Malformed LaTeX does not raise: it parses to a
-    # plain-string fallback.
+    # parsing_timeout=None / timeout_seconds=None: math-verify's signal.alarm timeouts work only on the main thread;
+    # _run_with_timeout enforces the limit instead. raise_on_error=True: an internal failure raises (counted) instead
+    # of a silent 0.0. Malformed LaTeX does not raise: it parses to a plain-string fallback.
     gold = parse(gold_latex, extraction_config=_EXTRACTION, extraction_mode="first_match",
                  parsing_timeout=None, raise_on_error=True)
     # An unparseable gold yields [] or only the raw-string fallback ("\frac{" -> ['\\frac{']), which
@@ -216,8 +210,7 @@ def accuracy_reward(completions: list[str], solution: list[Any] | None = None, *
     return scores
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading and scoring
+# ----- Loading and scoring
 
 BUILTIN_REWARD_FUNCS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format": format_reward, "think_format": think_format_reward}
 
@@ -324,8 +317,7 @@ def score_completions(reward_funcs: list[RewardFunc], weights: list[float], comp
     return rewards, metrics
 
 
-# -----------------------------------------------------------------------------
-# Held-out accuracy: greedy answers checked with math-verify (train.py's eval for every algorithm)
+# ----- Held-out accuracy: greedy answers checked with math-verify (train.py's eval for every algorithm)
 
 
 def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,

@@ -28,8 +28,7 @@ STD_EPS = 1e-4  # added to the std before dividing, as TRL does
 NOT_REWARD_COLUMNS = ("prompt", "images", "sample_id", "index", "split")
 
 
-# -----------------------------------------------------------------------------
-# Rewards -> group statistics
+# ----- Rewards -> group statistics
 
 
 def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -65,8 +64,7 @@ def constant_groups(grouped: torch.Tensor) -> torch.Tensor:
     return (highest == lowest) | (valid.sum(dim=1) < 2)
 
 
-# -----------------------------------------------------------------------------
-# Ratios and the clipped surrogate (GRPO / GSPO and RLOO)
+# ----- Ratios and the clipped surrogate (GRPO / GSPO and RLOO)
 
 
 def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, delta=None) -> torch.Tensor:
@@ -98,8 +96,7 @@ def check_token_inputs(logps, old_logps, advantages, mask) -> None:
         raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with B={logps.shape[0]}")
 
 
-# -----------------------------------------------------------------------------
-# One generation round: sample, score, batch
+# ----- One generation round: sample, score, batch
 
 
 def micro_batches_per_round(cfg) -> int:
@@ -195,12 +192,6 @@ def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     return policy(**batch.model_inputs(), temperature=temperature, logps_mask=batch.mask)[0]
 
 
-def completion_metrics(rollouts: list[Rollout]) -> dict:
-    lengths = [len(ids) for r in rollouts for ids in r.completion_ids]
-    eos = [e for r in rollouts for e in r.has_eos]
-    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}
-
-
 @dataclass
 class MicroBatch:
     batch: Batch  # prompt + completion rows (prompt-major, G per prompt); mask = completion tokens
@@ -245,7 +236,8 @@ def generation_round(samples, run, *, advantages, normalisers, keep_old_logps: b
     rollouts = rollout_chunks(samples, run, cfg.num_generations)
     rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
     all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
-    metrics.update(completion_metrics(rollouts))
+    lengths, eos = [len(ids) for r in rollouts for ids in r.completion_ids], [e for r in rollouts for e in r.has_eos]
+    metrics.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)})
     micro = []
     for rollout in rollouts:
         batch = completion_batch(rollout, run, cfg.mask_truncated_completions)

