@@ -86,7 +86,8 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
         elif isinstance(feature, datasets.Sequence | list):  # a Sequence has .feature, a list its one item
-            if isinstance(feature.feature if hasattr(feature, "feature") else feature[0], datasets.Image):
+            inner = feature.feature if hasattr(feature, "feature") else feature[0]
+            if isinstance(inner, datasets.Image):
                 ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in ds.column_names]
     if missing and not (fmt == "sft" and {"prompt", "completion"} <= set(ds.column_names)):
