@@ -2,8 +2,7 @@
 
     torchrun --nproc_per_node 2 train.py --algo sft          # built-in tiny VLM + synthetic shapes task
     torchrun --nproc_per_node 2 train.py --algo gspo         # RL from the SFT-warmed tiny model
-    python train.py --algo dpo --model DIR --dataset DIR     # one process works too
-    python train.py --help                                   # every flag, from nanoalign/config.py
+    python train.py --algo dpo --model DIR --dataset DIR     # one process works too; --help: every flag
 
 The loop reads top to bottom: set up processes, models, optimizer and data; then each optimizer step
 asks the algorithm module for micro-batches (`prepare`: SFT/DPO the step's samples, RL a generation
@@ -149,11 +148,9 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
     own_eval = getattr(algo, "evaluate", None)  # optional: the RL methods have no held-out metric of their own
     metrics = own_eval(algo_eval, run) if own_eval and algo_eval else {}
     if accuracy_eval:
-        *counts, answers = accuracy(
-            model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
-            max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
-            sampler=run.cfg.sampler,
-        )  # fmt: skip
+        *counts, answers = accuracy(model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
+                                    max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id,
+                                    device=run.device, sampler=run.cfg.sampler)  # fmt: skip
         correct, total, num_tokens = all_reduce_sum(counts, run.device)
         run.tables["eval/samples"] = sample_table(accuracy_eval, answer=[a for a, _ in answers],
                                                   gold=[s["solution"] for s in accuracy_eval], right=[r for _, r in answers])  # fmt: skip

@@ -45,11 +45,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return Batch(
-            move(self.input_ids), move(self.attention_mask), move(self.mask),
-            {k: move(v) for k, v in self.mm_inputs.items()}, self.sample_ids, self.num_truncated, self.num_skipped,
-            {k: move(v) for k, v in self.shared_prompts.items()},
-        )  # fmt: skip
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.mask), {k: move(v) for k, v in self.mm_inputs.items()},
+                     self.sample_ids, self.num_truncated, self.num_skipped, {k: move(v) for k, v in self.shared_prompts.items()})  # fmt: skip
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -120,8 +117,7 @@ def image_token_ids(processor) -> set[int]:
 
 
 def _with_text(row: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
-    """A row's per-token tensors extended by text tokens: attention 1, any other per-token output
-    (e.g. Qwen's mm_token_type_ids) 0 ("text")."""
+    """A row's per-token tensors extended by text tokens: attention 1, other outputs (mm_token_type_ids) 0 ("text")."""
     ids = torch.tensor(ids, dtype=torch.long)
     return {k: torch.cat([v, ids if k == "input_ids" else torch.full_like(ids, int(k == "attention_mask"))]) for k, v in row.items()}
 

@@ -32,8 +32,7 @@ class Config:
     num_shapes_samples: int = 20000
     """Size of the built-in shapes train split (the eval split has num_eval_samples)."""
     shapes_overcount: float = 0.0
-    """Fraction of shapes SFT "how many" answers that are one too many (a biased teacher: tiny-sft uses 0.6, so
-    RL has a mistake to fix)."""
+    """Fraction of shapes SFT "how many" answers one too many (a biased teacher: tiny-sft's 0.6 leaves RL a mistake to fix)."""
     out_dir: str = "runs/sft"
     """Where checkpoints, metrics.jsonl, plots and the exported model go."""
     seed: int = 0
@@ -62,8 +61,7 @@ class Config:
     """Longest row (prompt + completion, image tokens included). Text past it is cut and counted; cutting
     image tokens is an error unless --skip-bad-samples."""
     skip_bad_samples: bool = False
-    """Skip (and count) unusable samples (unreadable image, image tokens past max_length, malformed
-    conversation) instead of stopping with an error."""
+    """Skip (and count) unusable samples (unreadable image, image tokens cut, malformed conversation) instead of stopping."""
 
     # --- model and sharding ---
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -148,8 +146,7 @@ class Config:
 
     # --- vLLM rollouts ---
     vllm_mode: Literal["none", "server", "colocate"] = "none"
-    """none = the training model samples; server = a running vLLM server; colocate = a vLLM engine in every
-    training process (README: which to pick)."""
+    """none = the training model samples; server = a running vLLM server; colocate = a vLLM engine per rank (README)."""
     vllm_url: str = "http://127.0.0.1:8000"
     """Base URL of the vLLM server (vllm_mode server)."""
     vllm_sync_every: int = 1
@@ -157,8 +154,7 @@ class Config:
     vllm_tensor_parallel_size: int = 1
     """Colocate: consecutive ranks sharing one tensor-parallel engine (divides the ranks; 1 = an engine per rank)."""
     vllm_gpu_memory_utilization: float = 0.3
-    """Colocate: fraction of device memory (host RAM on CPUs) vLLM keeps, also during training (no sleep mode):
-    lower it when training runs out of memory."""
+    """Colocate: device memory (host RAM on CPUs) vLLM keeps, also while training: lower it if training runs out."""
     vllm_max_model_len: int | None = None
     """Colocate: longest prompt + completion vLLM reserves KV cache for (None: the model's; --max-length saves memory)."""
     vllm_enforce_eager: bool = True
@@ -266,10 +262,8 @@ def sft_preset() -> Config:
 
 
 def dpo_preset() -> Config:
-    return Config(
-        algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=100,
-        loss_types=("sigmoid",), loss_weights=(1.0,), eval_every=25, save_every=25, num_eval_samples=256,
-    )  # fmt: skip
+    return Config(algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=100, loss_types=("sigmoid",),
+                  loss_weights=(1.0,), eval_every=25, save_every=25, num_eval_samples=256)  # fmt: skip
 
 
 def mpo_preset() -> Config:
@@ -279,21 +273,16 @@ def mpo_preset() -> Config:
 
 
 def grpo_preset() -> Config:
-    # Tuned for the built-in demo (tiny-sft on shapes, 2 CPU ranks): 2 prompts x 8 completions per
-    # micro-batch per rank, held-out accuracy on 256 prompts every 40 steps.
-    return Config(
-        algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=3e-4, warmup_steps=5, max_steps=60,
-        batch_size=32, num_generations=8, beta=0.0, eval_every=20, save_every=20, num_eval_samples=256,
-    )  # fmt: skip
+    # Tuned for the built-in demo (tiny-sft on shapes, 2 CPU ranks): 4 prompts x 8 completions per micro-batch per rank.
+    return Config(algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=3e-4, warmup_steps=5, max_steps=60, batch_size=32,
+                  num_generations=8, beta=0.0, eval_every=20, save_every=20, num_eval_samples=256)  # fmt: skip
 
 
 def gspo_preset() -> Config:
     # GSPO recipe (arXiv 2507.18071, and TRL's GSPO docs): sequence ratios, tiny clip range, grpo aggregation.
-    return dataclasses.replace(
-        grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence",
-        epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4,
-        lr=2e-4, max_steps=120, eval_every=40, save_every=40,
-    )  # fmt: skip
+    return dataclasses.replace(grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence", epsilon=3e-4,
+                               epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4, lr=2e-4, max_steps=120,
+                               eval_every=40, save_every=40)  # fmt: skip
 
 
 def rloo_preset() -> Config:

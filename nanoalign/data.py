@@ -1,7 +1,6 @@
 """Datasets in TRL's vision formats, checked and normalised one sample at a time, in a resumable order.
 
-Three formats, one per family of methods (the column names TRL uses; `--columns ours=theirs`
-renames others):
+Three formats, one per family of methods (TRL's column names; `--columns ours=theirs` renames others):
 
     sft:        messages (+ images)                 or prompt + completion (+ images)
     preference: prompt, chosen, rejected (+ images)

@@ -17,18 +17,15 @@ Papers:
     Dr. GRPO https://arxiv.org/abs/2503.20783 (constant normaliser, no std scaling)
     delta    https://arxiv.org/abs/2505.07291 (INTELLECT-2, two-sided clipping)
     k3 KL    http://joschu.net/blog/kl-approx.html
-The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16; README.md, "Differences from TRL", lists
-where they deliberately differ.
+The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16 (README.md, "Differences from TRL").
 
 Simplified / decided here:
-    - pure functions: no model, no gather across ranks (the caller gathers rewards and passes the
-      step's `normaliser`).
-    - a completion whose rewards are all NaN is excluded from its group's statistics and gets
-      advantage 0 (TRL's nansum would count it as reward 0 in the group mean and std).
-    - masked positions of logps / old_logps / ref_logps are replaced by 0 before any exp(), so
-      garbage (even -inf) on padding can never leak a NaN into the loss or the gradient.
-    - GSPO clip metrics are a mean over sequences that have a counted token (TRL averages over all
-      sequences, fully masked ones included); for every other input they agree.
+    - pure functions: the caller gathers rewards across ranks and passes the step's `normaliser`.
+    - a completion whose rewards are all NaN is left out of its group's statistics, advantage 0
+      (TRL's nansum would count it as reward 0 in the group mean and std).
+    - masked positions of logps / old_logps / ref_logps are 0 before any exp(): padding (even -inf)
+      never leaks a NaN into the loss or the gradient.
+    - GSPO clip metrics average over sequences with a counted token (TRL: all sequences).
 """
 
 import torch
@@ -87,16 +84,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str, 
               beta: float, importance_sampling_level: str, normaliser, sampler_weights=None):  # fmt: skip
     """Clipped GRPO / GSPO loss on one micro-batch. Returns (loss, metrics).
 
-    logps, old_logps, ref_logps, mask: (B, T) completion-token log-probs and the 0/1 loss mask; old_logps
-        are the sampling policy's; ref_logps only read when beta > 0.
-    advantages: (B,) from `group_advantages`. importance_sampling_level: "token" = GRPO, "sequence" = GSPO.
-    loss_type: the loss is a sum divided by `normaliser`:
-        grpo     SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser    (each sequence's token mean)
-        others   SUM M L / normaliser
-    normaliser: a count of the whole optimizer step (every micro-batch, every rank), see
-        `step_normalisers`. On one micro-batch in one process TRL's formulas are normaliser = B (grpo),
-        max(SUM M, 1) (bnpo), B * max_completion_length (dr_grpo), SUM M (dapo). 0 (dapo, every
-        token masked) leaves the sum, which is 0, undivided.
+    logps, old_logps, ref_logps, mask: (B, T) completion-token log-probs (old: the sampling policy's; ref: read
+        when beta > 0) and the 0/1 loss mask. advantages: (B,). importance_sampling_level: token = GRPO, sequence = GSPO.
+    loss: grpo SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser (each sequence's token mean); others SUM M L / normaliser.
+    normaliser: a count of the whole optimizer step, all micro-batches and ranks (`step_normalisers`); TRL's on one
+        micro-batch in one process: B (grpo), max(SUM M, 1) (bnpo), B * max_completion_length (dr_grpo), SUM M (dapo).
+        0 (dapo, every token masked) leaves the sum, 0, undivided.
     sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy term only.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
     """
@@ -201,10 +194,8 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     cfg = run.cfg
     logps, old_logps, entropy = policy_logps(micro, run)
-    value, metrics = grpo_loss(
-        logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
-        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
-        importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
-        sampler_weights=micro.sampler_weights,
-    )  # fmt: skip
+    value, metrics = grpo_loss(logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
+                               epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
+                               importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
+                               sampler_weights=micro.sampler_weights)  # fmt: skip
     return value, {**{k: float(v) for k, v in metrics.items()}, "entropy": entropy}

@@ -10,14 +10,11 @@ fp32 copy on the host: 8 ranks x 28 GB. Here, as in torchtitan:
      and scatters each tensor's rows: rank r receives rows [r * c, (r + 1) * c), c = ceil(n / world_size),
      which is how FSDP2 cuts a parameter (torch.chunk on dim 0), so the rows land in the shard as is.
 
-Checkpoint names are mapped to the model's by transformers' own renaming rules (those from_pretrained
-applies, e.g. Qwen2.5-VL's "model.layers.*" -> "model.language_model.layers.*"). A checkpoint they do not
-cover exactly (a fused-weight conversion, missing weights, only .bin files) is loaded by rank 0 with
-from_pretrained instead, then scattered the same way.
-
-Export is the reverse: a gather per tensor, only rank 0 receives the full tensor, writes its bytes into the
-safetensors file (whose header is known up front from the shapes) and drops it. Weight sync to vLLM
-gathers the same way (`gather_full`).
+Names are mapped by transformers' own renaming rules (e.g. Qwen2.5-VL's "model.layers.*" ->
+"model.language_model.layers.*"); a checkpoint they do not cover exactly (a fused-weight conversion, missing
+weights, only .bin files) is loaded by rank 0 with from_pretrained, then scattered the same way.
+Export (and weight sync to vLLM) is the reverse: a gather per tensor to rank 0 only (`gather_full`), which
+writes its bytes into the safetensors file (header known up front from the shapes) and drops it.
 
 Simplifications: tensors are read and written in fp32, as the trainer keeps them; one-dimensional FSDP
 meshes only (Shard(0) on every parameter: what shard_policy produces).
@@ -329,8 +326,7 @@ def safetensors_header(entries: list[tuple[str, torch.dtype, list[int]]]) -> byt
 
 
 def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write a Hugging Face checkpoint (safetensors, configs, processor). Every rank calls it; rank 0 receives
-    the tensors and writes them, one at a time."""
+    """Write a Hugging Face checkpoint (safetensors, configs, processor); every rank calls it, rank 0 writes."""
     hf = getattr(policy, "hf", policy)
     tensors = unique_tensors(hf)
     saved_names = model_to_checkpoint_names(hf, [names[0] for names, _ in tensors])

@@ -57,14 +57,10 @@ def decoder_layers(hf_model) -> list[nn.Module]:
 
 
 class Policy(nn.Module):
-    """A VLM whose forward returns per-token log-probs instead of logits.
-
-    forward(...) -> (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]], with
-    logps[:, 0] = 0; entropy (detached) when asked for, else None. logps_mask (B, T), optional: compute them
-    only where it is 1 (0 elsewhere): losses read completion tokens only, so this skips most of the lm_head
-    work (as TRL's logits_to_keep). shared_prompts, optional: the distinct prompts of RL rows that come G
-    per prompt, each then read once (`shared_prompt_hidden`; TRL reads every row whole).
-    """
+    """A VLM whose forward returns (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]],
+    logps[:, 0] = 0; entropy (detached) when asked for. logps_mask (B, T), optional: computed only where 1 (losses
+    read completion tokens: most lm_head work skipped, as TRL's logits_to_keep). shared_prompts, optional: the
+    distinct prompts of RL rows that come G per prompt, each read once (`shared_prompt_hidden`)."""
 
     def __init__(self, hf_model, logps_chunk_size: int = 128):
         super().__init__()
@@ -102,8 +98,7 @@ class Policy(nn.Module):
         return self.hf.generate(**kwargs)
 
     def sample(self, prompt_enc: dict, **kwargs):
-        """sampler.sample on the HF model; registered with FSDP like generate (calling self.hf directly would
-        make a decoder layer the FSDP root)."""
+        """sampler.sample, registered with FSDP like generate (calling self.hf would make a decoder layer the root)."""
         from nanoalign.sampler import sample
 
         return sample(self.hf, prompt_enc, **kwargs)

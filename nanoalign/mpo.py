@@ -13,15 +13,14 @@ Papers:
     MPO https://arxiv.org/abs/2411.10442 (InternVL MPO, section 3.2: preference + quality + generation losses)
     BCO https://arxiv.org/abs/2404.04656 (binary classifier optimisation; pair form as in TRL)
     IPO https://arxiv.org/abs/2310.12036 (eq. 17)
-The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (README.md, "Differences from TRL", lists
-where they deliberately differ).
+The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (README.md, "Differences from TRL").
 
 Simplified / decided here:
-    - pure functions on sequence log-prob sums; the caller runs the policy and the frozen reference.
+    - pure functions on sequence log-prob sums; the caller runs the policy and the frozen reference, and
+      passes the sft term (chosen_nll): only it has the per-token logits.
     - no label smoothing, no BCO running-mean reward shift (TRL dropped it in 0.29).
-    - ipo divides each term by its own token count (TRL averages the log-probs of every term when
-      "ipo" is requested); the reward metrics always use the sums.
-    - the sft term is passed in (chosen_nll), because only the caller has the per-token logits.
+    - ipo divides each term by its own token count (TRL averages the log-probs of every term when "ipo" is
+      requested); the reward metrics always use the sums.
 """
 
 from dataclasses import dataclass
@@ -148,10 +147,8 @@ def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     share = chosen.shape[0] / micro.num_step_pairs
     nll_sum = -(logps.chunk(2)[0] * micro.batch.mask.chunk(2)[0]).sum()
     chosen_nll = nll_sum / micro.num_step_chosen_tokens / share
-    value, metrics = mpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, chosen_nll, run.cfg.beta, run.cfg.loss_types, run.cfg.loss_weights,
-        chosen_lengths=lengths[0], rejected_lengths=lengths[1],
-    )  # fmt: skip
+    value, metrics = mpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_nll, run.cfg.beta, run.cfg.loss_types,
+                              run.cfg.loss_weights, chosen_lengths=lengths[0], rejected_lengths=lengths[1])  # fmt: skip
     return value * share, {k: float(v) for k, v in metrics.items()}
 
 

@@ -11,11 +11,10 @@ Feedback", algorithm 1), with a reward model/function in place of the LLM annota
 OnlineDPOTrainer v1.9-v1.16.
 
 Simplified / decided here:
-    - pure functions: the caller samples, scores, and computes the log-prob sums (no temperature).
-    - the loss is mpo.py's sigmoid loss, not a copy of it.
-    - an unscorable completion (all reward functions NaN) ranks below any scored one; a pair with both
-      unscorable cannot be ranked: it is flagged invalid so the caller skips it and counts the skip.
-      (TRL's nansum would score NaN as 0.) So are pairs of two identical (or both empty) completions.
+    - pure functions: the caller samples, scores, and computes the log-prob sums (no temperature); the loss
+      is mpo.py's sigmoid loss, not a copy.
+    - an unscorable completion (all rewards NaN) ranks below any scored one (TRL's nansum: reward 0); a pair
+      with both unscorable, or two identical (or both empty) completions, is skipped and counted.
 """
 
 import torch
@@ -53,12 +52,8 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     rejected_index = torch.where(first_wins, offsets + 1, offsets)  # (P,)
 
     ties = (first == second) & valid  # NaN == NaN is False, so unrankable pairs are never ties
-    metrics = {
-        "valid": valid,
-        "num_unrankable": (~valid).sum().float(),
-        "num_half_scored": (nan_first ^ nan_second).sum().float(),
-        "frac_ties": ties.sum().float() / valid.sum().clamp(min=1).float(),
-    }
+    metrics = {"valid": valid, "num_unrankable": (~valid).sum().float(), "num_half_scored": (nan_first ^ nan_second).sum().float(),
+               "frac_ties": ties.sum().float() / valid.sum().clamp(min=1).float()}  # fmt: skip
     return chosen_index, rejected_index, metrics
 
 

@@ -93,12 +93,8 @@ def format_reward(completions: list[str], **columns: list) -> list[float | None]
     """1.0 if the completion is "<think>...</think>" then an answer (closing no second think block) with a
     non-empty \\boxed{...}, e.g. "<think>There are 3 shapes.</think> The answer is \\boxed{3}."."""
     _check_texts(completions, "format_reward")
-    scores: list[float | None] = []
-    for c in completions:
-        m = _THINK_BLOCK.match(c)
-        ok = m is not None and "</think>" not in m.group(2) and _BOXED.search(m.group(2)) is not None
-        scores.append(1.0 if ok else 0.0)
-    return scores
+    matches = [_THINK_BLOCK.match(c) for c in completions]
+    return [1.0 if m is not None and "</think>" not in m.group(2) and _BOXED.search(m.group(2)) is not None else 0.0 for m in matches]
 
 
 # ----- Accuracy reward (math-verify)
@@ -275,13 +271,9 @@ def _accepts_reward_stats(fn: RewardFunc) -> bool:
 
 def score_completions(reward_funcs: list[RewardFunc], weights: list[float], completions: list[str], columns: dict[str, list],
                       sample_ids: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """Call each reward function once on the batch -> (rewards, metrics).
-
-    rewards: (N, K) float32, rewards[i, k] = weights[k] * r_ik, NaN where function k returned None.
-    metrics per function (reward_name): rewards/<name>/mean and /std (nan-aware, unweighted; std ddof=1, NaN
-    below 2 values), /failure_rate (fraction scored None, for any reason), and for a function with a
-    `reward_stats` keyword the breakdown /{bad_gold,error,timeout}_rate.
-    """
+    """Call each reward function once on the batch -> (rewards (N, K) float32 = weights[k] * r_ik, NaN for None; metrics).
+    Metrics per function (reward_name): rewards/<name>/mean and /std (unweighted, nan-aware; std ddof=1), /failure_rate
+    (fraction scored None, for any reason), and with a `reward_stats` keyword /{bad_gold,error,timeout}_rate."""
     num_samples = len(completions)
     for key in set(columns) & {"completions", "reward_stats"}:
         raise ValueError(f"dataset column {key!r} clashes with a reward-function argument; rename it.")
@@ -328,10 +320,9 @@ def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_
     with generating(model):
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
-            rollout = sample_completions(
-                model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
-                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
-            )  # fmt: skip
+            rollout = sample_completions(model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
+                                         max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                                         sampler=sampler)  # fmt: skip
             scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
             answers += [(text, score == 1.0) for text, score in zip(rollout.texts, scores)]
             num_tokens += sum(len(ids) for ids in rollout.completion_ids)

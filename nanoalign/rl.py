@@ -77,8 +77,7 @@ def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, de
 
 
 def clip_fractions(ratio, advantages, weights, epsilon: float, epsilon_high: float) -> dict:
-    """Weighted fraction of entries whose clipped branch is active (no gradient); all three broadcast,
-    weights 1 where an entry counts."""
+    """Weighted fraction of entries whose clipped branch is active (no gradient); weights 1 where an entry counts."""
     low = ((ratio < 1 - epsilon) & (advantages < 0)).to(weights.dtype)
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(weights.dtype)
     region = torch.clamp(low + high, max=1.0)  # low and high are disjoint; clamp only guards the invariant
@@ -100,8 +99,7 @@ def check_token_inputs(logps, old_logps, advantages, mask) -> None:
 
 
 def micro_batches_per_round(cfg) -> int:
-    """At least one optimizer step's worth, so a step never waits on a second round (check_config makes
-    the two divide one another)."""
+    """At least one optimizer step's worth: a step never waits on a second round (check_config: they divide)."""
     return max(cfg.steps_per_generation, cfg.grad_accum_steps)
 
 
@@ -225,12 +223,10 @@ def generation_round(samples, run, *, advantages, normalisers, keep_old_logps: b
                      compare_sampler: bool = False) -> tuple[list[MicroBatch], dict]:  # fmt: skip
     """One generation round: this rank's micro-batches, ready for the method's loss.
 
-    advantages(all_rewards, rollouts, micro, run) -> (this rank's (N,) advantages, metrics); all_rewards
-        are every rank's (N * world_size, K) weighted rewards, in rank order.
-    normalisers(micro, run) -> one loss normaliser per micro-batch (a count of its optimizer step).
-    keep_old_logps: store the sampling policy's log-probs. compare_sampler: also for rollouts that carry
-        the sampler's own log-probs (vLLM), laid out as sampler_logps.
-    temperature: of the old and reference log-probs (the one the loss uses).
+    advantages(all_rewards, rollouts, micro, run) -> (this rank's (N,) advantages, metrics); all_rewards: every
+        rank's (N * world_size, K) weighted rewards. normalisers(micro, run) -> a loss normaliser per micro-batch.
+    keep_old_logps: store the sampling policy's log-probs (at `temperature`, the loss's, as the reference's);
+        compare_sampler: also for rollouts with the sampler's own (vLLM), laid out as sampler_logps.
     """
     cfg = run.cfg
     rollouts = rollout_chunks(samples, run, cfg.num_generations)

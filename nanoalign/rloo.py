@@ -14,11 +14,10 @@ The numbers follow Hugging Face TRL's RLOOTrainer v1.9-v1.16.
 
 Simplified / decided here:
     - pure functions; the caller gathers rewards and KL across ranks before `rloo_advantages`.
-    - NaN (unscorable) completions get advantage 0 and are left out of their group's baseline, which
-      becomes the mean of the other *scorable* completions; a scorable completion with no scorable
-      sibling has no baseline and gets advantage 0. (TRL's nansum would score them as 0.)
+    - NaN (unscorable) completions get advantage 0 and are left out of the baseline, the mean of the other
+      *scorable* ones; one with no scorable sibling has no baseline: advantage 0 (TRL's nansum: reward 0).
     - a group whose scorable rewards are all equal gets advantages of exactly 0 (TRL: rounding noise).
-    - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
+    - normalize: the batch mean and std (ddof=1) are over completions with a defined advantage.
 """
 
 import torch

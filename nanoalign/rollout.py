@@ -16,12 +16,10 @@ A rollout backend is any object with
 Three exist: `InProcess` below, `VLLMServer` (vllm_server.py) and `VLLMColocate` (vllm_colocate.py). The
 algorithm modules only call `run.rollouts`; each backend imports this file and nothing of another.
 
-In-process: each prompt is repeated G times, processed (images included) and left-padded: the training
-rows' prompts. nanoalign's sampler (sampler.py) prefills each distinct prompt once and decodes its G
-samples from copies of its KV cache; `--sampler hf` uses HF `generate` on every row. Under FSDP2 weights
-are gathered once per call (`gathered_for_generation`), so ranks never wait on each other. The sampled
-ids are kept (cut after the first stop token), never re-tokenised; one without a stop token has has_eos
-False (completions/clipped_ratio; --mask-truncated-completions drops it from the loss).
+In-process: nanoalign's sampler (sampler.py) prefills each distinct prompt once and decodes its G samples
+from copies of its KV cache (`--sampler hf`: HF `generate` on every row), with the FSDP2 weights gathered
+once per call. The sampled ids are kept (cut after the first stop token), never re-tokenised; one without a
+stop token has has_eos False (--mask-truncated-completions drops it from the loss).
 """
 
 import base64
@@ -86,11 +84,10 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
         distinct = enc if num_generations == 1 else process_prompts(processor, prompt_texts, images, padding_side="left")
         assert torch.equal(enc["input_ids"], distinct["input_ids"].repeat_interleave(num_generations, dim=0))
         sample_fn = model.sample if isinstance(model, Policy) else functools.partial(sample, model)
-        samples = sample_fn(
-            {k: v.to(device) for k, v in distinct.items()}, num_samples=num_generations, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id,
-            end_ids=image_token_ids(processor),  # a sampled image placeholder ends the completion (see completion_batch)
-        )  # fmt: skip
+        # end_ids: a sampled image placeholder ends the completion (see rl.completion_batch)
+        samples = sample_fn({k: v.to(device) for k, v in distinct.items()}, num_samples=num_generations, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id,
+                            end_ids=image_token_ids(processor))  # fmt: skip
         completion_ids, has_eos = samples.ids, samples.has_eos
         shared = distinct if num_generations > 1 else {}
     else:
@@ -118,14 +115,10 @@ class InProcess:
 
     def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
         with generating(self.policy):
-            rollouts = [
-                sample_completions(
-                    self.policy, self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-                    num_generations=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                    stop_ids=self.stop_ids, pad_id=self.pad_id, device=self.device, sampler=self.sampler,
-                )  # fmt: skip
-                for chunk in chunks
-            ]
+            rollouts = [sample_completions(self.policy, self.processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                                           num_generations=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                           stop_ids=self.stop_ids, pad_id=self.pad_id, device=self.device, sampler=self.sampler)
+                        for chunk in chunks]  # fmt: skip
         for rollout, chunk in zip(rollouts, chunks):
             rollout.sample_ids = completion_ids_of(chunk, n)
         return rollouts

@@ -10,12 +10,9 @@ times, every prompt through the decoder G times. Here, as in nanochat's Engine:
      slice of the cache; decoding ends when no row is left or at max_new_tokens.
 
 Positions come from the model's own generation hook (`_prepare_position_ids_for_generation`, as in HF
-generate), so each family keeps its scheme (plain RoPE for LLaVA; M-RoPE for Qwen2.5-VL, image tokens on a
-grid and the text after them shifted by `rope_deltas`); every new token sits one past its row's last.
-
-Sampling follows HF's order: z / temperature, top_k, then the top_p nucleus; greedy is argmax z. The
-log-probs returned are log softmax(z / temperature)[token] (fp32) of the unrestricted distribution:
-exactly what the trainer recomputes (model.Policy).
+generate), so each family keeps its scheme (LLaVA's RoPE, Qwen2.5-VL's M-RoPE with `rope_deltas`); a new
+token sits one past its row's last. Sampling follows HF's order (z / temperature, top_k, top_p; greedy:
+argmax); the log-probs are log softmax(z / temperature)[token] in fp32, what model.Policy recomputes.
 
 Simplified: no beam search, repetition penalties or logits processors; the cache grows by concatenation
 (HF's DynamicCache); identical prompts given twice are prefilled twice. A model the sampler cannot
@@ -64,8 +61,7 @@ def unsupported(hf_model, prompt_enc: dict) -> str | None:
 
 @contextlib.contextmanager
 def sampling_mode(model: torch.nn.Module):
-    """Eval mode while sampling (HF's checkpointed layers drop the KV cache in train mode); every module gets its
-    own mode back afterwards."""
+    """Eval mode while sampling (checkpointed layers drop the KV cache in train mode), each module's mode restored."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -87,11 +87,9 @@ class VLLMColocate:
             dist.all_gather_object(gathered, mine, group=self.tp_group)
             samples = [s for group_rank in gathered for s in group_rank]
             offset = sum(len(g) for g in gathered[: dist.get_rank(self.tp_group)])
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=0, min_p=0.0, repetition_penalty=1.0,  # plain sampling: the distribution the losses assume
-            stop_token_ids=sorted(self.stop_ids), logprobs=0,  # logprobs=0: only each sampled token's own
-        )  # fmt: skip
+        # plain sampling (the losses' distribution); logprobs=0: only each sampled token's own
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0,
+                                repetition_penalty=1.0, stop_token_ids=sorted(self.stop_ids), logprobs=0)  # fmt: skip
         try:  # one call for the whole round: the engine batches every prompt together
             messages = [openai_messages(s["prompt"], s["images"], s["sample_id"]) for s in samples]
             outputs = self.llm.chat(messages, params, use_tqdm=False)

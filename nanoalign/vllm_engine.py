@@ -17,8 +17,8 @@ passes on CPUs). This file runs INSIDE the server's workers; the trainer's half 
 A weight the served model cannot load does not stop the stream: the rest is received and dropped, the
 old weights are put back, and /update_weights fails naming it, instead of a hung broadcast.
 
-Simplifications: only the next bucket's receive is posted while one loads; every worker receives the
-whole model (its `load_weights` keeps its tensor-parallel shard), so the trainer sends each byte once.
+Simplifications: one receive posted ahead; every worker receives the whole model (its `load_weights` keeps
+its tensor-parallel shard).
 """
 
 import logging

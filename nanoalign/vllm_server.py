@@ -149,8 +149,7 @@ class VLLMClient:
             return list(pool.map(one, range(len(prompts))))
 
     # --- the weight-sync routes (also vLLM's VLLMWeightSyncClient protocol, used by its NCCL engine)
-    def get_world_size(self) -> int:
-        """Number of vLLM workers that receive weights (tensor x pipeline x data parallel)."""
+    def get_world_size(self) -> int:  # vLLM workers that receive weights (tensor x pipeline x data parallel)
         return int(self._request("GET", "/get_world_size", retry=True)["world_size"])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
