@@ -39,14 +39,17 @@ def samples_per_round(cfg) -> int:
     return cfg.batch_size * cfg.grad_accum_steps
 
 
+def encode(samples: list[dict], run: Run) -> Batch:
+    return encode_conversations(run.processor, [s["messages"] for s in samples], [s["images"] for s in samples],
+                                [s["sample_id"] for s in samples], max_length=run.cfg.max_length, stop_ids=run.stop_ids)  # fmt: skip
+
+
 def encode_batches(samples: list[dict], run: Run) -> list[Batch]:
     """Samples -> batches of batch_size rows. A bad sample on any rank stops every rank, with its name."""
     size = run.cfg.batch_size
     error, batches = None, []
     try:
-        batches = [encode_conversations(run.processor, [s["messages"] for s in chunk], [s["images"] for s in chunk],
-                                        [s["sample_id"] for s in chunk], max_length=run.cfg.max_length, stop_ids=run.stop_ids)
-                   for chunk in (samples[i : i + size] for i in range(0, len(samples), size))]  # fmt: skip
+        batches = [encode(samples[i : i + size], run) for i in range(0, len(samples), size)]
     except BadSampleError as err:
         error = err
     agree_on_failure(error, run.device)
