@@ -61,7 +61,8 @@ class Config:
     """Longest row (prompt + completion, image tokens included). Text past it is cut and counted; cutting
     image tokens is an error unless --skip-bad-samples."""
     skip_bad_samples: bool = False
-    """Skip (and count) unusable samples (unreadable image, image tokens cut, malformed conversation) instead of stopping."""
+    """Skip (and count in the logs) samples that cannot be used (unreadable image, image tokens past
+    max_length, malformed conversation) instead of stopping with an error."""
 
     # --- model and sharding ---
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
