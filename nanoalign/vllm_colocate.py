@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nanoalign.rollout import Generation, Rollout, chunk_rollouts, openai_messages, sync_due
-from nanoalign.runtime import agree_on_failure
+from nanoalign.runtime import agree_on_failure, on_every_rank
 
 
 class VLLMColocate:
@@ -79,7 +79,6 @@ class VLLMColocate:
     def sample(self, chunks: list[list[dict]], n: int, *, max_tokens: int, temperature: float, top_p: float) -> list[Rollout]:
         from vllm import SamplingParams
 
-        error, rollouts = None, []
         mine = [s for chunk in chunks for s in chunk]
         samples, offset = mine, 0  # what this rank's engine samples, and where this rank's prompts start in it
         if self.tp_group is not None:  # the whole group's prompts, in rank order, on every rank of the group
@@ -90,15 +89,14 @@ class VLLMColocate:
         # plain sampling (the losses' distribution); logprobs=0: only each sampled token's own
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0,
                                 repetition_penalty=1.0, stop_token_ids=sorted(self.stop_ids), logprobs=0)  # fmt: skip
-        try:  # one call for the whole round: the engine batches every prompt together
+        def sample_all() -> list[Rollout]:  # one call for the whole round: the engine batches every prompt together
             messages = [openai_messages(s["prompt"], s["images"], s["sample_id"]) for s in samples]
             outputs = self.llm.chat(messages, params, use_tqdm=False)
             generations = [generation_of(out, n) for out in outputs[offset : offset + len(mine)]]
-            rollouts = chunk_rollouts(self.processor, chunks, generations, n)
-        except Exception as err:  # vLLM's own errors (e.g. too many images) or a prompt-id mismatch
-            error = err
-        agree_on_failure(error, self.device)
-        return rollouts
+            return chunk_rollouts(self.processor, chunks, generations, n)
+
+        # vLLM's own errors (e.g. too many images) or a prompt-id mismatch stop every rank
+        return on_every_rank(sample_all, self.device)
 
     def sync(self, step: int) -> dict:
         """The policy's weights into this rank's engine, on the first call and then every `sync_every` steps."""
