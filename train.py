@@ -2,14 +2,12 @@
 
     torchrun --nproc_per_node 2 train.py --algo sft          # built-in tiny VLM + synthetic shapes task
     torchrun --nproc_per_node 2 train.py --algo gspo         # RL from the SFT-warmed tiny model
-    python train.py --algo dpo --model DIR --dataset DIR     # one process works too
-    python train.py --help                                   # every flag, from nanoalign/config.py
+    python train.py --algo dpo --model DIR --dataset DIR     # one process works too; --help: every flag
 
-The loop reads top to bottom: set up the process group, model, reference model, optimizer and data;
-then for each optimizer step ask the algorithm module for micro-batches (`prepare`: for SFT/DPO the
-step's encoded samples, for RL a generation batch: rollouts, rewards, advantages) and for each
-micro-batch's loss (`loss`), backward, clip, step, log, evaluate, checkpoint. The loop never
-branches on the algorithm's name; each algorithm is one module with the same names:
+The loop reads top to bottom: set up processes, models, optimizer and data; then each optimizer step
+asks the algorithm module for micro-batches (`prepare`: SFT/DPO the step's samples, RL a generation
+batch) and each one's loss, then backward, clip, step, log, evaluate, checkpoint. It never branches on
+the algorithm's name; each algorithm is one module with the same names:
 
     DATA_FORMAT                  "sft" | "preference" | "rl": which columns its samples carry
     needs_reference(cfg)         whether a frozen reference model is loaded
@@ -18,14 +16,12 @@ branches on the algorithm's name; each algorithm is one module with the same nam
     loss(micro_batch, run)       -> (loss to backward, metrics)
     evaluate(samples, run)       -> held-out metrics (optional; every run gets train.py's accuracy eval)
 
-One normalisation rule for every loss: FSDP2 sums gradients over ranks (model.shard_policy sets its
-divide factor to 1), the loop backwards each micro-batch's loss as it is, and each loss is a sum over
-its micro-batch divided by a normaliser that `prepare` computed once: a count of the whole optimizer
-step, every micro-batch on every rank. Tokens for SFT and dapo, pairs (and chosen tokens for MPO's sft
-term) for DPO, MPO and online DPO, sequences for grpo and RLOO (x max_completion_length for dr_grpo).
-So the step's gradient is that of one big batch however it is split over ranks and micro-batches;
-bnpo alone keeps TRL's token mean per micro-batch (its normaliser: its own tokens x micro-batches x
-ranks).
+One normalisation rule for every loss: FSDP2 sums gradients over ranks (model.shard_policy), the loop
+backwards each micro-batch's loss as it is, and each loss is a sum over its micro-batch divided by a
+normaliser `prepare` computed: a count of the whole optimizer step, all micro-batches and ranks (tokens
+for SFT and dapo, pairs (and chosen tokens for MPO's sft term) for DPO, MPO and online DPO, sequences for
+grpo and RLOO, x max_completion_length for dr_grpo). So the step's gradient is that of one big batch
+however it is split; bnpo alone keeps TRL's token mean per micro-batch (tokens x micro-batches x ranks).
 
 Non-goals: no Trainer class, no callbacks, no config nesting, no tensor/pipeline parallelism.
 """
@@ -55,20 +51,12 @@ from nanoalign.checkpoint import (
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import export_hf
-from nanoalign.metrics import COUNTS, MetricsLog, first_logged, open_tracker, plot_metrics, sample_table
+from nanoalign.metrics import COUNTS, MetricsLog, Tracker, first_logged, plot_metrics, sample_table
 from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
 from nanoalign.preference import reference_table
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
-from nanoalign.runtime import (
-    Run,
-    agree_on_failure,
-    all_reduce_sum,
-    device_mesh,
-    init_distributed,
-    mean_over_ranks,
-    on_every_rank,
-)
+from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum, device_mesh, init_distributed, mean_over_ranks, on_every_rank
 from nanoalign.tiny import BUILDERS, ensure_tiny, tiny_sft_dir, tiny_sft_stages
 from nanoalign.vllm_server import VLLMServer
 
@@ -89,8 +77,8 @@ def parse_config(argv: list[str]) -> Config:
 
 
 def resolve_model(cfg: Config, rank: int, device) -> str:
-    """--model as a local directory: built-in models are built (once, by one rank) and cached, a hub
-    id is downloaded once (by the first process of each node); anything else fails now, clearly."""
+    """--model as a local directory: a built-in is built once (by one rank) and cached, a hub id downloaded once
+    (by each node's first process); anything else fails now, clearly."""
     if cfg.model == "tiny-sft":
         if tiny_sft_stages():
             raise ValueError("--model tiny-sft is not built yet: `python -m nanoalign.tiny build tiny-sft` builds it (two SFT "
@@ -110,17 +98,14 @@ def resolve_model(cfg: Config, rank: int, device) -> str:
         builtins = ["tiny-sft", *BUILDERS]
         close = difflib.get_close_matches(cfg.model, builtins, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"--model {cfg.model!r} is not a built-in model ({', '.join(builtins)}), not a local checkpoint directory, "
-            f"and not a hub id of the form org/name.{hint}"
-        )
+        raise ValueError(f"--model {cfg.model!r} is not a built-in model ({', '.join(builtins)}), not a local checkpoint "
+                         f"directory, and not a hub id of the form org/name.{hint}")  # fmt: skip
     return download_from_hub(cfg.model, device)
 
 
 def download_from_hub(repo_id: str, device) -> str:
-    """A hub model's files (weights, configs, tokenizer, chat template) as a local directory. Tried once,
-    by each node's first process (the others wait and read the cache); HF_HUB_OFFLINE=1 reads only
-    the local cache."""
+    """A hub model's files as a local directory, fetched by each node's first process (the others read the
+    cache); HF_HUB_OFFLINE=1 reads only the local cache."""
     from huggingface_hub import snapshot_download
 
     files = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -129,10 +114,9 @@ def download_from_hub(repo_id: str, device) -> str:
         try:
             snapshot_download(repo_id, allow_patterns=files)
         except Exception as err:  # no network, no such repo, no access: all end here, with the id
-            error = ValueError(
-                f"--model {repo_id}: could not get it from the Hugging Face hub ({type(err).__name__}: {err}). Offline, "
-                "download it elsewhere and pass its local directory, or set HF_HUB_OFFLINE=1 to use the local hub cache."
-            )
+            error = ValueError(f"--model {repo_id}: could not get it from the Hugging Face hub ({type(err).__name__}: {err}). "
+                               "Offline, download it elsewhere and pass its local directory, or set HF_HUB_OFFLINE=1 to use "
+                               "the local hub cache.")  # fmt: skip
     agree_on_failure(error, device)
     return snapshot_download(repo_id, allow_patterns=files, local_files_only=True)
 
@@ -146,16 +130,13 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 def eval_samples(dataset, fmt: str, cfg: Config, run: Run, check=None) -> tuple[list[dict], float]:
-    """This rank's equal share of the first num_eval_samples held-out samples (equal, so every rank
-    runs the same number of forwards), and how many bad ones all ranks skipped (--skip-bad-samples).
-    A bad sample stops every rank, with its name."""
+    """This rank's equal share of the first num_eval_samples held-out samples (every rank runs as many
+    forwards), and how many bad ones all ranks skipped; a bad sample stops every rank, with its name."""
     per_rank = min(cfg.num_eval_samples, len(dataset)) // run.world_size
     if per_rank == 0:  # the same on every rank: all of them stop here
-        raise ValueError(
-            f"--num-eval-samples {cfg.num_eval_samples} (split {cfg.eval_split!r} has {len(dataset)} rows) leaves no "
-            f"held-out sample for some of the {run.world_size} rank(s), and each needs one: set it to at least "
-            f"{run.world_size}, or pass --eval-split '' to train without evaluation"
-        )
+        raise ValueError(f"--num-eval-samples {cfg.num_eval_samples} (split {cfg.eval_split!r} has {len(dataset)} rows) leaves "
+                         f"no held-out sample for some of the {run.world_size} rank(s), and each needs one: set it to at least "
+                         f"{run.world_size}, or pass --eval-split '' to train without evaluation")  # fmt: skip
     indices = list(range(run.rank * per_rank, (run.rank + 1) * per_rank))
     fetch = lambda: fetch_samples(dataset, indices, fmt, cfg.eval_split, cfg.skip_bad_samples, check)  # noqa: E731
     samples, num_skipped = on_every_rank(fetch, run.device)
@@ -167,11 +148,9 @@ def evaluate(algo, run: Run, algo_eval: list[dict], accuracy_eval: list[dict], m
     own_eval = getattr(algo, "evaluate", None)  # optional: the RL methods have no held-out metric of their own
     metrics = own_eval(algo_eval, run) if own_eval and algo_eval else {}
     if accuracy_eval:
-        *counts, answers = accuracy(
-            model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
-            max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id, device=run.device,
-            sampler=run.cfg.sampler,
-        )  # fmt: skip
+        *counts, answers = accuracy(model or run.policy, run.processor, accuracy_eval, batch_size=max(run.cfg.batch_size, 16),
+                                    max_new_tokens=run.cfg.max_completion_length, stop_ids=run.stop_ids, pad_id=run.pad_id,
+                                    device=run.device, sampler=run.cfg.sampler)  # fmt: skip
         correct, total, num_tokens = all_reduce_sum(counts, run.device)
         run.tables["eval/samples"] = sample_table(accuracy_eval, answer=[a for a, _ in answers],
                                                   gold=[s["solution"] for s in accuracy_eval], right=[r for _, r in answers])  # fmt: skip
@@ -201,7 +180,6 @@ def train(cfg: Config) -> dict:
     if algo.needs_reference(cfg):  # with LoRA the base model is the policy with its adapters off: no second copy
         ref_policy = lora.without_adapters(policy) if cfg.lora_rank else build_policy(model_dir, cfg, mesh, bf16, trainable=False)
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
-    # Where rollouts come from (nanoalign/rollout.py); the algorithm modules only call run.rollouts.
     if cfg.vllm_mode == "server":  # a vLLM server whose weights we keep in sync
         rollouts = VLLMServer(cfg, policy, processor, stop_ids=stop_ids, rank=rank, device=device,
                               dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
@@ -214,8 +192,7 @@ def train(cfg: Config) -> dict:
         rollouts = InProcess(cfg, policy, processor, stop_ids=stop_ids, pad_id=pad_id, device=device)
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    # fused: one kernel updates every parameter; left to itself torch loops over the parameters in
-    # Python on CPU (13% of a small-model step, BENCHMARKS.md section 5).
+    # fused: one kernel; else torch loops over parameters in Python on CPU (13% of a small step, BENCHMARKS.md 5).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
@@ -227,9 +204,8 @@ def train(cfg: Config) -> dict:
             print(f"no evaluation: --dataset {cfg.dataset} has no held-out split {cfg.eval_split!r} (a single file holds "
                   "training rows only; a directory needs e.g. eval.jsonl or test.jsonl beside train.jsonl). Pass "
                   "--eval-split '' to say so, or the name of its held-out split.", flush=True)  # fmt: skip
-    # Samples too long for --max-length are found when fetched: always for RL (before anything is
-    # generated for them), with --skip-bad-samples for the others (so the fetch replaces them; without
-    # it the batch builder stops on them, naming the sample, at no extra cost).
+    # Samples too long for --max-length are found when fetched: always for RL (before anything is generated
+    # for them), with --skip-bad-samples for the others (the fetch replaces them; else the batch builder stops).
     check_sample = None
     if algo.DATA_FORMAT == "rl" or cfg.skip_bad_samples:
         check_sample = partial(check_prompt_fits, processor, cfg.max_length, algo.DATA_FORMAT)
@@ -256,7 +232,8 @@ def train(cfg: Config) -> dict:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log = MetricsLog(out_dir, rank, cfg.log_every, open_tracker(cfg, out_dir, rank, resumed=step > 0), run.tables)
+    tracker = Tracker(cfg, out_dir, resumed=step > 0) if cfg.report_to != "none" and rank == 0 else None
+    log = MetricsLog(out_dir, rank, cfg.log_every, tracker, run.tables)
     if cfg.precompute_ref_logps:  # the reference's scores, computed once, replace a second model
         run.ref_logps_table.update(reference_table(run, out_dir / "ref_logps.pt", resumed=step > 0))
     if step == 0 and eval_data is not None:
@@ -267,8 +244,7 @@ def train(cfg: Config) -> dict:
     per_rank = algo.samples_per_round(cfg)
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
     metrics: dict = {}
-    # Periodic checkpoints: at the first step at or after each multiple of save_every that ends a
-    # generation batch (RL), so a resume needs no rollout state.
+    # Periodic checkpoints: the first step at or after each multiple of save_every that ends a round (no rollout state).
     next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
@@ -282,10 +258,8 @@ def train(cfg: Config) -> dict:
                 # Every rank reads its own slice of the same seeded stream (data.stream_indices).
                 start = num_drawn + rank * per_rank
                 indices = stream_indices(start, per_rank, len(train_data), cfg.seed)
-                samples, num_skipped = on_every_rank(
-                    lambda: fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples, run.check_sample),
-                    device,
-                )  # a bad sample stops every rank, at a step boundary
+                fetch = lambda: fetch_samples(train_data, indices, algo.DATA_FORMAT, cfg.train_split, cfg.skip_bad_samples, run.check_sample)
+                samples, num_skipped = on_every_rank(fetch, device)  # a bad sample stops every rank, at a step boundary
                 num_drawn += per_rank * world_size
                 buffer, prepared_metrics = algo.prepare(samples, run)
                 round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
@@ -310,11 +284,9 @@ def train(cfg: Config) -> dict:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):  # same value on every rank: the norm is all-reduced
             optimizer.zero_grad(set_to_none=True)
-            error = FloatingPointError(
-                f"step {step + 1}: the loss or gradients are not finite (grad norm {grad_norm}); no update was "
-                f"applied. Lower --lr or --max-grad-norm, or check the batch's samples: "
-                + ", ".join(s for m in micro_batches for s in getattr(getattr(m, "batch", None), "sample_ids", []))[:500]
-            )
+            error = FloatingPointError(f"step {step + 1}: the loss or gradients are not finite (grad norm {grad_norm}); no update was "
+                                       "applied. Lower --lr or --max-grad-norm, or check the batch's samples: "
+                                       + ", ".join(s for m in micro_batches for s in getattr(getattr(m, "batch", None), "sample_ids", []))[:500])  # fmt: skip
             error.raised_on_every_rank = True
             if round_started:  # else the rest of a generation batch is pending: the last checkpoint stands
                 save_before_stopping(error, out_dir, resume_state(step, drawn_before_round, cfg), policy, optimizer, scheduler, rank)
@@ -328,8 +300,7 @@ def train(cfg: Config) -> dict:
         progress.update(1)
 
         # ------------------------------------------------------------ log, evaluate, checkpoint
-        # Each rank's loss is its share of the step's loss (the normalisation rule above): the step's
-        # loss is their sum, world_size x their mean.
+        # Each rank's loss is its share of the step's (the normalisation rule above): the step's is world_size x their mean.
         metrics = mean_over_ranks({**round_metrics, **step_metrics, "loss": loss_sum * world_size}, device, COUNTS)
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
         if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):

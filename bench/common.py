@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -142,6 +143,19 @@ def load_hf_model(model_dir: str):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def hf_state_dict(policy) -> dict:
+    """The full CPU state dict under the model's own names (tied weights under each), on rank 0 ({} elsewhere).
+    Collective (tests compare it with a reference model's state_dict())."""
+    from nanoalign.loading import gather_full, unique_tensors
+
+    state = {}
+    for names, tensor in unique_tensors(getattr(policy, "hf", policy)):
+        full = gather_full(tensor)
+        if full is not None:
+            state.update({re.sub(r"^hf\.", "", name): full for name in names})
+    return state
 
 
 def trl_normaliser(loss_type: str, mask, max_completion_length=None, num_items=None):

@@ -1,25 +1,17 @@
 """The multimodal batch builder: samples -> model inputs + a loss mask, through the model's own processor.
 
-Every row is built as   prompt tokens  +  completion tokens   and nothing else:
+Every row is prompt tokens + completion tokens and nothing else. Prompts (chat template with the
+generation prompt, images included) go through the checkpoint's processor, which expands each image
+placeholder into the right number of image tokens and returns pixel_values / image_grid_thw / ... the
+family's own way, so any transformers VLM whose processor does this works. Completions are text only,
+through the tokenizer (RL: the sampled ids themselves, never re-tokenised).
 
-  * the prompt (chat template with the generation prompt, images included) goes through the
-    checkpoint's processor, which expands each image placeholder into the right number of image
-    tokens and returns pixel_values / image_grid_thw / ... collated the family's own way. We never
-    expand image tokens by hand, so any transformers VLM whose processor does this works.
-  * completions (assistant turns) are text only and go through the tokenizer. In RL they are the
-    sampled token ids themselves, never re-tokenised text.
-
-Building rows by concatenation (as TRL does for DPO and GRPO) makes the loss mask exact by
-construction: a token counts iff it belongs to an assistant turn, up to and including the turn's
-stop token (<|im_end|> for Qwen). Prompt, image placeholder and pad tokens never count.
-
-A conversation with several assistant turns is prompt + (answer, follow-up prompt)*, every answer
-counted; a follow-up prompt that brings images goes through the processor too, so each image's
-tokens stand where its turn puts it (LLaVA-Instruct-style data).
-Rows longer than max_length lose their tail text (counted in `num_truncated`); a row whose image
-tokens would be cut is refused with an error naming the sample. With --skip-bad-samples such a
-sample never gets here: `check_prompt_fits` finds it when it is fetched, and the fetch replaces it
-(so a skipped sample costs nothing in the batch it would have been padded into).
+Building rows by concatenation (as TRL does for DPO and GRPO) makes the loss mask exact by construction:
+a token counts iff it belongs to an assistant turn, up to and including its stop token (<|im_end|> for
+Qwen). Several assistant turns make prompt + (answer, follow-up prompt)*, every answer counted; a
+follow-up prompt with images goes through the processor too (LLaVA-Instruct-style data). Rows past
+max_length lose their tail text (`num_truncated`); cutting image tokens is an error naming the sample
+(with --skip-bad-samples `check_prompt_fits` finds such a sample when it is fetched, and it is replaced).
 """
 
 from dataclasses import dataclass, field
@@ -44,8 +36,7 @@ class Batch:
     sample_ids: list[str] = field(default_factory=list)
     num_truncated: int = 0  # rows whose tail text was cut at max_length
     num_skipped: int = 0  # rows kept with an all-zero mask (RL: a completion that sampled an image token)
-    # RL rows in groups that share one prompt: the distinct prompts' processor batch, so the policy
-    # reads each prompt once (model.shared_prompt_hidden); empty: each row is forwarded whole.
+    # RL rows in groups sharing a prompt: the distinct prompts' processor batch (model.shared_prompt_hidden); empty: whole rows.
     shared_prompts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def model_inputs(self) -> dict:
@@ -54,11 +45,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return Batch(
-            move(self.input_ids), move(self.attention_mask), move(self.mask),
-            {k: move(v) for k, v in self.mm_inputs.items()}, self.sample_ids, self.num_truncated, self.num_skipped,
-            {k: move(v) for k, v in self.shared_prompts.items()},
-        )  # fmt: skip
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.mask), {k: move(v) for k, v in self.mm_inputs.items()},
+                     self.sample_ids, self.num_truncated, self.num_skipped, {k: move(v) for k, v in self.shared_prompts.items()})  # fmt: skip
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -67,23 +55,17 @@ def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
 
 def _suffix(text: str, prefix: str, sample_id: str) -> str:
     if not text.startswith(prefix):
-        raise BadSampleError(
-            f"{sample_id}: the chat template renders a conversation's prefix differently from the whole "
-            "conversation, so prompt and answer tokens cannot be told apart; use a template whose "
-            "rendering of the first k turns is a prefix of the rendering of k+1 turns"
-        )
+        raise BadSampleError(f"{sample_id}: the chat template renders a conversation's prefix differently from the whole "
+                             "conversation, so prompt and answer tokens cannot be told apart; use a template whose "
+                             "rendering of the first k turns is a prefix of the rendering of k+1 turns")  # fmt: skip
     return text[len(prefix) :]
 
 
 def conversation_segments(processor, messages: list[dict], sample_id: str, last_turn_only: bool):
-    """Split a conversation into the text segments its row is built from.
-
-    Returns [(segment_text, counts_in_loss, num_images)]: segments alternate prompt (the turns up
-    to an assistant turn, with the generation prompt; never counted) and answer (counted, unless
-    last_turn_only and not the last). num_images: the image placeholders in a prompt's turns, whose
-    images it takes in order. Turns after the last assistant turn are dropped, images included:
-    nothing is learned from them.
-    """
+    """A conversation's row as [(segment_text, counts_in_loss, num_images)], alternating prompt (the turns up to
+    an assistant turn, with the generation prompt; never counted) and answer (counted, unless last_turn_only and
+    not the last). num_images: a prompt's placeholders, taking the images in order. Turns after the last
+    answer are dropped (nothing is learned from them)."""
     answer_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answer_at or answer_at[0] == 0:
         raise BadSampleError(f"{sample_id}: a conversation needs a user turn followed by an assistant turn")
@@ -100,11 +82,8 @@ def conversation_segments(processor, messages: list[dict], sample_id: str, last_
 
 
 def answer_mask(token_ids: list[int], stop_ids: set[int]) -> list[int]:
-    """1 for an answer's tokens up to and including its first stop token, 0 after it.
-
-    Templates add text after the end-of-turn token (Qwen: a newline); the model never generates it,
-    so it must not be trained on either.
-    """
+    """1 for an answer's tokens up to and including its first stop token, 0 after it: the text templates add
+    after it (Qwen: a newline) is never generated, so never trained on."""
     mask, stopped = [], False
     for tok in token_ids:
         mask.append(0 if stopped else 1)
@@ -113,15 +92,10 @@ def answer_mask(token_ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def process_prompts(processor, prompt_texts: list[str], images: list[list], padding_side: str = "right") -> dict:
-    """Run the processor on rendered prompts and their images: the only place images are processed.
-
-    Returns the processor's own batch (input_ids, attention_mask, pixel_values, ...), padded on
-    `padding_side` (left for generation, right for training rows).
-    """
+    """The processor's batch (input_ids, attention_mask, pixel_values, ...) of rendered prompts and their images,
+    padded on `padding_side` (left for generation): the only place images are processed."""
     kwargs = {"images": images} if any(images) else {}
-    return processor(
-        text=prompt_texts, padding=True, padding_side=padding_side, return_tensors="pt", add_special_tokens=False, **kwargs
-    )
+    return processor(text=prompt_texts, padding=True, padding_side=padding_side, return_tensors="pt", add_special_tokens=False, **kwargs)
 
 
 def _unpad_rows(enc: dict) -> list[dict[str, torch.Tensor]]:
@@ -133,12 +107,8 @@ def _unpad_rows(enc: dict) -> list[dict[str, torch.Tensor]]:
 
 
 def image_token_ids(processor) -> set[int]:
-    """Ids of the tokens that stand for image (or video) features; cutting any of them is an error.
-
-    The processor's own declaration (`image_token_ids` / `video_token_ids`, the ids it marks in
-    mm_token_type_ids) comes first: for Gemma 3 `processor.image_token` is the begin-of-image marker
-    the chat template writes, not the soft token the vision features replace.
-    """
+    """Ids of the tokens that stand for image (or video) features. The processor's own `image_token_ids` /
+    `video_token_ids` come first: Gemma 3's `processor.image_token` is the template's begin-of-image marker."""
     tok = processor.tokenizer
     declared = [*getattr(processor, "image_token_ids", []), *getattr(processor, "video_token_ids", [])]
     if not any(i is not None for i in declared):  # a processor that declares none: look its tokens up by name
@@ -147,8 +117,7 @@ def image_token_ids(processor) -> set[int]:
 
 
 def _with_text(row: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
-    """A row's per-token tensors extended by text tokens: attention 1, any other per-token output
-    (e.g. Qwen's mm_token_type_ids) 0 ("text")."""
+    """A row's per-token tensors extended by text tokens: attention 1, other outputs (mm_token_type_ids) 0 ("text")."""
     ids = torch.tensor(ids, dtype=torch.long)
     return {k: torch.cat([v, ids if k == "input_ids" else torch.full_like(ids, int(k == "attention_mask"))]) for k, v in row.items()}
 
@@ -163,11 +132,8 @@ def pack_rows(processor, prompt_enc: dict, tails: list[list[int]], tail_masks: l
 
 def _pad_rows(processor, enc: dict, rows: list[dict[str, torch.Tensor]], masks: list[list[int]], sample_ids: list[str],
               max_length: int, pad_id: int) -> Batch:  # fmt: skip
-    """Unpadded rows (per-token tensors) cut at max_length and right-padded into a Batch.
-
-    Per-image processor outputs of `enc` (pixel_values, image_grid_thw, ...) pass through unchanged:
-    they follow the image tokens' order, row by row, which cutting text never changes.
-    """
+    """Unpadded rows (per-token tensors) cut at max_length and right-padded into a Batch; `enc`'s per-image
+    outputs pass through unchanged (they follow the image tokens, which cutting text never moves)."""
     image_ids = torch.tensor(sorted(image_token_ids(processor)))
     num_truncated = 0
     packed = []
@@ -176,11 +142,9 @@ def _pad_rows(processor, enc: dict, rows: list[dict[str, torch.Tensor]], masks: 
         if len(mask) > max_length:
             cut_images = torch.isin(full["input_ids"][max_length:], image_ids).sum().item()
             if cut_images:
-                raise BadSampleError(
-                    f"{sample_ids[b]}: {len(mask)} tokens, and {cut_images} image tokens lie past --max-length "
-                    f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
-                    "--skip-bad-samples to skip such samples."
-                )
+                raise BadSampleError(f"{sample_ids[b]}: {len(mask)} tokens, and {cut_images} image tokens lie past --max-length "
+                                     f"{max_length}. Raise --max-length, give the processor a smaller max_pixels, or pass "
+                                     "--skip-bad-samples to skip such samples.")  # fmt: skip
             num_truncated += 1
             full, mask = {k: v[:max_length] for k, v in full.items()}, mask[:max_length]
         packed.append((full, mask))
@@ -197,13 +161,9 @@ def _pad_rows(processor, enc: dict, rows: list[dict[str, torch.Tensor]], masks: 
 
 def encode_conversations(processor, conversations: list[list[dict]], images: list[list], sample_ids: list[str], *,
                          max_length: int, stop_ids: set[int], last_turn_only: bool = False) -> Batch:  # fmt: skip
-    """SFT / preference rows, segment by segment (conversation_segments), each image where its turn puts it.
-
-    The first prompt and every later prompt that holds images go through the processor, in one call
-    for the batch (so each image's tokens are expanded where they stand, and the per-image outputs
-    follow the rows' order); answers and text-only prompts are tokenised. last_turn_only counts only
-    the final assistant turn (preference completions); otherwise every assistant turn counts (SFT).
-    """
+    """SFT / preference rows, segment by segment (conversation_segments). The first prompt and every later one
+    with images go through the processor in one call for the batch (per-image outputs in row order); answers
+    and text-only prompts are tokenised. last_turn_only: only the final answer counts (preference)."""
     tokenizer = processor.tokenizer
     rows_segments = [conversation_segments(processor, m, s, last_turn_only) for m, s in zip(conversations, sample_ids)]
     texts, text_images = [], []
@@ -235,15 +195,9 @@ def encode_conversations(processor, conversations: list[list[dict]], images: lis
 
 
 def check_prompt_fits(processor, max_length: int, fmt: str, sample: dict) -> None:
-    """Refuse (BadSampleError) a sample whose rows cannot be built under max_length.
-
-    SFT / preference: the sample's rows are built as the batch will build them, so whatever would
-    refuse it there (image tokens past max_length, a chat template that splits turns badly) refuses
-    it here. An RL prompt (all of it goes through the processor) needs room for at least one
-    completion token, as nothing is generated for a prompt that cannot be trained on. Called when
-    samples are fetched (data.fetch_samples), so --skip-bad-samples replaces such a sample before
-    any work is done on it.
-    """
+    """Refuse (BadSampleError) a sample whose rows cannot be built under max_length, when it is fetched (so
+    --skip-bad-samples replaces it before any work). SFT / preference: its rows are built as the batch will;
+    an RL prompt needs room for at least one completion token (nothing is generated for it otherwise)."""
     if fmt != "rl":
         rows = [sample["messages"]] if fmt == "sft" else [sample["prompt"] + sample[k] for k in ("chosen", "rejected")]
         encode_conversations(processor, rows, [sample["images"]] * len(rows), [sample["sample_id"]] * len(rows),
@@ -252,8 +206,6 @@ def check_prompt_fits(processor, max_length: int, fmt: str, sample: dict) -> Non
     text = render(processor, sample["prompt"], add_generation_prompt=True)
     prompt_ids = process_prompts(processor, [text], [sample["images"]])["input_ids"][0]
     if len(prompt_ids) >= max_length:
-        raise BadSampleError(
-            f"{sample['sample_id']}: the prompt is {len(prompt_ids)} tokens long (image tokens included), which leaves "
-            f"no room for a completion under --max-length {max_length}. Raise --max-length, shorten the prompt or "
-            "give the processor smaller images, or pass --skip-bad-samples to skip such samples."
-        )
+        raise BadSampleError(f"{sample['sample_id']}: the prompt is {len(prompt_ids)} tokens long (image tokens included), which "
+                             f"leaves no room for a completion under --max-length {max_length}. Raise --max-length, shorten the "
+                             "prompt or give the processor smaller images, or pass --skip-bad-samples to skip such samples.")  # fmt: skip

@@ -1,19 +1,13 @@
-"""Sharded checkpoints with exact resume, written with torch.distributed.checkpoint (DCP).
+"""Sharded checkpoints with exact resume (torch.distributed.checkpoint), and the guards around resuming.
 
-A checkpoint is a directory out_dir/checkpoints/step_NNNNNN holding
-  * the model and optimizer state, sharded: each rank writes its own shards (DCP), and a resume
-    with the same world size reads them back without ever gathering the full model;
-  * per rank: the LR scheduler, the loop's counters (step, samples drawn), and the RNG states (so a
-    resume needs the world size that saved it).
-The data order is a pure function of (seed, samples drawn) (data.stream_indices), so the counters and
-RNG states are all a resumed run needs to continue exactly as an uninterrupted one would.
+out_dir/checkpoints/step_NNNNNN holds the model and optimizer state, sharded (each rank writes and reads
+back its own shards, never gathering the full model), and per rank the LR scheduler, the loop's counters
+(step, samples drawn) and the RNG states (so a resume needs the world size that saved it). The data order
+is a pure function of (seed, samples drawn) (data.stream_indices), so that is all an exact resume needs.
 
-`latest` is written last, atomically, after every rank has finished writing: a run killed while
-saving resumes from the previous complete checkpoint. Nothing is ever written into a directory that
-exists already (the one `latest` names included): a second save of the same step (a stop right
-after a periodic save, or a --no-resume rerun reaching a step an abandoned run saved) goes to
-step_NNNNNN.1, .2, ..., or is skipped when `latest` already holds exactly that state. The two
-newest checkpoints are kept.
+`latest` is written last, atomically, after every rank has finished: a run killed while saving resumes
+from the previous checkpoint. Nothing is written into an existing directory: a second save of a step goes
+to step_NNNNNN.1, .2, ..., or is skipped when `latest` holds exactly that state. The two newest are kept.
 """
 
 import dataclasses
@@ -50,25 +44,9 @@ def trained_state(policy, optimizer) -> tuple[dict, dict]:
     return {k: v for k, v in model_state.items() if k not in frozen_names(policy)}, optim_state
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: dict, rank: int) -> Path:
-    """Save everything needed to resume after `step` optimizer steps. Every rank must call it.
-
-    counters: the loop's state (at least "step" and "num_drawn"), returned by load_checkpoint.
-    """
+    """Save everything needed to resume after `step` optimizer steps; every rank calls it. counters: the loop's
+    state (at least "step" and "num_drawn"), returned by load_checkpoint."""
     root = Path(out_dir) / "checkpoints"
     name = f"step_{step:06d}"
     latest = latest_checkpoint(out_dir)
@@ -83,7 +61,10 @@ def save_checkpoint(out_dir, step: int, policy, optimizer, scheduler, counters: 
     dist.barrier()  # every rank has picked the same new name before any rank creates it
     model_state, optim_state = trained_state(policy, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
-    torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": _rng_state()}, path / f"rank{rank}.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"scheduler": scheduler.state_dict(), "counters": counters, "rng": rng}, path / f"rank{rank}.pt")
     dist.barrier()  # every rank's files are complete before `latest` points at them
     if rank == 0:
         tmp = root / "latest.tmp"
@@ -103,19 +84,14 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters.
-
-    Only with the world size that saved it (one rank{r}.pt per rank), checked on every rank alike
-    before any collective, so all of them stop together with the same message.
-    """
+    """Restore model, optimizer, scheduler and RNG states in place; returns the saved counters. Only with the world
+    size that saved it, checked on every rank before any collective, so all of them stop together."""
     saved_ranks, world_size = len(list(path.glob("rank*.pt"))), dist.get_world_size()
     if saved_ranks != world_size:
-        raise ValueError(
-            f"{path} was saved by {saved_ranks} rank(s) and this run has {world_size}: resuming would change the global "
-            f"batch (--batch-size x --grad-accum-steps x ranks: x {saved_ranks} -> x {world_size}) and the ranks' sampling RNG "
-            f"states would not be the saved ones, so it would not continue that run. Resume with "
-            f"--nproc_per_node {saved_ranks}, or start over with --no-resume or another --out-dir."
-        )
+        raise ValueError(f"{path} was saved by {saved_ranks} rank(s) and this run has {world_size}: resuming would change the "
+                         f"global batch (--batch-size x --grad-accum-steps x ranks: x {saved_ranks} -> x {world_size}) and the "
+                         f"ranks' sampling RNG states would not be the saved ones, so it would not continue that run. Resume "
+                         f"with --nproc_per_node {saved_ranks}, or start over with --no-resume or another --out-dir.")  # fmt: skip
     model_state, optim_state = trained_state(policy, optimizer)
     # get_state_dict gives a fresh optimizer state for every parameter, but AdamW keeps none for a
     # parameter that never had a gradient (e.g. LLaVA's vision post_layernorm, unused when features
@@ -135,14 +111,16 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, rank: int) -> dict
     set_optimizer_state_dict(policy, optimizer, state["optim"], options=StateDictOptions(strict=False))
     extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    random.setstate(extra["rng"]["python"])
+    if "cuda" in extra["rng"]:
+        torch.cuda.set_rng_state(extra["rng"]["cuda"])
     return extra["counters"]
 
 
-# Fields a resumed run may change: how long it runs and what it logs, evaluates, saves and exports,
-# --skip-bad-samples (the fix a stop on a bad sample suggests), and where rollouts come from (a run
-# whose vLLM server died may go on in-process, or colocated with other engine settings). Anything else
-# would continue a run under settings it was not trained with.
+# Fields a resumed run may change: its length, what it logs, evaluates, saves and exports, --skip-bad-samples (the
+# fix a bad-sample stop suggests) and where rollouts come from (a dead vLLM server: go on in-process). Any other
+# change would continue a run under settings it was not trained with.
 RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "num_eval_samples", "eval_split", "save_every", "resume",
                      "export", "out_dir", "skip_bad_samples", "vllm_mode", "vllm_url", "vllm_timeout", "vllm_sync_every",
                      "sampler", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
@@ -158,10 +136,8 @@ def check_resumable(saved: dict | None, cfg: Config, ckpt: Path) -> None:
     changed = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}" for k in now
                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]  # fmt: skip
     if changed:
-        raise ValueError(
-            f"{ckpt} was trained with other settings ({'; '.join(changed)}). Resuming would continue that run "
-            f"as if it had been this one: use another --out-dir, or pass --no-resume to start over in {cfg.out_dir}."
-        )
+        raise ValueError(f"{ckpt} was trained with other settings ({'; '.join(changed)}). Resuming would continue that run "
+                         f"as if it had been this one: use another --out-dir, or pass --no-resume to start over in {cfg.out_dir}.")  # fmt: skip
 
 
 def resume_state(step: int, num_drawn: int, cfg: Config) -> dict:
@@ -170,12 +146,8 @@ def resume_state(step: int, num_drawn: int, cfg: Config) -> dict:
 
 
 def save_before_stopping(error: Exception, out_dir: Path, state: dict, policy, optimizer, scheduler, rank: int) -> None:
-    """On an error that every rank raised together, checkpoint the last completed step before stopping.
-
-    Called at a round boundary, where the state is exactly "after `step` steps, `num_drawn` samples
-    drawn": rerunning the same command resumes there, so fixing a bad sample loses no training.
-    Errors only one rank saw are left alone: the others are not here to join the save.
-    """
+    """On an error every rank raised together, at a round boundary, checkpoint the last completed step: rerunning
+    the same command resumes there, so fixing a bad sample loses no training (a one-rank error cannot save)."""
     if not getattr(error, "raised_on_every_rank", False) or state["step"] == 0:
         return
     path = save_checkpoint(out_dir, state["step"], policy, optimizer, scheduler, state, rank)
@@ -185,8 +157,7 @@ def save_before_stopping(error: Exception, out_dir: Path, state: dict, policy, o
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop what a killed run logged after its last checkpoint (and a half-written last line), so
-    the resumed run's records follow on without duplicates."""
+    """Drop what a killed run logged after its last checkpoint (and a half-written line): no duplicates on resume."""
     if not path.exists():
         return
     kept = []

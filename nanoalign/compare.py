@@ -3,14 +3,11 @@
     python -m nanoalign.compare tiny-sft runs/grpo/final runs/gspo/final --num-samples 8 --out compare.html
     python -m nanoalign.compare Qwen/Qwen2.5-VL-3B-Instruct runs/qwen3b-sft/final --dataset DIR --num-samples 20
 
-For the first --num-samples held-out samples with a gold `solution`, the page shows the image, the
-question, the gold answer and each model's greedy answer, marked right or wrong, with each model's
-accuracy over those samples on top. Written as one self-contained HTML file (images inlined as
-base64 PNG) and as a markdown table beside it (same name, .md), which is also printed.
-
-A model is a local checkpoint directory (e.g. a run's `final` export), a hub id, or a built-in name
-("tiny-sft" once a demo has built it). Models are loaded one at a time, in one process, and answer
-through training's own held-out eval (rewards.accuracy: nanoalign's sampler, greedy, math-verify).
+For the first --num-samples held-out samples with a gold `solution`: the image, the question, the gold
+answer and each model's greedy answer marked right or wrong, each model's accuracy on top; one
+self-contained HTML file (images inlined) and a markdown table beside it (.md), also printed. A model is
+a checkpoint directory (e.g. a run's `final` export), a hub id or a built-in name ("tiny-sft" once built);
+they load one at a time and answer through training's own held-out eval (rewards.accuracy).
 """
 
 import argparse
@@ -30,8 +27,7 @@ from nanoalign.tiny import BUILDERS, ensure_tiny, warm_start_configs
 
 
 def model_dir(model: str) -> str:
-    """A built-in name as its cached directory (built on first use, but for tiny-sft, which takes
-    training); anything else as given, for transformers to load (a directory or a hub id)."""
+    """A built-in name as its cached directory (built on first use, but tiny-sft, which takes training); else as given."""
     if model == "tiny-sft":
         path = Path(warm_start_configs()[-1].out_dir) / "final"
         if not (path / "config.json").exists():
@@ -59,7 +55,6 @@ def answer_all(models: list[str], prompts: list[dict], max_new_tokens: int) -> d
     answers = {}
     for model in models:
         path = model_dir(model)
-        # one whole model in this process (no FSDP: compare runs in one process, a model at a time)
         hf_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device).eval()
         processor = load_processor(path)
         stop_ids, pad_id = stop_and_pad_ids(processor, hf_model)

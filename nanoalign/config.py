@@ -1,8 +1,7 @@
 """One flat configuration for every algorithm, and the presets `--algo` starts from.
 
-Every field's docstring is its `--help` text (tyro reads them). Presets are plain functions that
-return a Config; train.py parses `--algo` first, then lets every other flag override the preset.
-Nothing here is resolved later: what you see in `--help` (and in the run's config.json) is what runs.
+Every field's docstring is its `--help` text (tyro reads them). train.py parses `--algo` first, then
+every other flag overrides that preset. Nothing is resolved later: `--help` and config.json are what runs.
 """
 
 import dataclasses
@@ -19,30 +18,25 @@ class Config:
     algo: Algo = "sft"
     """Training method: sft, dpo, mpo, grpo, gspo, rloo or online_dpo."""
     model: str = "tiny"
-    """A local checkpoint directory, a hub id (org/name), or a built-in model: "tiny" (random tiny
-    Qwen2.5-VL), "tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3",
-    "tiny-gemma4", "tiny-smolvlm" (random tiny models of those families), or "tiny-sft" (tiny,
-    SFT-warmed on the shapes task; built on first use)."""
+    """A local checkpoint directory, a hub id (org/name), or a built-in: "tiny" (random tiny Qwen2.5-VL),
+    "tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-gemma3", "tiny-gemma4", "tiny-smolvlm"
+    (random tiny models of those families), or "tiny-sft" (tiny, SFT-warmed on shapes; built on first use)."""
     dataset: str = "shapes"
-    """"shapes" (the built-in synthetic task), a hub id, or a local data file/directory (json, jsonl,
-    parquet, csv) loaded with datasets.load_dataset."""
+    """"shapes" (the built-in synthetic task), a hub id, or a local json/jsonl/parquet/csv file or directory."""
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "eval"
     """Split used for evaluation ("" to skip evaluation)."""
     columns: tuple[str, ...] = ()
-    """Column renames for datasets whose names differ from TRL's, as ours=theirs, e.g.
-    `--columns images=image messages=conversations`."""
+    """Column renames to TRL's names, as ours=theirs, e.g. `--columns images=image messages=conversations`."""
     num_shapes_samples: int = 20000
     """Size of the built-in shapes train split (the eval split has num_eval_samples)."""
     shapes_overcount: float = 0.0
-    """Fraction of "how many" answers in the shapes SFT train data that are one too many (a biased
-    teacher; the built-in tiny-sft warm start uses 0.6 so that RL has a mistake to fix)."""
+    """Fraction of shapes SFT "how many" answers one too many (a biased teacher: tiny-sft's 0.6 leaves RL a mistake to fix)."""
     out_dir: str = "runs/sft"
     """Where checkpoints, metrics.jsonl, plots and the exported model go."""
     seed: int = 0
-    """Seed for the data order and sampling (rank r uses seed + r). Built-in models are built with
-    fixed seeds: the same weights for every run."""
+    """Seed for the data order and sampling (rank r uses seed + r); built-in models have fixed weights."""
 
     # --- optimisation ---
     max_steps: int = 600
@@ -64,8 +58,8 @@ class Config:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     max_length: int = 512
-    """Longest row (prompt + completion, image tokens included). Text past it is cut and counted; a
-    row whose image tokens would be cut is an error unless --skip-bad-samples."""
+    """Longest row (prompt + completion, image tokens included). Text past it is cut and counted; cutting
+    image tokens is an error unless --skip-bad-samples."""
     skip_bad_samples: bool = False
     """Skip (and count in the logs) samples that cannot be used (unreadable image, image tokens past
     max_length, malformed conversation) instead of stopping with an error."""
@@ -80,21 +74,20 @@ class Config:
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed."""
     logps_chunk_size: int = 0
-    """Token positions per chunk when computing log-probs, so the full (B, T, V) fp32 log-softmax is
-    never materialised at once. 0: by device, 128 on CPUs and 1024 on GPUs (nanoalign/model.py)."""
+    """Token positions per log-prob chunk: the full (B, T, V) fp32 log-softmax is never materialised. 0: by
+    device, 128 on CPUs and 1024 on GPUs."""
     attn_implementation: str = "sdpa"
-    """Attention kernel of the text and vision towers: sdpa (PyTorch's), eager, flash_attention_2
-    (needs the flash-attn package), flash_attention_3 (flash-attn 3), or a hub kernel such as
-    kernels-community/flash-attn (needs the kernels package). Flash kernels need a GPU and bf16; for
-    Qwen2.5-VL's windowed vision attention they run every window in one call, where sdpa loops."""
+    """Attention kernel of the text and vision towers: sdpa, eager, flash_attention_2 / flash_attention_3 (the
+    flash-attn package), or a hub kernel such as kernels-community/flash-attn (the kernels package). Flash
+    kernels need a GPU and bf16; they run Qwen2.5-VL's windowed vision attention in one call, where sdpa loops."""
     padding_free: bool = False
-    """Forward each micro-batch's rows as one sequence without pad tokens: every row keeps its own
-    positions (M-RoPE: the family's rope index, per row) and attends only to itself (nanoalign/packing.py).
-    Same numbers as padded; refused for models with linear-attention layers (Qwen3.5)."""
+    """Forward each micro-batch's rows as one sequence without pad tokens, each row with its own positions
+    (M-RoPE: the family's rope index, per row) attending only to itself (packing.py). Same numbers as padded;
+    refused for models with linear-attention layers (Qwen3.5)."""
     max_tokens_per_micro_batch: int = 0
-    """sft, dpo, mpo: fill each micro-batch with whole samples (whole pairs) up to this many computed
-    tokens (--padding-free: real tokens; padded: rows x longest row) instead of --batch-size rows; a
-    step still draws batch-size x grad-accum-steps samples per rank. 0: fixed --batch-size rows."""
+    """sft, dpo, mpo: fill each micro-batch with whole samples (pairs) up to this many computed tokens
+    (--padding-free: real tokens; padded: rows x longest row), not --batch-size rows; a step still draws
+    batch-size x grad-accum-steps samples per rank. 0: --batch-size rows."""
     lora_rank: int = 0
     """LoRA rank r (nanoalign/lora.py): train low-rank adapters on a frozen base; 0 = full fine-tuning.
     The reference model (DPO, MPO, KL terms) is then the policy with its adapters off: nothing extra loaded."""
@@ -125,10 +118,9 @@ class Config:
     export: bool = True
     """At the end, write the model as Hugging Face safetensors to out_dir/final."""
     report_to: Literal["none", "trackio", "wandb"] = "none"
-    """Also log to an experiment tracker, from rank 0: trackio (local, no account; `pip install -e
-    '.[trackio]'`, then `trackio show`) or wandb (`pip install -e '.[wandb]'`): every metrics.jsonl
-    record, and at each evaluation a table of held-out samples with the model's answers (RL: also
-    training rollouts with their rewards). metrics.jsonl is written either way."""
+    """Also log to a tracker from rank 0: trackio (local, no account; `pip install -e '.[trackio]'`, then
+    `trackio show`) or wandb (`pip install -e '.[wandb]'`): every metrics.jsonl record, and tables of held-out
+    answers (RL: also training rollouts with their rewards)."""
     tracker_project: str = "nanoalign"
     """Tracker project the run is logged under (--report-to)."""
     run_name: str | None = None
@@ -142,30 +134,24 @@ class Config:
     loss_weights: tuple[float, ...] = (1.0,)
     """Weight of each entry of loss_types."""
     precompute_ref_logps: bool = False
-    """Compute the reference log-probs of the whole train set once before training instead of
-    keeping a reference model in memory."""
+    """Compute the reference log-probs of the whole train set once, instead of keeping a reference model."""
 
     # --- online RL (grpo, gspo, rloo, online_dpo) ---
     num_generations: int = 8
-    """Completions sampled per prompt (G): at least 2, since each completion is judged against the
-    others of its prompt (online DPO: exactly 2)."""
+    """Completions sampled per prompt (G): at least 2, each is judged against the others (online DPO: exactly 2)."""
     max_completion_length: int = 32
     """Most tokens generated per completion."""
     temperature: float = 1.0
-    """Sampling temperature (> 0); log-probs are computed at the same temperature. 0 (greedy decoding,
-    as vLLM reads it) is refused: a prompt's completions would all be the same, with nothing to learn."""
+    """Sampling temperature (> 0; 0 would make a prompt's completions all alike); log-probs use it too."""
     top_p: float = 1.0
     """Nucleus sampling."""
     steps_per_generation: int = 1
-    """Micro-batches each generation batch is split into (generation batch = batch_size x this).
-    Below --grad-accum-steps, one generation batch covers one optimizer step (grad_accum_steps
-    micro-batches): a generation batch never ends inside a step."""
+    """Micro-batches per generation batch (at least --grad-accum-steps: a generation batch never ends inside a step)."""
     num_iterations: int = 1
     """Passes over each generation batch (>1 reuses it with kept old log-probs)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """How per-token losses are aggregated (formulas in nanoalign/grpo.py): grpo = mean over sequences of
-    each one's token mean; bnpo = token mean of the micro-batch; dr_grpo = token sum / (rows x
-    max_completion_length); dapo = token sum / active tokens of the whole optimizer step."""
+    """Per-token loss aggregation (nanoalign/grpo.py): grpo = mean of each sequence's token mean; bnpo = token
+    mean of the micro-batch; dr_grpo = token sum / (rows x max_completion_length); dapo = token sum / tokens of the step."""
     epsilon: float = 0.2
     """Lower clipping range: ratios below 1 - epsilon are clipped."""
     epsilon_high: float = 0.2
@@ -187,95 +173,58 @@ class Config:
     missing_eos_penalty: float | None = None
     """Online DPO: subtract this from the score of a completion that does not end with EOS."""
     sampler: Literal["nanoalign", "hf"] = "nanoalign"
-    """In-process sampler (vllm_mode none): nanoalign = our own (each prompt and image through the
-    model once, its KV cache copied for the num_generations samples); hf = Hugging Face generate on
-    every row (for comparison)."""
+    """In-process sampler: nanoalign (each prompt once, its KV cache copied per sample) or hf (HF generate on every row)."""
     rollout_batch_size: int = 0
-    """nanoalign's sampler: most rows decoded together in a generation round (a multiple of
-    --num-generations; 0 = all the rows this rank samples per round). Decoding reads every weight per
-    step whatever the batch, so larger is faster until memory (the KV cache of these rows) runs out;
-    --batch-size samples one micro-batch at a time."""
+    """nanoalign's sampler: most rows decoded together per round (a multiple of --num-generations; 0 = all this
+    rank's rows). Decoding reads every weight per step whatever the batch: larger is faster until the KV cache
+    of these rows runs out of memory; --batch-size samples one micro-batch at a time."""
 
     # --- vLLM rollouts ---
     vllm_mode: Literal["none", "server", "colocate"] = "none"
-    """none = generate with the training model in-process; server = ask a running vLLM server;
-    colocate = a vLLM engine inside every training process, on its device (README: which to pick)."""
+    """none = the training model samples; server = a running vLLM server; colocate = a vLLM engine per rank (README)."""
     vllm_url: str = "http://127.0.0.1:8000"
     """Base URL of the vLLM server (vllm_mode server)."""
     vllm_sync_every: int = 1
     """Push weights to vLLM every this many optimizer steps."""
     vllm_tensor_parallel_size: int = 1
-    """Colocate: ranks that share one engine, split by tensor parallelism (groups of consecutive
-    ranks; must divide the number of ranks). 1 = an engine per rank."""
+    """Colocate: consecutive ranks sharing one tensor-parallel engine (divides the ranks; 1 = an engine per rank)."""
     vllm_gpu_memory_utilization: float = 0.3
-    """Colocate: fraction of the device's memory (host RAM on CPUs) vLLM may take for its weights,
-    activations and KV cache; the trainer must fit in the rest. vLLM keeps it during the training
-    step (no sleep mode), so this is the lever to lower when training runs out of memory."""
+    """Colocate: device memory (host RAM on CPUs) vLLM keeps, also while training: lower it if training runs out."""
     vllm_max_model_len: int | None = None
-    """Colocate: longest prompt + completion vLLM reserves KV cache for (None: the model's maximum).
-    About --max-length is enough and saves memory."""
+    """Colocate: longest prompt + completion vLLM reserves KV cache for (None: the model's; --max-length saves memory)."""
     vllm_enforce_eager: bool = True
-    """Colocate: run vLLM without CUDA graphs and torch.compile: starts in seconds (what CPUs need);
-    --no-vllm-enforce-eager decodes faster on GPUs after a longer start."""
+    """Colocate: no CUDA graphs or torch.compile (starts in seconds; --no-vllm-enforce-eager decodes faster on GPUs)."""
     vllm_model_impl: Literal["auto", "vllm", "transformers"] = "auto"
-    """Colocate: vLLM's own implementation of the architecture (vllm), the Transformers backend for
-    architectures vLLM does not implement (transformers), or vLLM's choice (auto). For a server,
-    pass it to `python -m nanoalign.serve --model-impl`."""
+    """Colocate: vLLM's own implementation (vllm), its Transformers backend for architectures it lacks
+    (transformers), or vLLM's choice (auto). A server takes `python -m nanoalign.serve --model-impl`."""
     vllm_max_images: int = 2
     """Colocate: most images in one prompt (vLLM reserves memory for that many)."""
     vllm_timeout: float = 120.0
     """Seconds to wait for one vLLM request before failing with an error."""
-    vllm_is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
-        "sequence_mask"
-    )
+    vllm_is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
     """Importance-sampling correction for the mismatch between vLLM's and the trainer's log-probs."""
     vllm_is_cap: float = 3.0
     """Cap C of the importance-sampling correction."""
 
 
 RL_ALGOS = ("grpo", "gspo", "rloo", "online_dpo")
-# Fields only some algorithms read. Set to anything but the default elsewhere, they would silently do
-# nothing, so check_config refuses them instead.
+# Fields only some algorithms read: set elsewhere they would silently do nothing, so check_config refuses them.
 APPLIES_TO = {
     "beta": ("dpo", "mpo", *RL_ALGOS),
-    "loss_types": ("dpo", "mpo"),
-    "loss_weights": ("dpo", "mpo"),
-    "precompute_ref_logps": ("dpo", "mpo"),
+    **dict.fromkeys(("loss_types", "loss_weights", "precompute_ref_logps"), ("dpo", "mpo")),
     "max_tokens_per_micro_batch": ("sft", "dpo", "mpo"),  # RL micro-batches hold whole groups of G completions
-    "num_generations": RL_ALGOS,
-    "temperature": RL_ALGOS,
-    "top_p": RL_ALGOS,
-    "steps_per_generation": RL_ALGOS,
-    "reward_funcs": RL_ALGOS,
-    "reward_weights": RL_ALGOS,
-    "vllm_mode": RL_ALGOS,
-    "rollout_batch_size": RL_ALGOS,
-    "vllm_tensor_parallel_size": RL_ALGOS,
-    "vllm_gpu_memory_utilization": RL_ALGOS,
-    "vllm_max_model_len": RL_ALGOS,
-    "vllm_enforce_eager": RL_ALGOS,
-    "vllm_model_impl": RL_ALGOS,
-    "vllm_max_images": RL_ALGOS,
-    "vllm_url": RL_ALGOS,
-    "vllm_timeout": RL_ALGOS,
-    "vllm_sync_every": RL_ALGOS,
-    "epsilon": ("grpo", "gspo", "rloo"),
-    "epsilon_high": ("grpo", "gspo", "rloo"),
-    "num_iterations": ("grpo", "gspo", "rloo"),  # online DPO trains on each pair once (as TRL's)
-    "mask_truncated_completions": ("grpo", "gspo", "rloo"),  # online DPO: --missing-eos-penalty instead
-    "loss_type": ("grpo", "gspo"),
-    "importance_sampling_level": ("grpo", "gspo"),
-    "delta": ("grpo", "gspo"),
-    "scale_rewards": ("grpo", "gspo"),
-    "vllm_is_correction": ("grpo", "gspo"),
-    "vllm_is_cap": ("grpo", "gspo"),
+    **dict.fromkeys(("num_generations", "temperature", "top_p", "steps_per_generation", "reward_funcs", "reward_weights", "vllm_mode",
+                     "rollout_batch_size", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization", "vllm_max_model_len",
+                     "vllm_enforce_eager", "vllm_model_impl", "vllm_max_images", "vllm_url", "vllm_timeout", "vllm_sync_every"), RL_ALGOS),
+    # online DPO trains on each pair once (as TRL's), and has --missing-eos-penalty instead of masking
+    **dict.fromkeys(("epsilon", "epsilon_high", "num_iterations", "mask_truncated_completions"), ("grpo", "gspo", "rloo")),
+    **dict.fromkeys(("loss_type", "importance_sampling_level", "delta", "scale_rewards", "vllm_is_correction", "vllm_is_cap"), ("grpo", "gspo")),
     "normalize_advantages": ("rloo",),
     "missing_eos_penalty": ("online_dpo",),
-}
+}  # fmt: skip
 
 
-# The vLLM settings and the --vllm-mode values that read them: refused with another mode, where nothing
-# would read them.
+# The vLLM settings and the --vllm-mode values that read them: refused with any other mode.
 VLLM_MODES = {
     "vllm_url": ("server",),
     "vllm_timeout": ("server",),
@@ -319,6 +268,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError("--freeze-vision does nothing with --lora-rank: the whole base is frozen (--lora-vision adapts the vision tower)")
     if len(cfg.loss_weights) != len(cfg.loss_types):
         raise ValueError(f"--loss-weights has {len(cfg.loss_weights)} values for {len(cfg.loss_types)} --loss-types; give one each")
+    if not cfg.loss_types or len(set(cfg.loss_types)) != len(cfg.loss_types):
+        raise ValueError(f"--loss-types {' '.join(cfg.loss_types)!r} is empty or repeats a name; name each term once (add up "
+                         "the weights of a repeat)")  # fmt: skip
     if cfg.algo not in RL_ALGOS:
         return
     if not cfg.reward_funcs:
@@ -340,18 +292,16 @@ def check_config(cfg: Config) -> None:
             f"--vllm-tensor-parallel-size must be >= 1 (got {cfg.vllm_tensor_parallel_size}), --vllm-max-images >= 0 "
             f"(got {cfg.vllm_max_images}), --vllm-gpu-memory-utilization in (0, 1] (got {cfg.vllm_gpu_memory_utilization})"
         )
+    if cfg.vllm_is_cap <= 0:
+        raise ValueError(f"--vllm-is-cap must be > 0, got {cfg.vllm_is_cap}: it caps the importance-sampling correction")
     if len(cfg.reward_weights) != len(cfg.reward_funcs):
         raise ValueError(f"--reward-weights has {len(cfg.reward_weights)} values for {len(cfg.reward_funcs)} --reward-funcs; give one each")
     if cfg.batch_size % cfg.num_generations:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be a multiple of --num-generations {cfg.num_generations}: "
-            "a micro-batch holds whole groups"
-        )
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --num-generations {cfg.num_generations}: "
+                         "a micro-batch holds whole groups")  # fmt: skip
     if cfg.steps_per_generation % cfg.grad_accum_steps and cfg.grad_accum_steps % cfg.steps_per_generation:
-        raise ValueError(
-            f"--steps-per-generation {cfg.steps_per_generation} and --grad-accum-steps {cfg.grad_accum_steps} must "
-            "divide one another: a generation batch covers whole optimizer steps, or a step whole generation batches"
-        )
+        raise ValueError(f"--steps-per-generation {cfg.steps_per_generation} and --grad-accum-steps {cfg.grad_accum_steps} "
+                         "must divide one another: a generation batch covers whole optimizer steps, or a step whole generation batches")  # fmt: skip
     if cfg.rollout_batch_size < 0 or cfg.rollout_batch_size % cfg.num_generations:
         raise ValueError(f"--rollout-batch-size {cfg.rollout_batch_size} must be 0 (all rows) or a positive multiple of "
                          f"--num-generations {cfg.num_generations}: a decode batch holds whole groups")  # fmt: skip
@@ -390,35 +340,27 @@ def sft_preset() -> Config:
 
 
 def dpo_preset() -> Config:
-    return Config(
-        algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=100,
-        loss_types=("sigmoid",), loss_weights=(1.0,), eval_every=25, save_every=25, num_eval_samples=256,
-    )  # fmt: skip
+    return Config(algo="dpo", model="tiny-sft", out_dir="runs/dpo", lr=2e-4, warmup_steps=5, max_steps=100, loss_types=("sigmoid",),
+                  loss_weights=(1.0,), eval_every=25, save_every=25, num_eval_samples=256)  # fmt: skip
 
 
 def mpo_preset() -> Config:
     # MPO recipe (arXiv 2411.10442; TRL docs): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft.
-    return dataclasses.replace(
-        dpo_preset(), algo="mpo", out_dir="runs/mpo", loss_types=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)
-    )
+    return dataclasses.replace(dpo_preset(), algo="mpo", out_dir="runs/mpo", loss_types=("sigmoid", "bco_pair", "sft"),
+                               loss_weights=(0.8, 0.2, 1.0))  # fmt: skip
 
 
 def grpo_preset() -> Config:
-    # Tuned for the built-in demo (tiny-sft on shapes, 2 CPU ranks): 2 prompts x 8 completions per
-    # micro-batch per rank, held-out accuracy on 256 prompts every 40 steps.
-    return Config(
-        algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=3e-4, warmup_steps=5, max_steps=60,
-        batch_size=32, num_generations=8, beta=0.0, eval_every=20, save_every=20, num_eval_samples=256,
-    )  # fmt: skip
+    # Tuned for the built-in demo (tiny-sft on shapes, 2 CPU ranks): 4 prompts x 8 completions per micro-batch per rank.
+    return Config(algo="grpo", model="tiny-sft", out_dir="runs/grpo", lr=3e-4, warmup_steps=5, max_steps=60, batch_size=32,
+                  num_generations=8, beta=0.0, eval_every=20, save_every=20, num_eval_samples=256)  # fmt: skip
 
 
 def gspo_preset() -> Config:
     # GSPO recipe (arXiv 2507.18071, and TRL's GSPO docs): sequence ratios, tiny clip range, grpo aggregation.
-    return dataclasses.replace(
-        grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence",
-        epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4,
-        lr=2e-4, max_steps=120, eval_every=40, save_every=40,
-    )  # fmt: skip
+    return dataclasses.replace(grpo_preset(), algo="gspo", out_dir="runs/gspo", importance_sampling_level="sequence", epsilon=3e-4,
+                               epsilon_high=4e-4, beta=0.0, loss_type="grpo", steps_per_generation=4, lr=2e-4, max_steps=120,
+                               eval_every=40, save_every=40)  # fmt: skip
 
 
 def rloo_preset() -> Config:
@@ -426,17 +368,8 @@ def rloo_preset() -> Config:
 
 
 def online_dpo_preset() -> Config:
-    return dataclasses.replace(
-        grpo_preset(), algo="online_dpo", out_dir="runs/online_dpo", num_generations=2, temperature=0.9, beta=0.1
-    )
+    return dataclasses.replace(grpo_preset(), algo="online_dpo", out_dir="runs/online_dpo", num_generations=2, temperature=0.9, beta=0.1)
 
 
-PRESETS = {
-    "sft": sft_preset,
-    "dpo": dpo_preset,
-    "mpo": mpo_preset,
-    "grpo": grpo_preset,
-    "gspo": gspo_preset,
-    "rloo": rloo_preset,
-    "online_dpo": online_dpo_preset,
-}
+PRESETS = {"sft": sft_preset, "dpo": dpo_preset, "mpo": mpo_preset, "grpo": grpo_preset, "gspo": gspo_preset,
+           "rloo": rloo_preset, "online_dpo": online_dpo_preset}  # fmt: skip

@@ -1,23 +1,19 @@
 """Datasets in TRL's vision formats, checked and normalised one sample at a time, in a resumable order.
 
-Three formats, one per family of methods (the column names TRL uses; `--columns ours=theirs`
-renames others):
+Three formats, one per family of methods (TRL's column names; `--columns ours=theirs` renames others):
 
     sft:        messages (+ images)                 or prompt + completion (+ images)
     preference: prompt, chosen, rejected (+ images)
     rl:         prompt (+ images) (+ any other column, e.g. solution, handed to reward functions)
 
-A `solution` column (a gold answer, in any format) makes the held-out samples an accuracy eval too:
-greedy answers to their prompts checked against it with math-verify (`accuracy_prompts`).
-
-Messages are TRL's conversational layout: [{"role": ..., "content": str | [{"type": "image"} |
-{"type": "text", "text": ...}]}]. A string prompt becomes a user turn; a string completion an
-assistant turn; a user turn with images but no image placeholder gets them in front (as TRL does).
-Images may be PIL images, file paths, bytes or {"bytes", "path"} dicts, in an "images" list or a
-single "image" column; each is decoded here so a corrupt file fails with the sample's name.
+A `solution` column (a gold answer) makes the held-out samples an accuracy eval too (`accuracy_prompts`).
+Messages are TRL's conversational layout: [{"role": ..., "content": str | [{"type": "image"} | {"type": "text",
+"text": ...}]}]; a string prompt becomes a user turn, a string completion an assistant turn, and a user turn
+with images but no placeholder gets them in front (as TRL does). Images (PIL, paths, bytes or {"bytes",
+"path"} dicts, in "images" or one "image" column) are decoded here, so a corrupt file fails with its sample.
 
 The sample order is a pure function of (seed, position): position p of the stream is sample
-perm_epoch[p % N] with epoch = p // N. Resuming therefore needs only the number of samples drawn.
+perm_epoch[p % N] with epoch = p // N, so resuming needs only the number of samples drawn.
 """
 
 import io
@@ -55,21 +51,18 @@ HELD_OUT_NAMES = ("eval", "evaluation", "test", "validation", "valid", "val", "d
 
 def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tuple[str, ...] = (), overcount: float = 0.0,
                *, held_out: bool = False):  # fmt: skip
-    """Dataset `dataset`'s `split` as a map-style dataset of raw rows (images not yet decoded).
-
-    `num_samples` and `overcount` shape the built-in shapes split; real datasets have their own size.
-    held_out: `split` is the evaluation split. Returns None when the data has no such split: a single
-    local file holds only training rows (never evaluated on as if held out), and a directory or hub
-    dataset without a split of that name (or another held-out name: HELD_OUT_NAMES) has none.
-    """
+    """`split` of `dataset` as a map-style dataset of raw rows (images not yet decoded); `num_samples` and
+    `overcount` shape the built-in shapes split. held_out (the eval split): None when the data has none, as a
+    single local file (training rows only) or a directory or hub dataset without it (or a HELD_OUT_NAMES)."""
     if dataset == "shapes":
         return ShapesDataset(split, fmt, num_samples, overcount)
     import datasets
+    import pyarrow.parquet
 
     path = Path(dataset)
     # `datasets` fails on an empty local file without naming it (a bare StopIteration, an Arrow error)
     for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS):
-        if file.stat().st_size == 0 or (file.suffix == ".parquet" and _parquet_rows(file) == 0):
+        if file.stat().st_size == 0 or (file.suffix == ".parquet" and pyarrow.parquet.ParquetFile(file).metadata.num_rows == 0):
             raise ValueError(f"--dataset {dataset}: {file} has no rows; fill it or remove it")
     if path.is_file():  # one local file is the training split, whatever the split is called
         if path.suffix not in LOCAL_BUILDERS:
@@ -91,21 +84,15 @@ def load_split(dataset: str, split: str, fmt: str, num_samples: int, columns: tu
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, datasets.Sequence | list) and isinstance(_inner(feature), datasets.Image):
-            ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
+        elif isinstance(feature, datasets.Sequence | list):  # a Sequence has .feature, a list its one item
+            inner = feature.feature if hasattr(feature, "feature") else feature[0]
+            if isinstance(inner, datasets.Image):
+                ds = ds.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in ds.column_names]
     if missing and not (fmt == "sft" and {"prompt", "completion"} <= set(ds.column_names)):
-        raise ValueError(
-            f"--dataset {dataset} [{split}] lacks column(s) {missing} needed for {fmt} data (it has "
-            f"{ds.column_names}); rename with --columns ours=theirs"
-        )
+        raise ValueError(f"--dataset {dataset} [{split}] lacks column(s) {missing} needed for {fmt} data (it has "
+                         f"{ds.column_names}); rename with --columns ours=theirs")  # fmt: skip
     return ds
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[str, str]:
@@ -118,15 +105,9 @@ def column_renames(columns: tuple[str, ...], column_names: list[str]) -> dict[st
         renames[theirs] = ours
     for theirs, ours in renames.items():
         if ours in column_names and ours not in renames:  # the rename would give two columns one name
-            raise ValueError(
-                f"--columns {ours}={theirs}: the dataset already has a column {ours!r}. Rename that one out of the "
-                f"way in the same flag (--columns {ours}={theirs} original_{ours}={ours}) or drop it from the data"
-            )
+            raise ValueError(f"--columns {ours}={theirs}: the dataset already has a column {ours!r}. Rename that one out of "
+                             f"the way in the same flag (--columns {ours}={theirs} original_{ours}={ours}) or drop it from the data")  # fmt: skip
     return renames
-
-
-def _inner(feature):
-    return feature.feature if hasattr(feature, "feature") else feature[0]
 
 
 def decode_image(image, sample_id: str, position: int) -> Image.Image:
@@ -148,10 +129,8 @@ def decode_image(image, sample_id: str, position: int) -> Image.Image:
         return pil.convert("RGB")
     except Exception as err:  # any decoding failure becomes the same actionable error
         where = image.get("path") if isinstance(image, dict) else image if isinstance(image, (str, Path)) else ""
-        raise BadSampleError(
-            f"{sample_id}: image {position} {where!r} cannot be read ({type(err).__name__}: {err}). "
-            "Fix or remove the sample, or pass --skip-bad-samples to skip such samples."
-        ) from err
+        raise BadSampleError(f"{sample_id}: image {position} {where!r} cannot be read ({type(err).__name__}: {err}). "
+                             "Fix or remove the sample, or pass --skip-bad-samples to skip such samples.") from err  # fmt: skip
 
 
 def _as_turns(value, role: str, field_name: str, sample_id: str) -> list[dict]:
@@ -169,9 +148,7 @@ def _as_turns(value, role: str, field_name: str, sample_id: str) -> list[dict]:
 
 
 def num_placeholders(messages: list[dict]) -> int:
-    return sum(
-        1 for m in messages if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image"
-    )
+    return sum(1 for m in messages if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image")
 
 
 def _insert_placeholders(messages: list[dict], num_images: int, sample_id: str) -> list[dict]:
@@ -183,19 +160,14 @@ def _insert_placeholders(messages: list[dict], num_images: int, sample_id: str) 
         content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
         messages[first_user] = {**messages[first_user], "content": [{"type": "image"}] * num_images + content}
     elif found != num_images:
-        raise BadSampleError(
-            f"{sample_id}: the messages hold {found} image placeholders but the sample has {num_images} images; "
-            "each image needs exactly one {'type': 'image'} entry"
-        )
+        raise BadSampleError(f"{sample_id}: the messages hold {found} image placeholders but the sample has {num_images} "
+                             "images; each image needs exactly one {'type': 'image'} entry")  # fmt: skip
     return messages
 
 
 def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
-    """Check one raw row and normalise it: decoded RGB images, messages in conversational layout.
-
-    Returns {"sample_id", "images", and "messages" (sft) | "prompt", "chosen", "rejected"
-    (preference) | "prompt" plus the other columns (rl)}. Raises BadSampleError naming the sample.
-    """
+    """Check one raw row and normalise it -> {"sample_id", "images" (decoded RGB), and "messages" (sft) | "prompt",
+    "chosen", "rejected" (preference) | "prompt" plus the other columns (rl)}. BadSampleError names the sample."""
     images = raw.get("images", raw.get("image"))
     images = [] if images is None else images if isinstance(images, list) else [images]
     sample = {"sample_id": sample_id, "images": [decode_image(im, sample_id, i) for i, im in enumerate(images)]}
@@ -203,16 +175,12 @@ def prepare_sample(raw: dict, fmt: str, sample_id: str) -> dict:
         if "messages" in raw:
             messages = _as_turns(raw["messages"], "user", "messages", sample_id)
         else:
-            messages = _as_turns(raw["prompt"], "user", "prompt", sample_id) + _as_turns(
-                raw["completion"], "assistant", "completion", sample_id
-            )
+            messages = _as_turns(raw["prompt"], "user", "prompt", sample_id) + _as_turns(raw["completion"], "assistant", "completion", sample_id)
         if not messages:
             raise BadSampleError(f"{sample_id}: empty conversation; every SFT sample needs a user and an assistant turn")
         if not any(m["role"] == "assistant" and message_text(m) for m in messages):
-            raise BadSampleError(
-                f"{sample_id}: no assistant turn with text, so nothing to learn from; add the answer as a "
-                "{'role': 'assistant', ...} message"
-            )
+            raise BadSampleError(f"{sample_id}: no assistant turn with text, so nothing to learn from; add the answer as a "
+                                 "{'role': 'assistant', ...} message")  # fmt: skip
         if not any(m["role"] == "user" for m in messages):
             raise BadSampleError(f"{sample_id}: no user turn; the conversation needs a prompt")
         sample["messages"] = _insert_placeholders(messages, len(images), sample_id)
@@ -270,13 +238,9 @@ def stream_indices(start: int, count: int, num_samples: int, seed: int) -> list[
 
 
 def fetch_samples(dataset, indices: list[int], fmt: str, split: str, skip_bad: bool, check=None) -> tuple[list[dict], int]:
-    """Load and prepare dataset[indices]. Returns (samples, number of bad samples skipped).
-
-    check(sample), optional, raises BadSampleError for a sample that loads but cannot be used (e.g.
-    an RL prompt longer than --max-length). With skip_bad, a bad sample is replaced by the next good
-    index after it, so every rank still gets the same number of samples (and the replacement is the
-    same on a resumed run).
-    """
+    """Load and prepare dataset[indices] -> (samples, number of bad ones skipped). check(sample), optional, raises
+    BadSampleError for one that loads but cannot be used (e.g. an RL prompt past --max-length). With skip_bad, a bad
+    sample is replaced by the next good index, so every rank gets as many (the same ones on a resumed run)."""
     samples, num_skipped = [], 0
     for index in indices:
         for attempt in range(len(dataset)):

@@ -17,45 +17,35 @@ Papers:
     Dr. GRPO https://arxiv.org/abs/2503.20783 (constant normaliser, no std scaling)
     delta    https://arxiv.org/abs/2505.07291 (INTELLECT-2, two-sided clipping)
     k3 KL    http://joschu.net/blog/kl-approx.html
-The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16; README.md, "Differences from TRL", lists
-where they deliberately differ.
+The numbers follow Hugging Face TRL's GRPOTrainer v1.9-v1.16 (README.md, "Differences from TRL").
 
 Simplified / decided here:
-    - pure functions only: no model, no gather across ranks. The caller gathers rewards across ranks
-      before `group_advantages`, and passes the step's `normaliser` (see `grpo_loss`).
-    - a completion whose rewards are all NaN is excluded from its group's statistics and gets
-      advantage 0 (TRL's nansum would count it as reward 0 in the group mean and std).
-    - masked positions of logps / old_logps / ref_logps are replaced by 0 before any exp(), so
-      garbage (even -inf) on padding can never leak a NaN into the loss or the gradient.
-    - GSPO clip metrics are a mean over sequences that have a counted token (TRL averages over all
-      sequences, fully masked ones included); for every other input they agree.
+    - pure functions: the caller gathers rewards across ranks and passes the step's `normaliser`.
+    - a completion whose rewards are all NaN is left out of its group's statistics, advantage 0
+      (TRL's nansum would count it as reward 0 in the group mean and std).
+    - masked positions of logps / old_logps / ref_logps are 0 before any exp(): padding (even -inf)
+      never leaks a NaN into the loss or the gradient.
+    - GSPO clip metrics average over sequences with a counted token (TRL: all sequences).
 """
 
 import torch
 
 from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per round, the same for every RL method
-    STD_EPS, MicroBatch, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards,
-    constant_groups, generation_round, group_statistics, keeps_old_logps, masked_mean, nan_std, per_step_totals,
-    policy_logps, rank_rows, samples_per_round,
+    STD_EPS, MicroBatch, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards, constant_groups,
+    generation_round, group_statistics, keeps_old_logps, masked_mean, nan_std, per_step_totals, policy_logps, rank_rows,
+    samples_per_round,
 )
 
 
-# -----------------------------------------------------------------------------
-# Rewards -> advantages
-
-
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
-    """Group-relative advantages: A_i = (R_i - mean_group(R)) / (std + 1e-4).
+    """A_i = (R_i - mean_group(R)) / (std + 1e-4) -> (N,), never NaN.
 
-    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable; N = num_prompts * num_generations,
-        the G completions of one prompt in consecutive rows, gathered across ranks by the caller.
-    scale_rewards: "group" (divide by the group std, ddof=1), "batch" (by the std of all non-NaN
-        rewards) or "none" (Dr. GRPO): Config's Literal, checked when the flags are parsed.
-    Returns advantages (N,), never NaN: unscorable rows, and groups whose scorable rewards are all
-    equal (constant_groups), get exactly 0.
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, N = prompts x G with each group's G
+        rows consecutive, gathered across ranks by the caller.
+    scale_rewards: "group" (group std, ddof=1), "batch" (std of all non-NaN rewards) or "none" (Dr. GRPO).
+    Unscorable rows and groups without signal (rl.constant_groups) get exactly 0.
     """
     R = combine_rewards(rewards)  # (N,)
-    check_groups(R.numel(), num_generations)
     grouped = R.view(-1, num_generations)  # (P, G)
     # nanmean of an all-NaN group is NaN; its advantages become 0 below, which is what we want.
     advantages = grouped - torch.nanmean(grouped, dim=1, keepdim=True)  # (P, G) A = R - mean_group(R)
@@ -67,31 +57,19 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return torch.nan_to_num(advantages.view(-1), nan=0.0)  # NaN advantages -> 0
 
 
-# -----------------------------------------------------------------------------
-# The sampler (vLLM) correction
-
-
 def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float) -> torch.Tensor:
-    """Importance weight rho correcting for the sampler (vLLM) not being exactly the trained policy.
+    """Importance weight rho for the sampler (vLLM) not being exactly the trained policy (TRL's correction).
 
-    TRL's vLLM importance-sampling correction: d_t = (l_old_t - l_vllm_t) M;
-    token modes rho_t = exp(d_t) -> (B, T); sequence modes rho = exp(SUM_t d_t) -> (B, 1).
+    d_t = (l_old_t - l_vllm_t) M; token modes rho_t = exp(d_t) (B, T); sequence modes rho = exp(SUM_t d_t) (B, 1).
     *_truncate: rho = min(rho, cap). *_mask: rho = 0 where rho > cap (TRL v1.x: no lower bound).
-    mode: one of Config.vllm_is_correction's Literal names but "none" (the caller skips the call then).
-    Returned detached: it is a fixed per-sample weight, never something to differentiate.
-    The caller multiplies the per-token policy loss by it (`grpo_loss(..., sampler_weights=rho)`).
+    Detached: a fixed per-sample weight of the policy term (`grpo_loss(..., sampler_weights=rho)`).
     """
-    if cap <= 0:
-        raise ValueError(f"sampler correction cap must be > 0, got {cap}")
     if old_logps.shape != sampler_logps.shape or old_logps.shape != mask.shape:
-        raise ValueError(
-            f"old_logps {tuple(old_logps.shape)}, sampler_logps {tuple(sampler_logps.shape)} and mask "
-            f"{tuple(mask.shape)} must all be (B, T)"
-        )
+        raise ValueError(f"old_logps {tuple(old_logps.shape)}, sampler_logps {tuple(sampler_logps.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be (B, T)")  # fmt: skip
     with torch.no_grad():
-        counted = mask.bool()
         # where, not a product: the sampler may report NaN/-inf on padding, and NaN * 0 is NaN.
-        d = torch.where(counted, old_logps - sampler_logps, torch.zeros_like(old_logps))  # (B, T) d_t
+        d = torch.where(mask.bool(), old_logps - sampler_logps, torch.zeros_like(old_logps))  # (B, T) d_t
         if mode.startswith("sequence"):
             d = d.sum(dim=-1, keepdim=True)  # (B, 1) SUM_t d_t
         rho = torch.exp(d)  # rho = exp(d)
@@ -102,49 +80,19 @@ def sampler_correction(old_logps, sampler_logps, mask, *, mode: str, cap: float)
     return rho
 
 
-# -----------------------------------------------------------------------------
-# The loss
-
-
-def grpo_loss(
-    logps,
-    old_logps,
-    ref_logps,
-    advantages,
-    mask,
-    *,
-    loss_type: str,
-    epsilon: float,
-    epsilon_high: float,
-    delta,
-    beta: float,
-    importance_sampling_level: str,
-    normaliser,
-    sampler_weights=None,
-):
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str, epsilon: float, epsilon_high: float, delta,
+              beta: float, importance_sampling_level: str, normaliser, sampler_weights=None):  # fmt: skip
     """Clipped GRPO / GSPO loss on one micro-batch. Returns (loss, metrics).
 
-    logps, old_logps, ref_logps, mask: (B, T) per-token log-probs of the completion tokens and the
-        0/1 loss mask. old_logps are those of the policy that sampled (logps.detach() when each
-        generation batch feeds exactly one optimizer step). ref_logps may be None when beta == 0.
-    advantages: (B,) from `group_advantages`.
-    loss_type, importance_sampling_level: names from Config's Literals (checked when the flags are
-        parsed, not here); importance_sampling_level "token" = GRPO, "sequence" = GSPO.
-    loss_type: grpo | bnpo | dr_grpo | dapo. The loss is a sum divided by `normaliser`:
-        grpo     SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser    (each sequence's token mean)
-        others   SUM M L / normaliser
-    normaliser: a count of the whole optimizer step (every micro-batch, every rank), see
-        `step_normalisers`. On one micro-batch in one process TRL's formulas are normaliser = B (grpo),
-        max(SUM M, 1) (bnpo), B * max_completion_length (dr_grpo), SUM M (dapo). 0 (dapo, every
-        token masked) leaves the sum, which is 0, undivided.
-    sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy
-        term only, not the KL term.
+    logps, old_logps, ref_logps, mask: (B, T) completion-token log-probs (old: the sampling policy's; ref: read
+        when beta > 0) and the 0/1 loss mask. advantages: (B,). importance_sampling_level: token = GRPO, sequence = GSPO.
+    loss: grpo SUM_i [SUM_t M L / max(SUM_t M, 1)] / normaliser (each sequence's token mean); others SUM M L / normaliser.
+    normaliser: a count of the whole optimizer step, all micro-batches and ranks (`step_normalisers`); TRL's on one
+        micro-batch in one process: B (grpo), max(SUM M, 1) (bnpo), B * max_completion_length (dr_grpo), SUM M (dapo).
+        0 (dapo, every token masked) leaves the sum, 0, undivided.
+    sampler_weights: optional (B, T) or (B, 1) rho from `sampler_correction`; scales the policy term only.
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean, and kl when beta > 0.
     """
-    if beta > 0 and ref_logps is None:
-        raise ValueError(f"beta={beta} > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0")
-    if normaliser is None or float(normaliser) < 0:
-        raise ValueError(f"normaliser must be a count >= 0 of the optimizer step's sequences or tokens, got {normaliser}")
     check_token_inputs(logps, old_logps, advantages, mask)
     if beta > 0 and ref_logps.shape != logps.shape:
         raise ValueError(f"ref_logps {tuple(ref_logps.shape)} must match logps {tuple(logps.shape)}")
@@ -188,22 +136,14 @@ def grpo_loss(
 
     # TRL measures clipping on the delta-capped ratio; the same unless delta < 1 + eps_high.
     w_capped = (w if delta is None else torch.clamp(w, max=delta)).detach()
-    if importance_sampling_level == "token":
-        metrics.update(clip_fractions(w_capped, A, mask, epsilon, epsilon_high))
-    else:
-        # One ratio per sequence: count each sequence with a counted token once.
-        has_tokens = (lengths > 0).to(mask.dtype).unsqueeze(-1)  # (B, 1)
-        metrics.update(clip_fractions(w_capped, A, has_tokens, epsilon, epsilon_high))
+    # GSPO has one ratio per sequence: each sequence with a counted token counts once.
+    weights = mask if importance_sampling_level == "token" else (lengths > 0).to(mask.dtype).unsqueeze(-1)  # (B, T) or (B, 1)
+    metrics.update(clip_fractions(w_capped, A, weights, epsilon, epsilon_high))
     return loss, metrics
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo grpo / --algo gspo)
-#
-# One prepare() = one generation round (rl.generation_round): each rank samples G completions for
-# its prompts, rewards are gathered over ranks for the advantages, and the rows are cut into
-# micro-batches of batch_size rows (max(steps_per_generation, grad_accum_steps) of them, repeated
-# num_iterations times) that the loop consumes grad_accum_steps at a time: one optimizer step.
+# ----- The algorithm module train.py drives (--algo grpo / --algo gspo). prepare() is one generation round
+# (rl.generation_round), repeated num_iterations times.
 
 DATA_FORMAT = "rl"
 
@@ -243,9 +183,8 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     logp_diffs = []
     for m in micro:
         if m.sampler_logps is not None and cfg.vllm_is_correction != "none":  # vLLM's rollouts: correct for it
-            m.sampler_weights = sampler_correction(
-                m.old_logps, m.sampler_logps, m.batch.mask, mode=cfg.vllm_is_correction, cap=cfg.vllm_is_cap
-            )
+            m.sampler_weights = sampler_correction(m.old_logps, m.sampler_logps, m.batch.mask, mode=cfg.vllm_is_correction,
+                                                   cap=cfg.vllm_is_cap)  # fmt: skip
             logp_diffs.append(masked_mean((m.old_logps - m.sampler_logps).abs(), m.batch.mask))  # trainer vs sampler
     if logp_diffs:
         metrics["vllm/logp_abs_diff"] = sum(logp_diffs) / len(logp_diffs)
@@ -255,10 +194,8 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
 def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
     cfg = run.cfg
     logps, old_logps, entropy = policy_logps(micro, run)
-    value, metrics = grpo_loss(
-        logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
-        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
-        importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
-        sampler_weights=micro.sampler_weights,
-    )  # fmt: skip
+    value, metrics = grpo_loss(logps, old_logps, micro.ref_logps, micro.advantages, micro.batch.mask, loss_type=cfg.loss_type,
+                               epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
+                               importance_sampling_level=cfg.importance_sampling_level, normaliser=micro.normaliser,
+                               sampler_weights=micro.sampler_weights)  # fmt: skip
     return value, {**{k: float(v) for k, v in metrics.items()}, "entropy": entropy}

@@ -1,38 +1,28 @@
 """Checkpoints in and out of FSDP2 shards, with no full model copy on any rank but one tensor on rank 0.
 
-Loading a 7B model the plain way (from_pretrained on every rank, then fully_shard) costs every rank
-a full fp32 copy on the host: 8 ranks x 28 GB. Here, as in torchtitan:
+Loading a 7B model the plain way (from_pretrained on every rank, then fully_shard) costs every rank a full
+fp32 copy on the host: 8 ranks x 28 GB. Here, as in torchtitan:
 
-  1. every rank builds the model with its parameters on the meta device (no memory) and its buffers
-     real, computed by the modules' own __init__ (rotary inv_freq and the like are not in checkpoints);
-  2. the FSDP2 plan is applied (nanoalign/model.py: shard_policy) and each rank allocates only its
-     shards (`to_empty`);
-  3. rank 0 reads the safetensors files one tensor at a time (local directory or hub snapshot,
-     single file or sharded with an index json) and scatters each tensor's rows to the ranks:
-
-        rank r receives rows [r * c, (r + 1) * c) of a (n, ...) tensor, c = ceil(n / world_size),
-
+  1. every rank builds the model with its parameters on the meta device and its buffers real (rotary
+     inv_freq and the like, computed by the modules' own __init__, are not in checkpoints);
+  2. the FSDP2 plan is applied (model.shard_policy) and each rank allocates only its shards (`to_empty`);
+  3. rank 0 reads the safetensors files one tensor at a time (single file or sharded with an index json)
+     and scatters each tensor's rows: rank r receives rows [r * c, (r + 1) * c), c = ceil(n / world_size),
      which is how FSDP2 cuts a parameter (torch.chunk on dim 0), so the rows land in the shard as is.
 
-So rank 0 holds its shard plus one full tensor, the other ranks their shard plus one received
-chunk. Checkpoint names are mapped to the model's with transformers' own renaming rules (the ones
-from_pretrained applies, e.g. Qwen2.5-VL's "model.layers.*" -> "model.language_model.layers.*").
-A checkpoint those rules do not cover exactly (a fused-weight conversion, missing weights, only
-.bin files) is loaded by rank 0 with from_pretrained instead, then scattered the same way: one
-model copy on rank 0, still nothing extra on the others.
+Names are mapped by transformers' own renaming rules (e.g. Qwen2.5-VL's "model.layers.*" ->
+"model.language_model.layers.*"); a checkpoint they do not cover exactly (a fused-weight conversion, missing
+weights, only .bin files) is loaded by rank 0 with from_pretrained, then scattered the same way.
+Export (and weight sync to vLLM) is the reverse: a gather per tensor to rank 0 only (`gather_full`), which
+writes its bytes into the safetensors file (header known up front from the shapes) and drops it.
 
-Export is the reverse: every rank takes part in a gather per tensor, only rank 0 receives the full
-tensor, writes its bytes into the safetensors file (whose header is known up front from the
-shapes) and drops it. Weight sync to vLLM gathers the same way (`gather_full`).
-
-Simplifications: the tensors are read and written in fp32 as the trainer keeps them; one-dimensional
-FSDP meshes only (Shard(0) on every parameter: what shard_policy produces).
+Simplifications: tensors are read and written in fp32, as the trainer keeps them; one-dimensional FSDP
+meshes only (Shard(0) on every parameter: what shard_policy produces).
 """
 
 import contextlib
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -42,8 +32,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from nanoalign.lora import is_adapter, merged_weight
 
-# safetensors' dtype names (https://huggingface.co/docs/safetensors: the format is an 8-byte header
-# length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes)
+# safetensors' dtype names (https://huggingface.co/docs/safetensors: an 8-byte header length, a JSON header
+# {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes)
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -58,12 +48,8 @@ MAX_SHARD_BYTES = 5 * 2**30  # exported safetensors files are cut at 5 GiB, with
 
 @contextlib.contextmanager
 def meta_parameters():
-    """Create every nn.Parameter on the meta device (no memory, no init cost); buffers stay real.
-
-    Parameters are moved to meta as they are registered (accelerate's init_empty_weights does the
-    same), so the random init that follows in each module's __init__ runs on meta and costs nothing,
-    while buffers such as rotary inv_freq are computed exactly as from_pretrained computes them.
-    """
+    """Create every nn.Parameter on the meta device as it is registered (as accelerate's init_empty_weights),
+    so each module's random init costs nothing; buffers (rotary inv_freq) are computed as from_pretrained does."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
@@ -107,8 +93,7 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
-    """One tensor read with a plain file read (no mmap: pages read stay out of this process's RSS
-    once the tensor is dropped, where a mapped file's pages count until it is closed)."""
+    """One tensor, by a plain read (a mmap's pages would count in this process's RSS until the file is closed)."""
     begin, end = entry["data_offsets"]
     out = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
     f.seek(data_start + begin)
@@ -118,8 +103,7 @@ def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
 
 
 def snapshot_dir(model: str) -> Path:
-    """A local directory holding the checkpoint's files: `model` itself, or its hub snapshot
-    (huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only)."""
+    """`model` itself if a directory, else its hub snapshot (HF_HUB_OFFLINE=1 reads the cache only)."""
     if Path(model).is_dir():
         return Path(model)
     from huggingface_hub import snapshot_download
@@ -142,9 +126,8 @@ def safetensors_files(root: Path) -> dict[str, tuple[Path, dict, int]]:
 
 
 def checkpoint_to_model_names(hf_model, checkpoint_names) -> dict[str, str] | None:
-    """{model state-dict name: checkpoint name} by the renaming rules from_pretrained applies, or
-    None when a rule is more than a renaming (a fused or split weight): then from_pretrained loads.
-    The rules are transformers' own (the functions from_pretrained and PEFT call; transformers 5.x)."""
+    """{model state-dict name: checkpoint name} by transformers' own renaming rules (those from_pretrained and
+    PEFT call; 5.x), or None when a rule is more than a renaming (a fused or split weight)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -198,11 +181,8 @@ def _rows_per_rank(num_rows: int, world_size: int) -> int:
 
 
 def scatter_rows(full: torch.Tensor | None, dst: DTensor) -> None:
-    """Fill this rank's shard of `dst` (Shard(0)) from rank 0's full tensor. Collective.
-
-    A scatter, not a broadcast: rank r receives only its c = ceil(n / W) rows (the last ranks'
-    pieces padded to c rows, as every piece of a scatter has one size).
-    """
+    """Fill this rank's shard of `dst` (Shard(0)) from rank 0's full tensor. Collective. A scatter, not a
+    broadcast: rank r receives only its c = ceil(n / W) rows (pieces padded to c rows: a scatter's have one size)."""
     assert tuple(dst.placements) == (Shard(0),), f"expected an FSDP2 Shard(0) parameter, got {dst.placements}"
     group = dst.device_mesh.get_group()
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -235,11 +215,8 @@ def base_tensors(hf_model) -> list[tuple[list[str], torch.Tensor]]:
 
 @torch.no_grad()
 def materialize(policy: nn.Module, device) -> None:
-    """Allocate this rank's shards (uninitialised) of a meta-built, FSDP2-sharded model on `device`.
-
-    Non-persistent buffers (rotary inv_freq, ...) were computed at init; to_empty replaces every
-    tensor with uninitialised memory, so they are kept aside and put back.
-    """
+    """Allocate this rank's (uninitialised) shards of a meta-built, FSDP2-sharded model on `device`; buffers
+    computed at init (rotary inv_freq, ...) are kept aside and put back, as to_empty replaces every tensor."""
     hf = getattr(policy, "hf", policy)
     buffers = {name: b.detach().clone() for name, b in hf.named_buffers()}
     policy.to_empty(device=device)
@@ -292,11 +269,8 @@ def load_hf_weights(policy: nn.Module, model_dir: str, device) -> None:
 
 
 def gather_full(tensor: torch.Tensor) -> torch.Tensor | None:
-    """The whole tensor on CPU on rank 0 (None elsewhere): each rank sends its rows to rank 0 only.
-
-    A gather, not an all-gather (DTensor.full_tensor()): the other ranks never hold more than their
-    own shard. Collective for DTensors; a plain (replicated) tensor needs no communication.
-    """
+    """The whole tensor on CPU on rank 0 (None elsewhere). A gather, not an all-gather (full_tensor()): the
+    other ranks never hold more than their shard. Collective for DTensors; a replicated tensor needs none."""
     if not isinstance(tensor, DTensor):
         return tensor.detach().cpu() if not dist.is_initialized() or dist.get_rank() == 0 else None
     assert tuple(tensor.placements) == (Shard(0),), f"expected an FSDP2 Shard(0) parameter, got {tensor.placements}"
@@ -316,20 +290,11 @@ def gather_full(tensor: torch.Tensor) -> torch.Tensor | None:
     return out[: tensor.shape[0]].cpu() if rank == 0 else None
 
 
-def full_state(hf_model):
-    """Yield (model name, full CPU tensor on rank 0 / None elsewhere), one tensor at a time, tied
-    weights once (under their first name), LoRA adapters merged into their layer's weight. Every rank
-    must iterate it to the end (collectives)."""
-    for names, tensor in base_tensors(hf_model):
-        yield names[0], merged_weight(hf_model, names[0], tensor, gather_full)
-
-
 # --------------------------------------------------------------------------- writing a checkpoint
 
 
 def model_to_checkpoint_names(hf_model, names: list[str]) -> dict[str, str] | None:
-    """{model name: the name save_pretrained writes it under} (transformers' renaming rules reversed),
-    or None when a rule is more than a renaming."""
+    """{model name: the name save_pretrained writes} (the renaming rules reversed), or None if one is more."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # a transformers without it: save_pretrained from rank 0's copy
@@ -369,13 +334,13 @@ def safetensors_header(entries: list[tuple[str, torch.dtype, list[int]]]) -> byt
 
 
 def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write a Hugging Face checkpoint (safetensors + config + generation config + processor) that
-    from_pretrained loads. Every rank calls it; only rank 0 receives tensors and writes, one at a time."""
+    """Write a Hugging Face checkpoint (safetensors, configs, processor); every rank calls it, rank 0 writes."""
     hf = getattr(policy, "hf", policy)
     tensors = base_tensors(hf)  # with LoRA: the base's tensors, adapters merged in (below)
     saved_names = model_to_checkpoint_names(hf, [names[0] for names, _ in tensors])
     if saved_names is None:  # a conversion that is not a renaming: save_pretrained writes it, from rank 0's copy
-        state = dict(full_state(hf))
+        # collective: every rank, same order; LoRA adapters merged into their layer's weight
+        state = {names[0]: merged_weight(hf, names[0], tensor, gather_full) for names, tensor in tensors}
         if rank == 0:
             hf.save_pretrained(out_dir, state_dict=state)
             processor.save_pretrained(out_dir)
@@ -410,15 +375,3 @@ def export_hf(policy: nn.Module, processor, out_dir, rank: int, max_shard_bytes:
         hf.generation_config.save_pretrained(out)
         processor.save_pretrained(out)
 
-
-def hf_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict, CPU, with the model's own names (no wrapper prefix), on rank 0 only
-    ({} on the other ranks). Every rank must call it (collective); tied weights appear under each
-    name, as in the model's state_dict()."""
-    hf = getattr(policy, "hf", policy)
-    state = {}
-    for names, tensor in unique_tensors(hf):
-        full = gather_full(tensor)
-        if full is not None:
-            state.update({re.sub(r"^hf\.", "", name): full for name in names})
-    return state

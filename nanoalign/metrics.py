@@ -1,10 +1,7 @@
-"""Logging: one fixed-format line per step on rank 0, the same dict appended to metrics.jsonl (and sent
-to a tracker with --report-to), and plots.
-
-Tests and tools read metrics.jsonl, never stdout. NaN (e.g. a reward no sample could score) is
-written as null so the file stays valid JSON. A tracker (trackio or wandb, which share one API) gets
-each record as written, nulls left out, and the tables of samples the run made since the last step
-(`Run.tables`: held-out answers at an evaluation, RL rollouts with their rewards).
+"""Logging: one fixed-format line per step on rank 0, the same dict appended to metrics.jsonl (and sent to a
+tracker with --report-to), and plots. Tests and tools read metrics.jsonl, never stdout; NaN is written as null
+so the file stays valid JSON. A tracker (trackio or wandb: one API) gets each record, nulls left out, and the
+tables of samples made since the last step (`Run.tables`: held-out answers, RL rollouts with their rewards).
 """
 
 import dataclasses
@@ -30,18 +27,14 @@ def _clean(value):
 
 
 def sample_table(samples: list[dict], **columns: list) -> list[dict]:
-    """The first TABLE_ROWS samples as rows of a tracker table: their first image, the text of the
-    prompt's last turn, then one value of each column (lists aligned with samples)."""
+    """The first TABLE_ROWS samples as tracker-table rows: first image, the prompt's last turn, then each column's value."""
     return [{"image": s["images"][0] if s["images"] else None, "prompt": message_text(s["prompt"][-1]),
              **{name: values[i] for name, values in columns.items()}} for i, s in enumerate(samples[:TABLE_ROWS])]  # fmt: skip
 
 
 class Tracker:
-    """The run in trackio or wandb, on rank 0. The package is imported here, only when asked for.
-
-    out_dir/tracker.json names the tracker run, so a resumed run continues it (same tracker, project,
-    and --run-name unset or the same); any other resume starts a new tracker run and says so.
-    """
+    """The run in trackio or wandb, on rank 0 (imported only when asked for). out_dir/tracker.json names it, so a
+    resume with the same tracker, project and --run-name (or none) continues it; any other starts a new one."""
 
     def __init__(self, cfg, out_dir: Path, resumed: bool):
         self.lib = importlib.import_module(cfg.report_to)  # check_config made sure it is installed
@@ -67,10 +60,6 @@ class Tracker:
         self.lib.log(values, step=record["step"])
 
 
-def open_tracker(cfg, out_dir: Path, rank: int, resumed: bool) -> Tracker | None:
-    return Tracker(cfg, out_dir, resumed) if cfg.report_to != "none" and rank == 0 else None
-
-
 class MetricsLog:
     def __init__(self, out_dir, rank: int, log_every: int = 1, tracker: Tracker | None = None, tables: dict | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -93,8 +82,7 @@ class MetricsLog:
             tqdm.write(f"step {step:5d} | {shown}")  # above the progress bar, not through it
 
     def amend_last(self, metrics: dict) -> None:
-        """Add metrics measured after the last step was logged (e.g. the exported model's accuracy)
-        to that step's record, so metrics.jsonl keeps one record per step."""
+        """Add metrics measured after the last step was logged (the exported model's accuracy) to its record."""
         if self.rank != 0:
             return
         lines = self.path.read_text().splitlines()

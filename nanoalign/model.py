@@ -1,17 +1,14 @@
 """The policy: a Hugging Face VLM, its FSDP2 sharding plan, and chunked per-token log-probs.
 
-Loading uses the checkpoint's own *ForConditionalGeneration class (AutoModelForImageTextToText), so
-a local tiny model and Qwen2.5-VL-3B take the same path. Sharding is written out in `shard_policy`:
-each vision block, each decoder layer, then the root (embeddings, the tied lm_head, norms, the
-vision patch embedding and merger), as torchtitan does it.
+Loading uses the checkpoint's own *ForConditionalGeneration class (AutoModelForImageTextToText), so a
+local tiny model and Qwen2.5-VL-3B take the same path. `shard_policy` writes the FSDP2 plan out as
+torchtitan does: each vision block, each decoder layer, then the root.
 
-Every loss needs l_t = log p(token_t | tokens_<t) for the completion tokens. Computing logits for a
-whole batch at once costs B*T*V floats (1024 tokens x 150k vocabulary x 4 bytes = 600 MB per row);
-`chunked_logps` runs lm_head + log-softmax over chunks of positions and recomputes each chunk's
-softmax in backward, so at most one chunk of logits is ever alive.
-
-`Policy` wraps the HF model so that the log-prob computation runs inside the FSDP root's forward,
-where lm_head's full weight is gathered. Generation goes through `gathered_for_generation`.
+Every loss needs l_t = log p(token_t | tokens_<t) of the completion tokens. Logits for a whole batch cost
+B*T*V floats (1024 tokens x 150k vocabulary x 4 bytes = 600 MB per row); `chunked_logps` runs lm_head +
+log-softmax over chunks of positions and recomputes each chunk's softmax in backward, so at most one
+chunk of logits is alive. `Policy` runs it inside the FSDP root's forward, where lm_head's full weight
+is gathered.
 """
 
 import contextlib
@@ -27,8 +24,7 @@ from nanoalign.packing import check_packable, packed_hidden, use_row_attention
 
 
 def stop_and_pad_ids(processor, hf_model) -> tuple[set[int], int]:
-    """The ids that end an assistant turn (the tokenizer's EOS and the generation config's) and the
-    pad id (the tokenizer's, else its EOS)."""
+    """The ids that end an assistant turn (the tokenizer's and generation config's EOS), and the pad id."""
     tokenizer, eos = processor.tokenizer, hf_model.generation_config.eos_token_id
     stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     return stop_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -51,33 +47,23 @@ def vision_module(hf_model) -> nn.Module:
 
 
 def vision_blocks(hf_model) -> list[nn.Module]:
-    """The repeated transformer blocks of the vision tower (its largest nn.ModuleList; Qwen3-VL's
-    deepstack mergers are a shorter list next to the blocks)."""
+    """The vision tower's blocks: its largest nn.ModuleList (Qwen3-VL's deepstack mergers are a shorter one)."""
     lists = [m for m in vision_module(hf_model).modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
 
 def decoder_layers(hf_model) -> list[nn.Module]:
-    """The text decoder's layers, found by HF's own lookup (`language_model` for most families,
-    `text_model` for Idefics3/SmolVLM). Hybrid stacks (Qwen3.5: linear- and full-attention layers)
-    are one list like any other: each layer is one FSDP unit whatever its attention."""
+    """The text decoder's layers by HF's own lookup (`language_model`; Idefics3/SmolVLM `text_model`); hybrid
+    stacks (Qwen3.5) are one list like any other: each layer is one FSDP unit whatever its attention."""
     return list(hf_model.get_decoder().layers)
 
 
 class Policy(nn.Module):
-    """A VLM whose forward returns per-token log-probs instead of logits.
-
-    forward(...) -> (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]],
-    the log-prob of token t given tokens < t, with logps[:, 0] = 0 (nothing predicts the first
-    token). entropy (same shape, detached) is returned when asked for, else None.
-    logps_mask (B, T), optional: compute them only where it is 1 and return 0 elsewhere. Losses only
-    read completion tokens, and prompts (image tokens included) are most of a row, so this skips most
-    of the lm_head work, which dominates at real vocabulary sizes (TRL's logits_to_keep does the same).
-    shared_prompts, optional: the distinct prompts of rows that come G per prompt (RL); each prompt
-    is then read once (`shared_prompt_hidden`; TRL reads every row whole), same numbers to rounding.
-    padding_free: rows without shared prompts are forwarded as one packed sequence, no pad token
-    computed (nanoalign/packing.py), same numbers to rounding; shared prompts, when given, win.
-    """
+    """A VLM whose forward returns (logps, entropy): logps[b, t] = log softmax(z_{b,t-1} / temperature)[ids[b, t]],
+    logps[:, 0] = 0; entropy (detached) when asked for. logps_mask (B, T), optional: computed only where 1 (losses
+    read completion tokens: most lm_head work skipped, as TRL's logits_to_keep). shared_prompts, optional: the
+    distinct prompts of RL rows that come G per prompt, each read once (`shared_prompt_hidden`).
+    padding_free: rows without shared prompts go as one packed sequence, no pad computed (packing.py)."""
 
     def __init__(self, hf_model, logps_chunk_size: int = 128, padding_free: bool = False):
         super().__init__()
@@ -122,24 +108,20 @@ class Policy(nn.Module):
         return self.hf.generate(**kwargs)
 
     def sample(self, prompt_enc: dict, **kwargs):
-        """nanoalign.sampler.sample on the HF model; registered with FSDP like generate (the root's
-        hooks must run first: calling self.hf directly would make a decoder layer the FSDP root)."""
+        """sampler.sample, registered with FSDP like generate (calling self.hf would make a decoder layer the root)."""
         from nanoalign.sampler import sample
 
         return sample(self.hf, prompt_enc, **kwargs)
 
 
 def shared_prompt_hidden(hf_model, input_ids, attention_mask, prompts: dict) -> torch.Tensor:
-    """The base model's hidden states (B, T, H) of B right-padded rows prompt + completion, computed
-    with each prompt (and its images) through the model once, as the sampler does, not G times.
+    """The base model's hidden states (B, T, H) of B right-padded rows prompt + completion, each prompt (and
+    its images) through the model once, not G times.
 
-    Rows come in P groups of G = B / P that share one prompt: prompts is the P distinct prompts'
-    processor batch, left-padded exactly as the rows' prompts (rollout.Rollout.shared_prompts). The
-    prompts run once with a KV cache, which is repeated for the G rows of each; the completions then
-    run on top of it, at the positions that follow their prompt. The cache keeps its autograd graph,
-    so every completion's gradient flows back into its prompt and images. The same function as the
-    whole-row forward, up to float rounding (~1e-6): for RL rows (prompt ~ 5x the completion) the
-    decoder reads ~1/G of the prompt tokens and the vision tower 1/G of the images.
+    Rows come in P groups of G = B / P sharing a prompt; prompts is their processor batch, left-padded as
+    the rows' prompts (Rollout.shared_prompts). The prompts run once with a KV cache repeated for the G rows
+    of each, then the completions run on it at the following positions. The cache keeps its autograd graph,
+    so gradients flow back into the prompt and images. The whole-row forward up to rounding (~1e-6).
     """
     from nanoalign.sampler import expand_row_state, prompt_positions
 
@@ -192,11 +174,8 @@ def shared_prompt_hidden(hf_model, input_ids, attention_mask, prompts: dict) -> 
 class _ChunkedLogps(torch.autograd.Function):
     """log_softmax(h W^T / temp)[target] over chunks of rows; backward recomputes each chunk's softmax.
 
-    d l_t / d z = onehot(target) - softmax(z), so the gradients are
-        dh = (g * (onehot - p)) W / temp        dW = (g * (onehot - p))^T h / temp
-    and only one (chunk, V) block of probabilities exists at a time, in forward and in backward.
-    With a softcap c the logits are c tanh(h W^T / c) before the temperature, and the chain rule
-    adds a factor 1 - tanh^2 to (onehot - p).
+    d l_t / d z = onehot(target) - softmax(z), so dh = (g * (onehot - p)) W / temp, dW = (g * (onehot - p))^T h / temp,
+    with one (chunk, V) block alive at a time. A softcap c (logits c tanh(h W^T / c)) adds a factor 1 - tanh^2.
     """
 
     @staticmethod
@@ -271,28 +250,18 @@ def logps_chunk_size(requested: int, device_type: str) -> int:
 
 def chunked_logps(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 128, with_entropy: bool = False,
                   softcap: float | None = None):  # fmt: skip
-    """Per-token log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature
-    (softcap c: c tanh(hidden @ weight^T / c) / temperature).
-
-    hidden (B, T, H), weight (V, H), targets (B, T) -> logps (B, T) fp32, entropy (B, T) fp32.
-    Peak extra memory is chunk_size x V fp32 values, whatever B x T is.
-    """
+    """Log-probs (and entropies) of `targets` under logits hidden @ weight^T / temperature (softcap c: c tanh(. / c)).
+    hidden (B, T, H), weight (V, H), targets (B, T) -> logps, entropy (B, T) fp32; peak extra memory chunk_size x V."""
     B, T, H = hidden.shape
-    logps, entropy = _ChunkedLogps.apply(
-        hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature, chunk_size, with_entropy, softcap
-    )
+    logps, entropy = _ChunkedLogps.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature, chunk_size, with_entropy, softcap)
     return logps.view(B, T), entropy.view(B, T)
 
 
 def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: bool = False) -> Policy:
-    """Apply FSDP2: each vision block, each decoder layer, then the root. Returns the sharded policy.
-
-    The root group holds everything not in a block: token embeddings and lm_head (tied or not, they
-    are used at the two ends of the forward, so grouping them with the root gathers them once),
-    the final norm, and the vision patch embedding and merger.
-    Gradients are summed over ranks (no division). On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the optimizer always
-    sees the fp32 shards.
-    """
+    """Apply FSDP2: each vision block, each decoder layer, then the root, which holds the rest: embeddings and
+    lm_head (used at the two ends of the forward, so gathered once with the root), final norm, vision patch
+    embedding and merger. On GPU parameters are gathered in bf16, gradients reduced in fp32; the optimizer
+    sees the fp32 shards."""
     if activation_checkpointing:  # HF's per-layer checkpointing; must be set before wrapping
         policy.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -315,16 +284,11 @@ def shard_policy(policy: Policy, mesh, *, bf16: bool, activation_checkpointing: 
 
 @contextlib.contextmanager
 def gathered_for_generation(policy: Policy):
-    """Gather every FSDP unit's full weights once and keep them for the whole block.
+    """`with gathered_for_generation(policy): policy.generate(...)`: every FSDP unit's full weights gathered once.
 
-    HF generate calls forward once per new token, and ranks finish at different lengths. With the
-    weights sharded every call would all-gather, and a rank that stopped early would leave the others
-    waiting forever. Gathered, generation runs without any collective; afterwards we reshard.
-    Use it as `with gathered_for_generation(policy): policy.generate(...)`.
-
-    The model is in eval mode inside: in train mode HF's activation-checkpointed layers drop the KV
-    cache (past_key_values), so every token after the first would be decoded without its context.
-    Dropout is off in the policy, so eval mode changes no number.
+    Generation runs a forward per token and ranks finish at different lengths: sharded, every call would
+    all-gather and a rank that stopped early would leave the others waiting forever. Eval mode inside: in
+    train mode HF's checkpointed layers drop the KV cache (dropout is off, so eval mode changes no number).
     """
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
     was_training = policy.training
@@ -343,16 +307,14 @@ def gathered_for_generation(policy: Policy):
 
 
 def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
-    """Build the model on the meta device, shard it with FSDP2 (nanoalign/model.py: vision blocks,
-    layers, root), then fill the shards: rank 0 reads the checkpoint, every rank receives only its
-    rows (nanoalign/loading.py). No rank ever holds a full copy of the model."""
+    """Build the model on meta, shard it (shard_policy), then fill the shards: rank 0 reads the checkpoint, every
+    rank receives only its rows (loading.py). No rank ever holds a full copy of the model."""
     hf_model = empty_hf_model(model_dir, cfg.attn_implementation)
     if cfg.freeze_vision:
         vision_module(hf_model).requires_grad_(False)
     if trainable:
-        # from_pretrained returns eval mode, in which HF skips activation checkpointing. Training mode
-        # must not change any log-prob, though (old, reference and sampled ones are compared with the
-        # current ones), so dropout is switched off as TRL's disable_dropout does.
+        # Train mode (HF skips activation checkpointing in eval mode) must not change any log-prob (old, reference
+        # and sampled ones are compared with the current ones): dropout off, as TRL's disable_dropout.
         hf_model.train()
         for module in hf_model.modules():
             if isinstance(module, torch.nn.Dropout):

@@ -13,15 +13,14 @@ Papers:
     MPO https://arxiv.org/abs/2411.10442 (InternVL MPO, section 3.2: preference + quality + generation losses)
     BCO https://arxiv.org/abs/2404.04656 (binary classifier optimisation; pair form as in TRL)
     IPO https://arxiv.org/abs/2310.12036 (eq. 17)
-The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (README.md, "Differences from TRL", lists
-where they deliberately differ).
+The numbers follow Hugging Face TRL's DPOTrainer v1.9-v1.16 (README.md, "Differences from TRL").
 
 Simplified / decided here:
-    - pure functions on sequence log-prob sums; the caller runs the policy and the frozen reference.
+    - pure functions on sequence log-prob sums; the caller runs the policy and the frozen reference, and
+      passes the sft term (chosen_nll): only it has the per-token logits.
     - no label smoothing, no BCO running-mean reward shift (TRL dropped it in 0.29).
-    - ipo divides each term by its own token count (TRL averages the log-probs of every term when
-      "ipo" is requested); the reward metrics always use the sums.
-    - the sft term is passed in (chosen_nll), because only the caller has the per-token logits.
+    - ipo divides each term by its own token count (TRL averages the log-probs of every term when "ipo" is
+      requested); the reward metrics always use the sums.
 """
 
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from nanoalign.packing import budget_slices
 from nanoalign.preference import completion_logps, encode_pairs, reference_logps
 from nanoalign.runtime import agree_on_failure, all_reduce_sum, mean_over_ranks
 
-LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")
+LOSS_TYPES = ("sigmoid", "bco_pair", "sft", "ipo")  # Config.loss_types' Literal
 
 
 def sigmoid_loss(chosen_logratios, rejected_logratios, beta: float) -> torch.Tensor:
@@ -56,55 +55,27 @@ def ipo_loss(chosen_logratios, rejected_logratios, beta: float, chosen_lengths, 
     return (margin - 1 / (2 * beta)) ** 2  # IPO eq. 17
 
 
-def sft_loss(chosen_nll) -> torch.Tensor:
-    """SFT term of MPO: the caller's token-mean NLL of the chosen completions (a scalar)."""
-    return chosen_nll
-
-
-def mpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_nll,
-    beta: float,
-    loss_types,
-    loss_weights,
-    *,
-    chosen_lengths=None,
-    rejected_lengths=None,
-):
-    """Weighted mix of preference losses. Returns (loss, metrics).
+def mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll, beta: float,
+             loss_types, loss_weights, *, chosen_lengths=None, rejected_lengths=None):  # fmt: skip
+    """Weighted mix of preference losses: loss = SUM_k w_k mean_batch(L_k). Returns (loss, metrics).
 
     policy_* / ref_*: (B,) sums of completion-token log-probs (policy and frozen reference).
-    chosen_nll: 0-dim token-mean NLL of the chosen completions; needed only when "sft" is used.
-    loss_types / loss_weights: same length (check_config), names from LOSS_TYPES (Config's Literal);
-        DPO is ["sigmoid"], [1.0].
-    chosen_lengths / rejected_lengths: (B,) counted tokens per completion, needed for "ipo".
-    loss = SUM_k w_k mean_batch(L_k). Metrics (detached 0-dim): rewards/{chosen,rejected,accuracies,
-    margins}, logps/{chosen,rejected}, and loss/<type> (unweighted batch mean of each term).
+    chosen_nll: 0-dim token-mean NLL of the chosen completions, read by "sft".
+    loss_types / loss_weights: names from LOSS_TYPES and one weight each (distinct, non-empty: check_config);
+        DPO is ["sigmoid"], [1.0]. chosen_lengths / rejected_lengths: (B,) counted tokens, read by "ipo".
+    Metrics (detached 0-dim): rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, and
+    loss/<type> (unweighted batch mean of each term).
     """
-    loss_types, loss_weights = list(loss_types), list(loss_weights)
-    if not loss_types:
-        raise ValueError(f"loss_types is empty; pick at least one of {LOSS_TYPES}")
-    if len(set(loss_types)) != len(loss_types):
-        raise ValueError(f"loss_types {loss_types} repeats a name; merge the repeats by adding their weights")
     sums = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if policy_chosen_logps.dim() != 1 or any(x.shape != policy_chosen_logps.shape for x in sums):
-        raise ValueError(
-            f"policy/ref chosen/rejected logps must all be (B,) sums, got shapes {[tuple(x.shape) for x in sums]}"
-        )
-    if "sft" in loss_types and (chosen_nll is None or chosen_nll.dim() != 0):
-        raise ValueError("loss type 'sft' needs chosen_nll, a 0-dim tensor: the token-mean NLL of the chosen answers")
-    if "ipo" in loss_types and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError("loss type 'ipo' needs chosen_lengths and rejected_lengths, (B,) counted tokens each")
+        raise ValueError(f"policy/ref chosen/rejected logps must all be (B,) sums, got shapes {[tuple(x.shape) for x in sums]}")
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,) r_c
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,) r_r
     per_type = {
         "sigmoid": lambda: sigmoid_loss(chosen_logratios, rejected_logratios, beta),
         "bco_pair": lambda: bco_pair_loss(chosen_logratios, rejected_logratios, beta),
-        "sft": lambda: sft_loss(chosen_nll),
+        "sft": lambda: chosen_nll,  # the caller's token-mean NLL of the chosen completions
         "ipo": lambda: ipo_loss(chosen_logratios, rejected_logratios, beta, chosen_lengths, rejected_lengths),
     }
 
@@ -126,11 +97,8 @@ def mpo_loss(
     return loss, metrics
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo dpo / --algo mpo)
-#
-# A micro-batch holds B pairs as 2B rows, [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]: one
-# forward scores both answers of every prompt, each row with its own copy of the prompt's images.
+# ----- The algorithm module train.py drives (--algo dpo / --algo mpo). A micro-batch holds B pairs as 2B rows,
+# [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]: one forward scores both answers, each row with its images.
 
 DATA_FORMAT = "preference"
 
@@ -171,28 +139,21 @@ def prepare(samples: list[dict], run) -> tuple[list[MicroBatch], dict]:
     return micro, stats
 
 
-def _pair_loss(micro: MicroBatch, policy, run) -> tuple[torch.Tensor, dict]:
-    sums, logps = completion_logps(policy, micro.batch)
+def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
+    sums, logps = completion_logps(run.policy, micro.batch)
     chosen, rejected = sums.chunk(2)  # (B,) each
     ref_chosen, ref_rejected = micro.ref_logps.chunk(2)
     lengths = micro.batch.mask.sum(1).chunk(2)
-    num_pairs = chosen.shape[0]
     # Normalise by the whole step (all micro-batches, all ranks; FSDP sums gradients), as SFT does, so
     # accumulation and data parallelism give the big-batch gradient. mpo_loss averages the pair terms over this
     # micro-batch, so we scale its result by share = B / P_step; its sft term then needs
     # chosen_nll = (NLL sum / T_step) / share to come out as the step's token mean.
-    share = num_pairs / micro.num_step_pairs
+    share = chosen.shape[0] / micro.num_step_pairs
     nll_sum = -(logps.chunk(2)[0] * micro.batch.mask.chunk(2)[0]).sum()
     chosen_nll = nll_sum / micro.num_step_chosen_tokens / share
-    value, metrics = mpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, chosen_nll, run.cfg.beta, run.cfg.loss_types, run.cfg.loss_weights,
-        chosen_lengths=lengths[0], rejected_lengths=lengths[1],
-    )  # fmt: skip
+    value, metrics = mpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_nll, run.cfg.beta, run.cfg.loss_types,
+                              run.cfg.loss_weights, chosen_lengths=lengths[0], rejected_lengths=lengths[1])  # fmt: skip
     return value * share, {k: float(v) for k, v in metrics.items()}
-
-
-def loss(micro: MicroBatch, run) -> tuple[torch.Tensor, dict]:
-    return _pair_loss(micro, run.policy, run)
 
 
 @torch.no_grad()
@@ -201,7 +162,7 @@ def evaluate(samples: list[dict], run) -> dict:
     micro, _ = prepare(samples, run)  # one "step" over the held-out pairs
     totals: dict[str, float] = {}
     for m in micro:
-        _, metrics = _pair_loss(m, run.policy, run)
+        _, metrics = loss(m, run)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / len(micro)
     return mean_over_ranks({f"eval/{k}": v for k, v in totals.items()}, run.device)

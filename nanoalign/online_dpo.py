@@ -11,11 +11,10 @@ Feedback", algorithm 1), with a reward model/function in place of the LLM annota
 OnlineDPOTrainer v1.9-v1.16.
 
 Simplified / decided here:
-    - pure functions: the caller samples, scores, and computes the log-prob sums (no temperature).
-    - the loss is mpo.py's sigmoid loss, not a copy of it.
-    - an unscorable completion (all reward functions NaN) ranks below any scored one; a pair with both
-      unscorable cannot be ranked: it is flagged invalid so the caller skips it and counts the skip.
-      (TRL's nansum would score NaN as 0.) So are pairs of two identical (or both empty) completions.
+    - pure functions: the caller samples, scores, and computes the log-prob sums (no temperature); the loss
+      is mpo.py's sigmoid loss, not a copy.
+    - an unscorable completion (all rewards NaN) ranks below any scored one (TRL's nansum: reward 0); a pair
+      with both unscorable, or two identical (or both empty) completions, is skipped and counted.
 """
 
 import torch
@@ -29,14 +28,11 @@ from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per
 def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     """Pick (chosen, rejected) for each prompt. Returns (chosen_index, rejected_index, metrics).
 
-    rewards: (2P,) or (2P, K) weighted rewards, NaN = not scorable; rows 2p and 2p+1 are the two
-        completions of prompt p (check_config sets num_generations = 2 for online DPO).
-    has_eos: (2P,) bool, False for completions cut at the length limit.
-    missing_eos_penalty: subtracted from the reward of completions without EOS (None = off).
-    chosen_index, rejected_index: (P,) long row indices into the 2P completions.
-    metrics: "valid" (P,) bool, False where both completions are unscorable (skip those pairs);
-        "num_unrankable", "num_half_scored" (exactly one scorable) and "frac_ties" (among valid pairs),
-        as detached 0-dim float tensors.
+    rewards: (2P,) or (2P, K) weighted rewards, NaN = not scorable; rows 2p and 2p+1 are prompt p's pair.
+    has_eos: (2P,) bool. missing_eos_penalty: subtracted from the reward of completions without EOS.
+    chosen_index, rejected_index: (P,) row indices. metrics: "valid" (P,) bool, False where both are
+        unscorable (skip those pairs); "num_unrankable", "num_half_scored" (exactly one scorable) and
+        "frac_ties" (among valid pairs) as detached 0-dim floats.
     """
     R = combine_rewards(rewards)  # (2P,)
     if has_eos.shape != R.shape:
@@ -56,29 +52,19 @@ def select_pairs(rewards, has_eos, *, missing_eos_penalty=None):
     rejected_index = torch.where(first_wins, offsets + 1, offsets)  # (P,)
 
     ties = (first == second) & valid  # NaN == NaN is False, so unrankable pairs are never ties
-    metrics = {
-        "valid": valid,
-        "num_unrankable": (~valid).sum().float(),
-        "num_half_scored": (nan_first ^ nan_second).sum().float(),
-        "frac_ties": ties.sum().float() / valid.sum().clamp(min=1).float(),
-    }
+    metrics = {"valid": valid, "num_unrankable": (~valid).sum().float(), "num_half_scored": (nan_first ^ nan_second).sum().float(),
+               "frac_ties": ties.sum().float() / valid.sum().clamp(min=1).float()}  # fmt: skip
     return chosen_index, rejected_index, metrics
 
 
 def online_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
-    """DPO sigmoid loss on the selected pairs: mpo_loss with ["sigmoid"], [1.0]. Returns (loss, metrics).
-
-    All inputs (P,) sums of completion-token log-probs (invalid pairs already dropped by the caller).
-    """
-    # chosen_nll None: no sft term in online DPO
+    """DPO sigmoid loss (mpo_loss with ["sigmoid"], [1.0], no sft term) on (P,) log-prob sums of the
+    selected pairs. Returns (loss, metrics)."""
     return mpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, None, beta, ["sigmoid"], [1.0])
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo online_dpo). The generation round is the RL one
-# (rl.generation_round) with G = 2; its "advantages" are the pair selection: +1 for the chosen
-# completion, -1 for the rejected one, 0 for both of a pair that cannot be ranked. The loss is mpo.py's
-# sigmoid DPO loss.
+# ----- The algorithm module train.py drives (--algo online_dpo): the RL generation round with G = 2, whose
+# "advantages" are the pair selection (+1 chosen, -1 rejected, 0 for an unrankable pair's two rows).
 
 DATA_FORMAT = "rl"
 PAIR_METRICS = ("loss/sigmoid", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -18,13 +18,9 @@ from nanoalign.runtime import all_gather_rows, on_every_rank
 
 def encode_pairs(samples: list[dict], run) -> Batch:
     """2B rows: prompt + chosen answer for every sample, then prompt + rejected answer."""
-    return encode_conversations(
-        run.processor,
-        [s["prompt"] + s["chosen"] for s in samples] + [s["prompt"] + s["rejected"] for s in samples],
-        [s["images"] for s in samples] * 2,
-        [f"{s['sample_id']} (chosen)" for s in samples] + [f"{s['sample_id']} (rejected)" for s in samples],
-        max_length=run.cfg.max_length, stop_ids=run.stop_ids, last_turn_only=True,
-    )  # fmt: skip
+    return encode_conversations(run.processor, [s["prompt"] + s[k] for k in ("chosen", "rejected") for s in samples],
+                                [s["images"] for s in samples] * 2, [f"{s['sample_id']} ({k})" for k in ("chosen", "rejected") for s in samples],
+                                max_length=run.cfg.max_length, stop_ids=run.stop_ids, last_turn_only=True)  # fmt: skip
 
 
 def completion_logps(policy, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +40,8 @@ def reference_logps(samples: list[dict], batch: Batch, run) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_table(run, path: Path, resumed: bool) -> dict[str, torch.Tensor]:
-    """{split: (N, 2) chosen/rejected reference sums}, computed before the first update and saved.
-
-    Before any optimizer step the policy IS the reference, so we score every train and eval pair
-    with it, all ranks splitting the work, and save the table at `path`: a resumed run reads it back
-    instead of keeping a second model in memory (--precompute-ref-logps).
-    """
+    """{split: (N, 2) chosen/rejected reference sums}: before the first update the policy IS the reference, so every
+    train and eval pair is scored with it (ranks split the work) and saved at `path` for a resumed run."""
     # Only a resumed run reads the file: at step 0 the policy is the reference, and a table left in
     # out_dir by an earlier run (another model or dataset, or --no-resume) would be stale.
     if resumed:
@@ -66,9 +58,8 @@ def reference_table(run, path: Path, resumed: bool) -> dict[str, torch.Tensor]:
         sums = []
         for start in tqdm(range(0, per_rank, run.cfg.batch_size), desc=f"reference log-probs ({split})", disable=run.rank != 0):
             # agreed before the forward (a collective): a bad sample stops every rank, naming it
-            samples, _ = on_every_rank(lambda: fetch_samples(
-                dataset, mine[start : start + run.cfg.batch_size], "preference", split, run.cfg.skip_bad_samples, run.check_sample
-            ), run.device)  # fmt: skip
+            indices = mine[start : start + run.cfg.batch_size]
+            samples, _ = on_every_rank(lambda: fetch_samples(dataset, indices, "preference", split, run.cfg.skip_bad_samples, run.check_sample), run.device)
             pair_sums = completion_logps(run.policy, encode_pairs(samples, run).to(run.device))[0]  # (2b,)
             sums.append(torch.stack(pair_sums.chunk(2), dim=1))  # (b, 2)
         table[split] = all_gather_rows(torch.cat(sums))[: len(dataset)].cpu()  # rank-major = index order

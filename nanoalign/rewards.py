@@ -1,34 +1,21 @@
 """Reward functions for the online methods (GRPO, GSPO, RLOO, Online DPO) and the helper that scores a batch.
 
-A reward function follows TRL's protocol:
-
-    fn(completions: list[str], **columns) -> list[float | None]
-
-`completions` are the decoded completion texts; `columns` are the dataset columns for the same rows, as
-lists (e.g. `solution=[...]`), plus `prompts=[...]` (the prompt texts). None means "this sample cannot
-be scored by this function" (not applicable, bad gold answer, the checker failed); the algorithms
-treat it as NaN and use nan-aware sums (nanoalign/rl.py: combine_rewards).
-
-What is here:
-- format_reward, think_format_reward: regex checks of the "<think>...</think> answer" layout.
-- accuracy_reward: math-verify on the gold `solution` column vs the completion, with a wall-clock
-  timeout per sample that works off the main thread.
-- RewardStats: why samples got None in one call (bad gold / error / timeout). A reward function that
-  declares a `reward_stats` keyword gets a fresh one from score_completions on every call, so the
-  counts are per step and nothing accumulates in a global.
-- load_reward_funcs: "--reward-funcs" specs (built-in names or "package.module:function") -> callables.
-- score_completions: calls every function once on the batch -> ((N, K) weighted rewards, metrics).
-- accuracy: greedy answers to held-out prompts checked against their `solution` (train.py's eval).
+A reward function follows TRL's protocol, fn(completions: list[str], **columns) -> list[float | None]:
+`completions` are the decoded texts, `columns` the dataset's columns for the same rows (e.g. `solution=[...]`)
+plus `prompts=[...]`. None means "this function cannot score this sample"; the algorithms treat it as NaN
+(rl.combine_rewards). A function that declares a `reward_stats` keyword gets a fresh RewardStats per call
+(counts per step, no global). Built-ins: format, think_format (regexes of the "<think>...</think> answer"
+layout) and accuracy (math-verify against the gold `solution`, with a wall-clock timeout that works off the
+main thread). `accuracy()` is train.py's held-out eval: greedy answers checked the same way.
 
 Simplified compared with TRL / open-r1:
 - Completions are plain strings; no conversational (list-of-messages) completions.
 - No async reward functions and no reward models; a reward model can be wrapped as a plain function.
 - accuracy_reward uses one math-verify configuration (LaTeX extraction, first match) for gold and
   answer; TRL tunes the answer-side normalization separately.
-- A timed-out math-verify call cannot be killed (Python threads cannot be interrupted); it is
-  abandoned in a daemon thread and finishes in the background. Fine for rare pathological inputs;
-  if timeouts are frequent, the fix is a process pool, which we leave out for readability.
-- Metrics are per rank; the trainer averages them across ranks if it wants global numbers.
+- A timed-out math-verify call cannot be killed (Python threads cannot be interrupted); it is abandoned
+  in a daemon thread. Fine for rare pathological inputs; if timeouts are frequent, use a process pool.
+- Metrics are per rank; the trainer averages them across ranks.
 """
 
 import functools
@@ -56,19 +43,13 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 RewardFunc = Callable[..., list[float | None]]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Counters
+# ----- Counters
 
 
 @dataclass
 class RewardStats:
-    """Why samples of one reward-function call were scored None. Filled by the reward function.
-
-    score_completions creates a fresh RewardStats for every call of a function that declares a
-    `reward_stats` keyword argument and turns the counts into per-step rates
-    (rewards/<name>/bad_gold_rate, .../error_rate, .../timeout_rate). Each counted sample is also a None
-    in the returned scores, so these rates add up to that function's failure_rate.
-    """
+    """Why samples of one reward-function call were scored None, filled by the function; logged as
+    rewards/<name>/{bad_gold,error,timeout}_rate, which add up to its failure_rate."""
 
     num_bad_gold: int = 0  # the gold answer could not be parsed into a math expression
     num_errors: int = 0  # parsing or verifying raised an exception
@@ -76,40 +57,30 @@ class RewardStats:
     sample_ids: list[str] | None = None  # set by score_completions: which dataset sample each completion is of
 
     def add(self, other: "RewardStats") -> None:
-        """Add another call's counts into this one (e.g. to accumulate over an epoch)."""
         self.num_bad_gold += other.num_bad_gold
         self.num_errors += other.num_errors
         self.num_timeouts += other.num_timeouts
 
     def rates(self, num_samples: int) -> dict[str, float]:
-        """Counts as fractions of the batch, keyed by the metric suffix."""
-        return {
-            "bad_gold_rate": self.num_bad_gold / num_samples,
-            "error_rate": self.num_errors / num_samples,
-            "timeout_rate": self.num_timeouts / num_samples,
-        }
+        return {"bad_gold_rate": self.num_bad_gold / num_samples, "error_rate": self.num_errors / num_samples,
+                "timeout_rate": self.num_timeouts / num_samples}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------
-# Format rewards
+# ----- Format rewards
 
-# TRL's think_format_reward pattern: the text starts with "<think>", the think block is closed by the
-# first "</think>", and no second "<think>" follows anywhere (the lookahead). Group 1 is the reasoning,
-# group 2 everything after the first "</think>" (the answer).
+# TRL's think_format_reward pattern: "<think>" first, closed by the first "</think>", no second "<think>" anywhere
+# (the lookahead). Group 1 is the reasoning, group 2 everything after the first "</think>" (the answer).
 _THINK_BLOCK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>(.*)$", re.DOTALL)
 # A \boxed{...} whose content is not empty or blank: "\boxed{3}", "\boxed{\frac{1}{2}}", not "\boxed{}".
 _BOXED = re.compile(r"\\boxed\{\s*[^\s}].*\}", re.DOTALL)
 
 
 def _check_texts(completions: list, fn_name: str) -> None:
-    # The built-ins run regexes/parsers on the text; a list of chat messages (TRL's conversational
-    # format) would fail deep inside re with an unhelpful TypeError, so say what is expected here.
+    """Chat messages (TRL's conversational format) would fail deep inside re with a bare TypeError."""
     for i, c in enumerate(completions):
         if not isinstance(c, str):
-            raise ValueError(
-                f"{fn_name}: completion {i} is a {type(c).__name__}, expected the decoded completion "
-                f"text (str). Decode completions before scoring them."
-            )
+            raise ValueError(f"{fn_name}: completion {i} is a {type(c).__name__}, expected the decoded completion "
+                             "text (str). Decode completions before scoring them.")  # fmt: skip
 
 
 def think_format_reward(completions: list[str], **columns: list) -> list[float | None]:
@@ -119,22 +90,14 @@ def think_format_reward(completions: list[str], **columns: list) -> list[float |
 
 
 def format_reward(completions: list[str], **columns: list) -> list[float | None]:
-    """1.0 if the completion is "<think>...</think>" then an answer containing a non-empty \\boxed{...}.
-
-    A \\boxed{} inside the think block does not count, and the answer may not close a second think block.
-    Example accepted: "<think>There are 3 shapes.</think> The answer is \\boxed{3}."
-    """
+    """1.0 if the completion is "<think>...</think>" then an answer (closing no second think block) with a
+    non-empty \\boxed{...}, e.g. "<think>There are 3 shapes.</think> The answer is \\boxed{3}."."""
     _check_texts(completions, "format_reward")
-    scores: list[float | None] = []
-    for c in completions:
-        m = _THINK_BLOCK.match(c)
-        ok = m is not None and "</think>" not in m.group(2) and _BOXED.search(m.group(2)) is not None
-        scores.append(1.0 if ok else 0.0)
-    return scores
+    matches = [_THINK_BLOCK.match(c) for c in completions]
+    return [1.0 if m is not None and "</think>" not in m.group(2) and _BOXED.search(m.group(2)) is not None else 0.0 for m in matches]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Accuracy reward (math-verify)
+# ----- Accuracy reward (math-verify)
 
 # One extraction config for gold and answer: LaTeX only ($...$, \(...\), \[...\], \boxed{...}),
 # stop at the first match (math-verify tries the highest-priority, rightmost match first).
@@ -146,12 +109,9 @@ def _gold_as_latex(gold: Any, index: int) -> str:
     if isinstance(gold, numbers.Real) and not isinstance(gold, bool):
         gold = str(gold)  # datasets often store numeric answers as numbers
     if not isinstance(gold, str):
-        raise ValueError(
-            f"accuracy_reward: solution {index} is a {type(gold).__name__} ({gold!r}); expected the gold "
-            f"answer as a string such as '3' or '$3$'. Fix the 'solution' column of the dataset."
-        )
-    # LaTeX extraction only looks inside math delimiters, so a bare "3" would parse to nothing:
-    # wrap plain answers in $...$ so plain numbers work.
+        raise ValueError(f"accuracy_reward: solution {index} is a {type(gold).__name__} ({gold!r}); expected the gold "
+                         "answer as a string such as '3' or '$3$'. Fix the 'solution' column of the dataset.")  # fmt: skip
+    # LaTeX extraction only looks inside math delimiters, so a bare "3" would parse to nothing.
     if not any(d in gold for d in ("$", "\\boxed", "\\(", "\\[")):
         gold = f"${gold}$"
     return gold
@@ -159,11 +119,9 @@ def _gold_as_latex(gold: Any, index: int) -> str:
 
 def _verify_one(completion: str, gold_latex: str) -> float | None:
     """1.0 / 0.0 for one sample, or None if the gold has no math expression. May raise; may hang."""
-    # parsing_timeout=None / timeout_seconds=None turn off math-verify's signal.alarm timeouts, which
-    # only work on the main thread; _run_with_timeout enforces the time limit instead.
-    # raise_on_error=True: an internal failure raises (counted as an error) instead of being turned
-    # into an empty parse / False, i.e. a silent 0.0. Malformed LaTeX does not raise: it parses to a
-    # plain-string fallback.
+    # parsing_timeout=None / timeout_seconds=None: math-verify's signal.alarm timeouts work only on the main thread;
+    # _run_with_timeout enforces the limit instead. raise_on_error=True: an internal failure raises (counted) instead
+    # of a silent 0.0. Malformed LaTeX does not raise: it parses to a plain-string fallback.
     gold = parse(gold_latex, extraction_config=_EXTRACTION, extraction_mode="first_match",
                  parsing_timeout=None, raise_on_error=True)
     # An unparseable gold yields [] or only the raw-string fallback ("\frac{" -> ['\\frac{']), which
@@ -180,9 +138,8 @@ def _verify_one(completion: str, gold_latex: str) -> float | None:
 def _run_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any]:
     """Run fn() with a wall-clock limit -> ("ok", value) | ("error", exception) | ("timeout", None).
 
-    A daemon thread per call rather than a ThreadPoolExecutor: executor threads are joined at
-    interpreter exit, so one sympy call that never returns would hang the trainer on shutdown, and a
-    hung worker would also block every sample queued behind it. Starting a thread costs ~0.1 ms.
+    A daemon thread per call (~0.1 ms), not a ThreadPoolExecutor: executor threads are joined at exit, so a
+    sympy call that never returns would hang the trainer on shutdown and block every sample queued behind it.
     """
     box: dict[str, Any] = {}
 
@@ -202,18 +159,15 @@ def _run_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any
     return "ok", box["value"]
 
 
-def verify_answers(
-    completions: list[str], solutions: list[Any], timeout_s: float = 5.0, sample_ids: list[str] | None = None
-) -> tuple[list[float | None], RewardStats]:
+def verify_answers(completions: list[str], solutions: list[Any], timeout_s: float = 5.0,
+                   sample_ids: list[str] | None = None) -> tuple[list[float | None], RewardStats]:  # fmt: skip
     """Score each completion against its gold answer with math-verify -> (scores, stats).
 
-    1.0 correct, 0.0 wrong or no answer found, None when the sample cannot be scored: the gold does not
-    parse (stats.num_bad_gold), parse/verify raised (stats.num_errors), or parse + verify of the sample
-    took more than timeout_s seconds of wall clock (stats.num_timeouts). Safe to call off the main thread.
-    sample_ids (one per completion) name the dataset samples in the warning; else their positions.
+    1.0 correct, 0.0 wrong or no answer found, None when the gold does not parse (num_bad_gold), parse/verify
+    raised (num_errors) or took more than timeout_s of wall clock (num_timeouts). Safe off the main thread.
+    sample_ids (one per completion) name the samples in the warning.
     """
     _check_texts(completions, "accuracy_reward")
-
     stats = RewardStats()
     scores: list[float | None] = []
     first_problem: str | None = None  # for the log line: which sample, what went wrong
@@ -233,46 +187,28 @@ def verify_answers(
         scores.append(value if status == "ok" else None)
 
     if first_problem is not None:
-        logger.warning(
-            "accuracy_reward: %d of %d samples scored None (bad gold %d, errors %d, timeouts %d); "
-            "first: %s", sum(s is None for s in scores), len(scores),
-            stats.num_bad_gold, stats.num_errors, stats.num_timeouts, first_problem,
-        )
+        logger.warning("accuracy_reward: %d of %d samples scored None (bad gold %d, errors %d, timeouts %d); first: %s",
+                       sum(s is None for s in scores), len(scores), stats.num_bad_gold, stats.num_errors, stats.num_timeouts,
+                       first_problem)  # fmt: skip
     return scores, stats
 
 
-def accuracy_reward(
-    completions: list[str],
-    solution: list[Any] | None = None,
-    *,
-    reward_stats: RewardStats | None = None,
-    timeout_s: float = 5.0,
-    **columns: list,
-) -> list[float | None]:
-    """1.0 if the completion's first LaTeX answer equals the gold `solution` (math-verify), else 0.0.
-
-    None for samples that cannot be scored (see verify_answers); their causes are added to
-    `reward_stats` when given. Gold may be "3", "$3$" or "\\boxed{3}"; a bare answer is wrapped in $...$.
-    """
+def accuracy_reward(completions: list[str], solution: list[Any] | None = None, *, reward_stats: RewardStats | None = None,
+                    timeout_s: float = 5.0, **columns: list) -> list[float | None]:  # fmt: skip
+    """1.0 if the completion's first LaTeX answer equals the gold `solution` (math-verify), else 0.0; None for
+    samples that cannot be scored (verify_answers), counted in `reward_stats`. Gold may be "3", "$3$" or "\\boxed{3}"."""
     if solution is None:
-        raise ValueError(
-            f"accuracy_reward needs a 'solution' column with the gold answers; the batch has columns "
-            f"{sorted(columns)}. Add it to the dataset or drop 'accuracy' from --reward-funcs."
-        )
+        raise ValueError(f"accuracy_reward needs a 'solution' column with the gold answers; the batch has columns "
+                         f"{sorted(columns)}. Add it to the dataset or drop 'accuracy' from --reward-funcs.")  # fmt: skip
     scores, stats = verify_answers(completions, solution, timeout_s, reward_stats.sample_ids if reward_stats else None)
     if reward_stats is not None:
         reward_stats.add(stats)
     return scores
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading and scoring
+# ----- Loading and scoring
 
-BUILTIN_REWARD_FUNCS: dict[str, RewardFunc] = {
-    "accuracy": accuracy_reward,
-    "format": format_reward,
-    "think_format": think_format_reward,
-}
+BUILTIN_REWARD_FUNCS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format": format_reward, "think_format": think_format_reward}
 
 
 def load_reward_funcs(specs: list[str]) -> list[RewardFunc]:
@@ -284,46 +220,35 @@ def load_reward_funcs(specs: list[str]) -> list[RewardFunc]:
             continue
         module_name, sep, attr = spec.partition(":")
         if not sep or not module_name or not attr:
-            raise ValueError(
-                f"--reward-funcs: unknown reward function {spec!r}. Use a built-in name "
-                f"({', '.join(BUILTIN_REWARD_FUNCS)}) or an import path 'package.module:function'."
-            )
+            raise ValueError(f"--reward-funcs: unknown reward function {spec!r}. Use a built-in name "
+                             f"({', '.join(BUILTIN_REWARD_FUNCS)}) or an import path 'package.module:function'.")  # fmt: skip
         try:
             module = importlib.import_module(module_name)
         except Exception as e:  # ImportError, or an error raised while the module runs: cannot load
-            raise ValueError(
-                f"--reward-funcs: cannot import module {module_name!r} for spec {spec!r} "
-                f"({type(e).__name__}: {e}). Check that it is installed or on PYTHONPATH."
-            ) from e
+            raise ValueError(f"--reward-funcs: cannot import module {module_name!r} for spec {spec!r} "
+                             f"({type(e).__name__}: {e}). Check that it is installed or on PYTHONPATH.") from e  # fmt: skip
         fn = getattr(module, attr, None)
         if not callable(fn):
             found = f"a {type(fn).__name__}" if hasattr(module, attr) else f"module {module_name!r} has no attribute {attr!r}"
-            raise ValueError(
-                f"--reward-funcs: {spec!r} is not a callable ({found}). Point it at a function "
-                "fn(completions, **columns) -> list[float | None]."
-            )
+            raise ValueError(f"--reward-funcs: {spec!r} is not a callable ({found}). Point it at a function "
+                             "fn(completions, **columns) -> list[float | None].")  # fmt: skip
         funcs.append(fn)
     return funcs
 
 
 def reward_name(fn: RewardFunc) -> str:
     """Metric name of a reward function: its __name__ without a trailing "_reward"."""
-    name = getattr(fn, "__name__", type(fn).__name__)  # callable objects have no __name__
-    return name.removesuffix("_reward")
+    return getattr(fn, "__name__", type(fn).__name__).removesuffix("_reward")  # callable objects have no __name__
 
 
 def _check_scores(scores: Any, name: str, num_samples: int) -> list[float]:
     """Validate one function's output -> floats with NaN for None."""
     if not isinstance(scores, (list, tuple)):
-        raise ValueError(
-            f"reward function {name!r} returned a {type(scores).__name__}; expected a list of "
-            f"{num_samples} values (float or None)."
-        )
+        raise ValueError(f"reward function {name!r} returned a {type(scores).__name__}; expected a list of {num_samples} "
+                         "values (float or None).")  # fmt: skip
     if len(scores) != num_samples:
-        raise ValueError(
-            f"reward function {name!r} returned {len(scores)} values for {num_samples} completions; "
-            f"expected exactly one value (float or None) per completion."
-        )
+        raise ValueError(f"reward function {name!r} returned {len(scores)} values for {num_samples} completions; "
+                         "expected exactly one value (float or None) per completion.")  # fmt: skip
     out = []
     for i, s in enumerate(scores):
         if s is None:
@@ -331,15 +256,9 @@ def _check_scores(scores: Any, name: str, num_samples: int) -> list[float]:
         elif isinstance(s, numbers.Real) and math.isfinite(s):
             out.append(float(s))
         elif isinstance(s, numbers.Real):  # nan/inf: a silent NaN would look like None, so make it explicit
-            raise ValueError(
-                f"reward function {name!r} returned {s} for sample {i}; return None for samples it "
-                f"cannot score."
-            )
+            raise ValueError(f"reward function {name!r} returned {s} for sample {i}; return None for samples it cannot score.")
         else:
-            raise ValueError(
-                f"reward function {name!r} returned a {type(s).__name__} ({s!r}) for sample {i}; "
-                f"expected a float or None."
-            )
+            raise ValueError(f"reward function {name!r} returned a {type(s).__name__} ({s!r}) for sample {i}; expected a float or None.")
     return out
 
 
@@ -350,25 +269,11 @@ def _accepts_reward_stats(fn: RewardFunc) -> bool:
         return False
 
 
-def score_completions(
-    reward_funcs: list[RewardFunc],
-    weights: list[float],
-    completions: list[str],
-    columns: dict[str, list],
-    sample_ids: list[str] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Call each reward function once on the batch -> (rewards, metrics).
-
-    rewards: (N, K) float32, rewards[i, k] = weights[k] * r_ik, NaN where function k returned None.
-    metrics, for each function name (see reward_name):
-      rewards/<name>/mean          nan-aware mean of the unweighted rewards (NaN if all None)
-      rewards/<name>/std           nan-aware std (Bessel) of the unweighted rewards (NaN if < 2 values)
-      rewards/<name>/failure_rate  fraction of samples scored None, for any reason (not applicable,
-                                   bad gold, error, timeout)
-      and, for functions that declare a `reward_stats` keyword (e.g. accuracy_reward), the breakdown
-      rewards/<name>/{bad_gold,error,timeout}_rate from a fresh RewardStats for this call.
-    """
-    # (--reward-funcs / --reward-weights themselves are checked by config.check_config.)
+def score_completions(reward_funcs: list[RewardFunc], weights: list[float], completions: list[str], columns: dict[str, list],
+                      sample_ids: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """Call each reward function once on the batch -> (rewards (N, K) float32 = weights[k] * r_ik, NaN for None; metrics).
+    Metrics per function (reward_name): rewards/<name>/mean and /std (unweighted, nan-aware; std ddof=1), /failure_rate
+    (fraction scored None, for any reason), and with a `reward_stats` keyword /{bad_gold,error,timeout}_rate."""
     num_samples = len(completions)
     for key in set(columns) & {"completions", "reward_stats"}:
         raise ValueError(f"dataset column {key!r} clashes with a reward-function argument; rename it.")
@@ -384,11 +289,9 @@ def score_completions(
         try:
             scores = fn(completions, **kwargs)
         except Exception as e:
-            raise RuntimeError(
-                f"reward function {name!r} raised {type(e).__name__} on a batch of {num_samples} "
-                f"completions (columns: {sorted(columns)}). Fix it, or make it return None for the "
-                f"samples it cannot score instead of raising."
-            ) from e
+            raise RuntimeError(f"reward function {name!r} raised {type(e).__name__} on a batch of {num_samples} completions "
+                               f"(columns: {sorted(columns)}). Fix it, or make it return None for the samples it cannot "
+                               "score instead of raising.") from e  # fmt: skip
         values = _check_scores(scores, name, num_samples)
         per_func.append(values)
 
@@ -406,25 +309,20 @@ def score_completions(
     return rewards, metrics
 
 
-# -----------------------------------------------------------------------------
-# Held-out accuracy: greedy answers checked with math-verify (train.py's eval for every algorithm)
+# ----- Held-out accuracy: greedy answers checked with math-verify (train.py's eval for every algorithm)
 
 
 def accuracy(model, processor, samples: list[dict], *, batch_size: int, max_new_tokens: int, stop_ids, pad_id, device,
              sampler: str = "nanoalign") -> tuple[float, float, float, list[tuple[str, bool]]]:  # fmt: skip
-    """Greedy-decode each sample's prompt and check it against its `solution` with math-verify.
-
-    Returns (number correct, number of samples, completion tokens) for this rank's share, and each
-    sample's (answer, right); an unscorable sample counts as not correct.
-    """
+    """Greedy answers to the samples' prompts checked against their `solution` with math-verify.
+    Returns (number correct, number of samples, completion tokens) and each sample's (answer, right)."""
     answers, num_tokens = [], 0.0
     with generating(model):
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
-            rollout = sample_completions(
-                model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
-                max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device, sampler=sampler,
-            )  # fmt: skip
+            rollout = sample_completions(model, processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk], num_generations=1,
+                                         max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                                         sampler=sampler)  # fmt: skip
             scores, _ = verify_answers(rollout.texts, [s["solution"] for s in chunk])
             answers += [(text, score == 1.0) for text, score in zip(rollout.texts, scores)]
             num_tokens += sum(len(ids) for ids in rollout.completion_ids)

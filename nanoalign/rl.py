@@ -1,21 +1,17 @@
 """What GRPO / GSPO, RLOO and Online DPO share: one generation round, reward statistics, the clipped ratio.
 
-A generation round (`generation_round`, called from each RL module's `prepare`) is written once:
+`generation_round` (called by each RL module's `prepare`) turns a round's prompts into MicroBatches:
 
-    samples --run.rollouts.sample--> Rollouts (token ids as sampled)    nanoalign/rollout.py: the backends
-            --score_rollouts------> (N, K) weighted rewards             nanoalign/rewards.py: the functions
-            --all_gather_rows-----> every rank's rewards, for the advantages and group statistics
-            --completion_batch----> training rows, mask = completion     nanoalign/batch.py: pack_rows
+    samples --run.rollouts.sample--> Rollouts (token ids as sampled)    rollout.py: the backends
+            --score_rollouts------> (N, K) weighted rewards, gathered over ranks (rewards.py)
+            --completion_batch----> training rows, mask = completion (batch.pack_rows)
             --token_logps---------> old (sampling-time) and reference log-probs, where needed
             --advantages----------> the method's: grpo.group_advantages, rloo.rloo_advantages,
                                     online_dpo.select_pairs (+1 chosen, -1 rejected)
             --normalisers---------> each micro-batch's loss normaliser, a count of its optimizer step
-            = MicroBatches, each method's loss() takes one at a time.
 
-A round holds max(steps_per_generation, grad_accum_steps) micro-batches of batch_size rows
-(`micro_batches_per_round`), so an optimizer step never waits on a second round; the policy's
-log-probs at sampling time are kept only when the policy moves before a micro-batch's loss
-(`keeps_old_logps`) or the method needs them earlier.
+A round holds max(steps_per_generation, grad_accum_steps) micro-batches of batch_size rows, so an
+optimizer step never waits on a second round.
 """
 
 from dataclasses import dataclass
@@ -33,40 +29,24 @@ STD_EPS = 1e-4  # added to the std before dividing, as TRL does
 NOT_REWARD_COLUMNS = ("prompt", "images", "sample_id", "index", "split")
 
 
-# -----------------------------------------------------------------------------
-# Rewards -> group statistics
+# ----- Rewards -> group statistics
 
 
 def combine_rewards(rewards: torch.Tensor) -> torch.Tensor:
-    """Sum K (already weighted) reward functions per completion: (N,) or (N, K) -> (N,).
-
-    NaN means "this reward function does not apply to this sample" and is skipped (nansum);
-    a row where every function returned NaN stays NaN so callers can tell "unscorable" from 0.
-    """
+    """(N,) or (N, K) weighted rewards -> (N,) nansum over functions; NaN only where every function was NaN
+    (so callers can tell "unscorable" from 0)."""
     if rewards.dim() == 1:
         return rewards
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (N,) or (N, K), got shape {tuple(rewards.shape)}")
     all_nan = torch.isnan(rewards).all(dim=1)  # (N,)
-    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik (the objective above)
+    total = torch.nansum(rewards, dim=1)  # (N,) R_i = SUM_k w_k r_ik
     return torch.where(all_nan, torch.full_like(total, float("nan")), total)
 
 
-def check_groups(num_rows: int, num_generations: int) -> None:
-    """Shared by group_advantages and rloo_advantages: groups are consecutive blocks of G rows."""
-    if num_rows % num_generations != 0:
-        raise ValueError(
-            f"got {num_rows} rewards, which is not a multiple of num_generations={num_generations}; "
-            "the generation batch must hold whole groups (make the batch size a multiple of num_generations)"
-        )
-
-
 def nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Std with Bessel's correction (ddof=1) over the non-NaN entries along dim (kept); 0 where < 2 exist.
-
-    0 (not NaN) for 0 or 1 valid values: their centred value is 0 (or NaN -> 0 later), so dividing
-    by (0 + 1e-4) gives an exact 0 advantage instead of a NaN.
-    """
+    """Std (ddof=1) over the non-NaN entries along dim (kept). 0, not NaN, where fewer than 2 exist:
+    dividing their centred value by (0 + 1e-4) then gives an exact 0 advantage."""
     valid = ~torch.isnan(x)
     count = valid.sum(dim=dim, keepdim=True)
     mean = torch.nansum(x, dim=dim, keepdim=True) / count.clamp(min=1)
@@ -76,26 +56,21 @@ def nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def constant_groups(grouped: torch.Tensor) -> torch.Tensor:
-    """(P, G) rewards, NaN = unscorable -> (P,) bool: True where the scorable rewards are all equal
-    (or fewer than 2 exist). Such a group carries no signal, and its advantages are set to exactly 0:
-    computed, R - mean(R) is float rounding noise (8 x 1.2 in float32: std 1.3e-7), which the std
-    division would blow up to ~1e-3 and Adam into a full lr-sized step on every weight."""
+    """(P, G) rewards -> (P,) True where the scorable rewards are all equal (or fewer than 2 exist).
+    Such a group carries no signal and gets advantages of exactly 0: computed, R - mean(R) is rounding
+    noise (8 x 1.2 in float32: std 1.3e-7) that the std division and Adam would turn into a full step."""
     valid = ~torch.isnan(grouped)
     highest = torch.where(valid, grouped, float("-inf")).amax(dim=1)
     lowest = torch.where(valid, grouped, float("inf")).amin(dim=1)
     return (highest == lowest) | (valid.sum(dim=1) < 2)
 
 
-# -----------------------------------------------------------------------------
-# Ratios and the clipped surrogate (GRPO / GSPO and RLOO)
+# ----- Ratios and the clipped surrogate (GRPO / GSPO and RLOO)
 
 
 def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, delta=None) -> torch.Tensor:
-    """-min(w A, clamp(w, 1-eps, 1+eps_high) A), elementwise; ratio and advantages broadcast.
-
-    delta (INTELLECT-2) caps only the unclipped branch, as TRL does: it bounds how much a single
-    very off-policy token with A < 0 can push, which plain PPO clipping does not.
-    """
+    """-min(w A, clamp(w, 1-eps, 1+eps_high) A), elementwise (broadcast). delta (INTELLECT-2) caps only
+    the unclipped branch, as TRL does: it bounds a very off-policy token with A < 0, which PPO clipping does not."""
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # w2 = clamp(w, 1-eps, 1+eps_high)
     if delta is not None:
         ratio = torch.clamp(ratio, max=delta)  # w = min(w, delta)
@@ -103,50 +78,34 @@ def clipped_surrogate(ratio, advantages, epsilon: float, epsilon_high: float, de
 
 
 def clip_fractions(ratio, advantages, weights, epsilon: float, epsilon_high: float) -> dict:
-    """Weighted fraction of entries whose clipped branch is active (the ratio gets no gradient).
-
-    ratio, advantages, weights broadcast to one shape; weights are 1 on entries that count, 0 else.
-    """
+    """Weighted fraction of entries whose clipped branch is active (no gradient); weights 1 where an entry counts."""
     low = ((ratio < 1 - epsilon) & (advantages < 0)).to(weights.dtype)
     high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(weights.dtype)
     region = torch.clamp(low + high, max=1.0)  # low and high are disjoint; clamp only guards the invariant
     weights = torch.broadcast_to(weights, low.shape)
     denom = weights.sum().clamp(min=1)
-
-    def frac(x):
-        return ((x * weights).sum() / denom).detach()
-
-    return {
-        "clip_ratio/low_mean": frac(low),
-        "clip_ratio/high_mean": frac(high),
-        "clip_ratio/region_mean": frac(region),
-    }
+    fractions = {"low": low, "high": high, "region": region}
+    return {f"clip_ratio/{k}_mean": ((x * weights).sum() / denom).detach() for k, x in fractions.items()}
 
 
 def check_token_inputs(logps, old_logps, advantages, mask) -> None:
-    """Shared by grpo_loss and rloo_loss: (B, T) log-probs and mask, (B,) advantages."""
+    """(B, T) log-probs and mask, (B,) advantages (grpo_loss, rloo_loss)."""
     if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
-        raise ValueError(
-            f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} "
-            "must all be (B, T)"
-        )
+        raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} must all be (B, T)")
     if advantages.shape != logps.shape[:1]:
         raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with B={logps.shape[0]}")
 
 
-# -----------------------------------------------------------------------------
-# One generation round: sample, score, batch
+# ----- One generation round: sample, score, batch
 
 
 def micro_batches_per_round(cfg) -> int:
-    """Micro-batches per generation batch: steps_per_generation, but at least one optimizer step's
-    worth (grad_accum_steps), so that a step never waits on a second generation batch (check_config
-    makes the two divide one another)."""
+    """At least one optimizer step's worth: a step never waits on a second round (check_config: they divide)."""
     return max(cfg.steps_per_generation, cfg.grad_accum_steps)
 
 
 def samples_per_round(cfg) -> int:
-    """Prompts each rank draws per generation batch: batch_size x micro_batches_per_round rows / G."""
+    """Prompts each rank draws per round: batch_size x micro_batches_per_round rows / G."""
     return cfg.batch_size * micro_batches_per_round(cfg) // cfg.num_generations
 
 
@@ -156,24 +115,19 @@ def keeps_old_logps(cfg) -> bool:
 
 
 def rollout_chunks(samples: list[dict], run, num_generations: int) -> list[Rollout]:
-    """G completions for every prompt from the run's rollout backend, one Rollout per micro-batch.
-
-    Each chunk holds whole groups (batch_size / G prompts), so a micro-batch's rows share one
-    processor batch and its image tensors. Every rank makes the same number of calls.
-    """
+    """G completions per prompt from the run's backend, one Rollout per micro-batch: each chunk holds whole
+    groups (batch_size / G prompts), so a micro-batch's rows share one processor batch and its images."""
     cfg = run.cfg
     prompts_per_chunk = cfg.batch_size // num_generations
     chunks = [samples[i : i + prompts_per_chunk] for i in range(0, len(samples), prompts_per_chunk)]
-    return run.rollouts.sample(
-        chunks, num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
-    )
+    return run.rollouts.sample(chunks, num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p)
 
 
 def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_generations: int) -> tuple[torch.Tensor, dict]:
     """(N, K) weighted rewards (NaN = unscorable) for this rank's completions, and reward metrics.
 
-    Reward functions get the completions plus the samples' other columns (e.g. `solution`), each
-    repeated G times, and the prompts. A function that raises stops every rank with its message.
+    Reward functions get the completions, the samples' other columns (e.g. `solution`) repeated G times,
+    and the prompts. A function that raises stops every rank with its message.
     """
     texts = [t for r in rollouts for t in r.texts]
     columns = {k: [s[k] for s in samples for _ in range(num_generations)] for k in samples[0] if k not in NOT_REWARD_COLUMNS}
@@ -191,11 +145,8 @@ def score_rollouts(rollouts: list[Rollout], samples: list[dict], run, num_genera
 
 
 def completion_batch(rollout: Rollout, run, mask_truncated: bool) -> Batch:
-    """Training rows prompt + sampled completion; the loss mask covers the completion tokens.
-
-    With mask_truncated, a completion cut at max_completion_length (no EOS) gets an all-zero mask
-    (--mask-truncated-completions, as TRL's); its reward still counts in the group statistics.
-    """
+    """Training rows prompt + sampled completion, the loss mask on the completion. With mask_truncated
+    (--mask-truncated-completions, as TRL's) a completion without EOS gets an all-zero mask."""
     image_ids = image_token_ids(run.processor)
     completions, masks, num_image_tokens = [], [], 0
     for ids, eos in zip(rollout.completion_ids, rollout.has_eos):
@@ -227,12 +178,8 @@ def completion_values(batch: Batch, rollout: Rollout, values: list[list[float]])
 
 
 def per_step_totals(values: list[float], grad_accum_steps: int, device) -> list[float]:
-    """For each micro-batch of a generation batch, the sum of `values` (e.g. its counted tokens) over
-    every micro-batch of its optimizer step on every rank: a loss normaliser for the whole step.
-
-    values: one number per micro-batch, the same count on every rank; consecutive blocks of
-    grad_accum_steps micro-batches are one optimizer step (the loop takes them in order).
-    """
+    """One number per micro-batch (the same count on every rank) -> for each, the sum over its optimizer
+    step (grad_accum_steps consecutive micro-batches) on every rank: a loss normaliser for the whole step."""
     totals = all_reduce_sum(values, device)
     steps = [sum(totals[i : i + grad_accum_steps]) for i in range(0, len(totals), grad_accum_steps)]
     return [steps[i // grad_accum_steps] for i in range(len(totals))]
@@ -250,17 +197,8 @@ def token_logps(policy, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     return logps
 
 
-def completion_metrics(rollouts: list[Rollout]) -> dict:
-    """completions/mean_length and completions/clipped_ratio (no EOS) over this rank's completions."""
-    lengths = [len(ids) for r in rollouts for ids in r.completion_ids]
-    eos = [e for r in rollouts for e in r.has_eos]
-    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)}
-
-
 @dataclass
 class MicroBatch:
-    """One micro-batch of a generation round, ready for an RL method's loss."""
-
     batch: Batch  # prompt + completion rows (prompt-major, G per prompt); mask = completion tokens
     old_logps: torch.Tensor | None  # (B, T) sampling-time log-probs; None = the current policy's, detached
     ref_logps: torch.Tensor | None  # (B, T) the frozen reference's, when the method loads one
@@ -277,8 +215,7 @@ def rank_rows(values: torch.Tensor, run) -> torch.Tensor:
 
 
 def group_statistics(all_rewards: torch.Tensor, micro: list[MicroBatch], num_generations: int) -> dict:
-    """What the group methods (GRPO/GSPO, RLOO) log of a round: reward statistics over every rank's
-    groups, and this rank's rows cut before an image token or at --max-length."""
+    """Reward statistics over every rank's groups, and this rank's cut rows (GRPO/GSPO, RLOO)."""
     total = combine_rewards(all_rewards).view(-1, num_generations)  # (P_global, G)
     return {
         "skipped_rows": sum(m.batch.num_skipped for m in micro),  # completions that sampled an image token
@@ -291,22 +228,19 @@ def group_statistics(all_rewards: torch.Tensor, micro: list[MicroBatch], num_gen
 
 def generation_round(samples, run, *, advantages, normalisers, keep_old_logps: bool, temperature: float,
                      compare_sampler: bool = False) -> tuple[list[MicroBatch], dict]:  # fmt: skip
-    """One generation round, written once for every RL method: this rank's micro-batches, ready.
+    """One generation round: this rank's micro-batches, ready for the method's loss.
 
-    advantages(all_rewards, rollouts, micro, run) -> (this rank's (N,) advantages, metrics): the
-        method's own (group-relative, leave-one-out, online DPO's pair selection); all_rewards are
-        every rank's (N * world_size, K) weighted rewards, in rank order.
-    normalisers(micro, run) -> one loss normaliser per micro-batch (a count of its optimizer step).
-    keep_old_logps: store the sampling policy's log-probs (it moves before the loss, or the
-        method's advantages need them). compare_sampler: also for rollouts that carry the sampler's
-        own log-probs (vLLM), and lay those out as sampler_logps.
-    temperature: of the old and reference log-probs (the one the loss uses).
+    advantages(all_rewards, rollouts, micro, run) -> (this rank's (N,) advantages, metrics); all_rewards: every
+        rank's (N * world_size, K) weighted rewards. normalisers(micro, run) -> a loss normaliser per micro-batch.
+    keep_old_logps: store the sampling policy's log-probs (at `temperature`, the loss's, as the reference's);
+        compare_sampler: also for rollouts with the sampler's own (vLLM), laid out as sampler_logps.
     """
     cfg = run.cfg
     rollouts = rollout_chunks(samples, run, cfg.num_generations)
     rewards, metrics = score_rollouts(rollouts, samples, run, cfg.num_generations)
     all_rewards = all_gather_rows(rewards)  # (N_global, K): batch statistics see every rank
-    metrics.update(completion_metrics(rollouts))
+    lengths, eos = [len(ids) for r in rollouts for ids in r.completion_ids], [e for r in rollouts for e in r.has_eos]
+    metrics.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/clipped_ratio": 1 - sum(eos) / len(eos)})
     micro = []
     for rollout in rollouts:
         batch = completion_batch(rollout, run, cfg.mask_truncated_completions)
@@ -325,12 +259,8 @@ def generation_round(samples, run, *, advantages, normalisers, keep_old_logps: b
 
 
 def policy_logps(micro: MicroBatch, run) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The policy's (B, T) log-probs of a micro-batch at the sampling temperature (with gradient), its
-    old log-probs, and the mean entropy of the counted tokens (GRPO/GSPO and RLOO's losses).
-
-    Old log-probs not kept (num_iterations = 1, one generation batch per step) are the current ones
-    detached: old = sg(l), ratio 1 in value, gradient kept.
-    """
+    """The policy's (B, T) log-probs at the sampling temperature (with gradient), the old log-probs
+    (when not kept: the current ones detached, ratio 1 with the gradient kept), and the mean entropy."""
     mask = micro.batch.mask
     logps, entropy = run.policy(**micro.batch.model_inputs(), temperature=run.cfg.temperature, with_entropy=True, logps_mask=mask)
     old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()

@@ -14,37 +14,31 @@ The numbers follow Hugging Face TRL's RLOOTrainer v1.9-v1.16.
 
 Simplified / decided here:
     - pure functions; the caller gathers rewards and KL across ranks before `rloo_advantages`.
-    - NaN (unscorable) completions get advantage 0 and are left out of their group's baseline, which
-      becomes the mean of the other *scorable* completions; a scorable completion with no scorable
-      sibling has no baseline and gets advantage 0. (TRL's nansum would score them as 0.)
+    - NaN (unscorable) completions get advantage 0 and are left out of the baseline, the mean of the other
+      *scorable* ones; one with no scorable sibling has no baseline: advantage 0 (TRL's nansum: reward 0).
     - a group whose scorable rewards are all equal gets advantages of exactly 0 (TRL: rounding noise).
-    - normalize: the batch mean and std (ddof=1) are taken over completions with a defined advantage.
+    - normalize: the batch mean and std (ddof=1) are over completions with a defined advantage.
 """
 
 import torch
 
 from nanoalign.rl import (  # samples_per_round: the loop's count of prompts per round, the same for every RL method
-    STD_EPS, MicroBatch, check_groups, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards,
-    constant_groups, generation_round, group_statistics, keeps_old_logps, per_step_totals, policy_logps, rank_rows,
-    samples_per_round,
+    STD_EPS, MicroBatch, check_token_inputs, clip_fractions, clipped_surrogate, combine_rewards, constant_groups,
+    generation_round, group_statistics, keeps_old_logps, per_step_totals, policy_logps, rank_rows, samples_per_round,
 )
 from nanoalign.runtime import all_gather_rows
 
 
 def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0, normalize: bool = False):
-    """Leave-one-out advantages (the objective above). Returns (N,), never NaN.
+    """Leave-one-out advantages (the objective above) -> (N,), never NaN.
 
-    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, groups of num_generations (>= 2,
-        check_config's rule for rloo) consecutive rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, used when beta != 0.
+    rewards: (N,) or (N, K) weighted rewards, NaN = not scorable, in groups of num_generations consecutive
+        rows. kl: (N,) SUM_t M (l_old - l_ref) per completion, read when beta != 0.
     normalize: (A - mean) / (std + 1e-4) over the batch (TRL's normalize_advantages).
     """
     R = combine_rewards(rewards)  # (N,)
-    check_groups(R.numel(), num_generations)
     if beta != 0:
-        if kl is None or kl.shape != R.shape:
-            raise ValueError(f"beta={beta} != 0 needs kl, one (N,)={tuple(R.shape)} KL sum per completion")
         R = R - beta * kl  # R_i -= beta * SUM_t M (l_old - l_ref)
-
     grouped = R.view(-1, num_generations)  # (P, G)
     valid = ~torch.isnan(grouped)  # (P, G)
     group_sum = torch.nansum(grouped, dim=1, keepdim=True)  # (P, 1) SUM over scorable completions
@@ -67,30 +61,23 @@ def rloo_advantages(rewards, num_generations: int, *, kl=None, beta: float = 0.0
 
 
 def rloo_loss(logps, old_logps, advantages, mask, *, epsilon: float, epsilon_high: float, normaliser: float):
-    """Clipped RLOO loss with one importance ratio per sequence. Returns (loss, metrics).
+    """Clipped RLOO loss, one importance ratio per sequence. Returns (loss, metrics).
 
-    logps, old_logps, mask: (B, T); advantages: (B,) from `rloo_advantages`.
-    loss = SUM_i L_i / normaliser: the sequences of the whole optimizer step (every micro-batch, every
-    rank); B for TRL's mean_i L_i on one micro-batch in one process.
+    logps, old_logps, mask: (B, T); advantages: (B,) from `rloo_advantages`. loss = SUM_i L_i / normaliser,
+    the sequences of the whole optimizer step (B for TRL's mean_i L_i on one micro-batch in one process).
     Metrics (detached 0-dim): clip_ratio/{low,high,region}_mean over sequences with a counted token.
     """
     check_token_inputs(logps, old_logps, advantages, mask)
-    counted = mask.bool()
-    mask = mask.to(logps.dtype)
-    zeros = torch.zeros_like(logps)
     # where, not a product: padding may hold -inf, and -inf * 0 is NaN in both value and gradient.
-    log_ratio = torch.where(counted, logps - old_logps, zeros)  # (B, T) M (l_t - l_old_t)
+    log_ratio = torch.where(mask.bool(), logps - old_logps, torch.zeros_like(logps))  # (B, T) M (l_t - l_old_t)
     rho = torch.exp(log_ratio.sum(dim=-1))  # (B,) rho_i = exp(SUM_t M l_t - SUM_t M l_old_t)
-    per_sequence_loss = clipped_surrogate(rho, advantages, epsilon, epsilon_high)  # (B,) L_i
-    loss = per_sequence_loss.sum() / normaliser  # SUM_i L_i / N_step
-    has_tokens = (mask.sum(dim=-1) > 0).to(mask.dtype)  # (B,)
-    metrics = clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
-    return loss, metrics
+    loss = clipped_surrogate(rho, advantages, epsilon, epsilon_high).sum() / normaliser  # SUM_i L_i / N_step
+    has_tokens = (mask.sum(dim=-1) > 0).to(logps.dtype)  # (B,)
+    return loss, clip_fractions(rho.detach(), advantages, has_tokens, epsilon, epsilon_high)
 
 
-# -----------------------------------------------------------------------------
-# The algorithm module train.py drives (--algo rloo). Rollouts, rewards and batching are the shared
-# generation round (rl.generation_round); only the advantages (leave-one-out, KL in the reward) and the loss differ.
+# ----- The algorithm module train.py drives (--algo rloo): the shared generation round (rl.generation_round)
+# with leave-one-out advantages (KL in the reward) and this loss.
 
 DATA_FORMAT = "rl"
 

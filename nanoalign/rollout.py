@@ -1,35 +1,25 @@
 """Where rollouts come from: the rollout-backend interface, the in-process backend, and what the vLLM
-backends share: the chat messages they send and the conversion of vLLM's answers into Rollouts.
+backends share (the chat messages they send, the conversion of vLLM's answers into Rollouts).
 
 A rollout backend is any object with
 
     sample(chunks, n, *, max_tokens, temperature, top_p) -> list[Rollout]
-        chunks: lists of samples (dicts with "prompt", "images", "sample_id"); one Rollout per
-        chunk, its rows prompt-major [p0 s0, ..., p0 s(n-1), p1 s0, ...], each with the token ids
-        exactly as sampled and, when the backend has them, the sampler's own log-probs. Every rank
-        calls it, with the same number of chunks; a failure on any rank raises on every rank.
+        chunks: lists of samples ("prompt", "images", "sample_id"); one Rollout per chunk, rows
+        prompt-major [p0 s0, ..., p0 s(n-1), p1 s0, ...], with the token ids exactly as sampled and the
+        sampler's log-probs when it has them. Every rank calls it with as many chunks; a failure on any
+        rank raises on every rank.
     sync(step) -> metrics
-        make the backend sample from the weights of the policy it was built with, as they are after
-        `step` optimizer steps (every rank calls it at the start of each generation round; a backend
-        that samples from the policy itself has nothing to do).
+        sample from the policy's weights as they are after `step` optimizer steps (every rank, at the
+        start of each round; nothing to do for a backend that samples from the policy itself).
     close()
 
-Three exist: `InProcess` below (the policy being trained samples), `VLLMServer`
-(nanoalign/vllm_server.py: a vLLM server whose weights are pushed over a process group) and
-`VLLMColocate` (nanoalign/vllm_colocate.py: a vLLM engine inside every training process). The
-algorithm modules only ever call `run.rollouts`, never a backend by name, and each backend imports
-this file and nothing of another backend.
+Three exist: `InProcess` below, `VLLMServer` (vllm_server.py) and `VLLMColocate` (vllm_colocate.py). The
+algorithm modules only call `run.rollouts`; each backend imports this file and nothing of another.
 
-In-process sampling: each prompt is repeated G times, processed (images included) and left-padded: the prompts of the
-training rows. nanoalign's sampler (nanoalign/sampler.py) prefills each distinct prompt once and
-decodes its G samples from copies of its KV cache; `--sampler hf` samples every row with HF
-`generate` instead. Under FSDP2 the call is wrapped in `gathered_for_generation`:
-weights are gathered once, so ranks generating different lengths never wait on each other.
-
-We keep the sampled token ids themselves (cut after the first stop token): the trainer scores
-exactly these ids, never a re-tokenisation of the decoded text. A completion that reaches
-max_new_tokens without a stop token is marked has_eos = False (logged as completions/clipped_ratio;
---mask-truncated-completions drops it from the loss).
+In-process: nanoalign's sampler (sampler.py) prefills each distinct prompt once and decodes its G samples
+from copies of its KV cache (`--sampler hf`: HF `generate` on every row), with the FSDP2 weights gathered
+once per call. The sampled ids are kept (cut after the first stop token), never re-tokenised; one without a
+stop token has has_eos False (--mask-truncated-completions drops it from the loss).
 """
 
 import base64
@@ -54,25 +44,16 @@ class Rollout:
     texts: list[str]  # decoded completions, for the reward functions
     sampler_logps: list[list[float]] | None = None  # the sampler's log-prob of each sampled id (vLLM; None in-process)
     sample_ids: list[str] = field(default_factory=list)  # the dataset sample of each row, for error messages
-    # The distinct prompts (left-padded as their rows in prompt_enc) when rows come G per prompt and the
-    # model is one nanoalign's sampler serves; training then reads each prompt once (Batch.shared_prompts).
+    # The distinct prompts (left-padded as their rows) when nanoalign's sampler drew G per prompt: Batch.shared_prompts.
     shared_prompts: dict = field(default_factory=dict)
 
 
 def generation_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, stop_ids, pad_id) -> GenerationConfig:
-    """Plain sampling: every knob a checkpoint's generation_config.json may set (top_k, repetition
-    penalty, ...) is reset, so the sampled distribution is softmax(z / temperature) as the losses assume."""
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_p=top_p if not greedy else None,
-        top_k=None,
-        min_p=None,
-        repetition_penalty=None,
-        eos_token_id=sorted(stop_ids),
-        pad_token_id=pad_id,
-    )
+    """Plain sampling: every knob a checkpoint's generation_config.json may set (top_k, repetition penalty, ...)
+    is reset, so the distribution is softmax(z / temperature) as the losses assume."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature if not greedy else None,
+                            top_p=top_p if not greedy else None, top_k=None, min_p=None, repetition_penalty=None,
+                            eos_token_id=sorted(stop_ids), pad_token_id=pad_id)  # fmt: skip
 
 
 def split_completions(new_tokens: torch.Tensor, stop_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
@@ -115,14 +96,9 @@ def sample_prompts(model, processor, distinct: dict, *, num_generations: int, de
 def sample_completions(model, processor, prompts: list[list[dict]], images: list[list], *, num_generations: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                        stop_ids: set[int], pad_id: int, device, sampler: str = "nanoalign") -> Rollout:  # fmt: skip
-    """G completions for each prompt, rows ordered prompt-major: [p0 g0, p0 g1, ..., p1 g0, ...].
-
-    `model` is a plain HF model or the FSDP2-sharded Policy; call the latter inside
-    `generating(model)`, which gathers its weights once for any number of calls.
-    sampler: "nanoalign" (nanoalign/sampler.py: each prompt and image through the model once, its KV
-    cache replicated for the G samples) or "hf" (HF generate on all P*G rows). A model nanoalign's
-    sampler cannot serve is sampled with HF generate, and the reason is logged.
-    """
+    """G completions for each prompt, rows prompt-major [p0 g0, p0 g1, ..., p1 g0, ...]. `model`: an HF model or
+    the sharded Policy (inside `generating(model)`). sampler: "nanoalign" or "hf"; a model nanoalign's sampler
+    cannot serve is sampled with HF generate, and the reason is logged."""
     prompt_texts, enc = encode_rows(processor, prompts, images, num_generations)
     hf_model = model.hf if isinstance(model, Policy) else model
     reason = unsupported(hf_model, enc) if sampler == "nanoalign" else "--sampler hf"
@@ -136,9 +112,7 @@ def sample_completions(model, processor, prompts: list[list[dict]], images: list
     else:
         if sampler == "nanoalign":
             warn_fallback(reason)
-        config = generation_config(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id
-        )
+        config = generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=stop_ids, pad_id=pad_id)
         out = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config)
         completion_ids, has_eos = split_completions(out[:, enc["input_ids"].shape[1] :].cpu(), stop_ids)
         shared = {}  # HF generate's path stays TRL's all the way: every row forwarded whole in training too
@@ -186,14 +160,12 @@ def sample_round(model, processor, chunks: list[list[dict]], *, num_generations:
 
 
 def generating(model):
-    """Context for generation: gathers an FSDP2 Policy's weights once (see model.gathered_for_generation);
-    nothing to do for a plain HF model."""
+    """Context for generation: gathers a Policy's weights once (model.gathered_for_generation); none for an HF model."""
     return gathered_for_generation(model) if isinstance(model, Policy) else contextlib.nullcontext()
 
 
 class InProcess:
-    """The rollout backend that samples with the policy being trained (its FSDP2 weights gathered once
-    per call): nanoalign's sampler or HF generate (--sampler). Nothing to sync."""
+    """The rollout backend that samples with the policy being trained (--sampler). Nothing to sync."""
 
     def __init__(self, cfg, policy, processor, *, stop_ids: set[int], pad_id: int, device):
         self.policy, self.processor, self.device, self.sampler = policy, processor, device, cfg.sampler
@@ -231,8 +203,8 @@ class InProcess:
 
 
 def sync_due(synced_step: int | None, step: int, sync_every: int) -> bool:
-    """Whether a backend that holds its own copy of the weights must load them at `step`: always the
-    first time (it holds the checkpoint's, a resumed run others), then every sync_every steps."""
+    """Whether a backend with its own copy of the weights must load them at `step`: the first time (it holds the
+    checkpoint's, a resumed run others), then every sync_every steps."""
     return synced_step is None or step - synced_step >= sync_every
 
 
@@ -242,16 +214,13 @@ def completion_ids_of(chunk: list[dict], n: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- vLLM's side (both vLLM backends)
-# A vLLM backend sends OpenAI chat messages (images as PNG data URLs) and gets back, per prompt, the
-# prompt ids vLLM used and the sampled ids with their log-probs (a Generation); `chunk_rollouts` turns
-# those into the Rollouts in-process sampling returns, checking that the trainer's processor gives
-# exactly vLLM's prompt ids (which also yields the pixel values the trainer's forward needs).
+# A vLLM backend sends OpenAI chat messages (images as PNG data URLs) and gets back, per prompt, a Generation;
+# `chunk_rollouts` turns those into Rollouts, checking that the trainer's processor gives exactly vLLM's prompt
+# ids (which also yields the pixel values the trainer's forward needs).
 
 
 @dataclass
-class Generation:
-    """The n samples vLLM drew for one prompt."""
-
+class Generation:  # the n samples vLLM drew for one prompt
     prompt_token_ids: list[int]  # the prompt as vLLM tokenised it (image placeholders expanded)
     completion_ids: list[list[int]]  # n lists of sampled ids, up to and including the stop token
     logprobs: list[list[float]]  # the sampler's log-prob of each sampled id (same lengths)
@@ -292,11 +261,8 @@ def openai_messages(messages: list[dict], images: list, name: str) -> list[dict]
 
 def to_rollout(processor, prompts: list[list[dict]], images: list[list], generations: list[Generation],
                sample_ids: list[str] | None = None) -> tuple[Rollout, list[list[float]]]:  # fmt: skip
-    """vLLM's samples as the Rollout that in-process sampling returns, plus the sampler's log-probs.
-
-    Rows are prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) like `sample_completions`. The prompts go
-    through the trainer's processor (for pixel_values etc.) and must give exactly vLLM's prompt ids.
-    """
+    """vLLM's samples as the Rollout in-process sampling returns (prompt-major), plus the sampler's log-probs.
+    The prompts go through the trainer's processor (for pixel_values etc.) and must give exactly vLLM's ids."""
     n = len(generations[0].completion_ids)
     sample_ids = sample_ids or [f"prompt {i}" for i in range(len(prompts))]
     texts = [render(processor, p, add_generation_prompt=True) for p in prompts for _ in range(n)]
@@ -306,30 +272,22 @@ def to_rollout(processor, prompts: list[list[dict]], images: list[list], generat
         ours = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
         if ours != gen.prompt_token_ids:
             k = next((j for j, (a, b) in enumerate(zip(ours, gen.prompt_token_ids)) if a != b), min(len(ours), len(gen.prompt_token_ids)))
-            raise ValueError(
-                f"{sample_ids[i]}: vLLM tokenised the prompt differently from the trainer's processor "
-                f"({len(gen.prompt_token_ids)} vs {len(ours)} tokens, first difference at position {k}). The server "
-                "must serve the trainer's tokenizer, chat template and image processor: restart it with "
-                "`python -m nanoalign.serve --model <the trainer's --model>`."
-            )
-    rollout = Rollout(
-        prompt_enc=enc,
-        completion_ids=[ids for g in generations for ids in g.completion_ids],
-        has_eos=[e for g in generations for e in g.has_eos],
-        texts=[t for g in generations for t in g.texts],
-    )
+            raise ValueError(f"{sample_ids[i]}: vLLM tokenised the prompt differently from the trainer's processor "
+                             f"({len(gen.prompt_token_ids)} vs {len(ours)} tokens, first difference at position {k}). The server "
+                             "must serve the trainer's tokenizer, chat template and image processor: restart it with "
+                             "`python -m nanoalign.serve --model <the trainer's --model>`.")  # fmt: skip
+    rollout = Rollout(enc, [ids for g in generations for ids in g.completion_ids], [e for g in generations for e in g.has_eos],
+                      [t for g in generations for t in g.texts])  # fmt: skip
     return rollout, [lps for g in generations for lps in g.logprobs]
 
 
 def chunk_rollouts(processor, chunks: list[list[dict]], generations: list[Generation], n: int) -> list[Rollout]:
-    """One Rollout per chunk (`to_rollout`) from the generations of all the chunks' samples, in order,
-    with the sampler's log-probs and each row's name attached: what a vLLM backend's `sample` returns."""
+    """What a vLLM backend's `sample` returns: one Rollout per chunk from the generations of all the chunks'
+    samples, in order, with the sampler's log-probs and each row's name."""
     rollouts, start = [], 0
     for chunk in chunks:
-        rollout, sampler_logps = to_rollout(
-            processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
-            generations[start : start + len(chunk)], [s["sample_id"] for s in chunk],
-        )  # fmt: skip
+        rollout, sampler_logps = to_rollout(processor, [s["prompt"] for s in chunk], [s["images"] for s in chunk],
+                                            generations[start : start + len(chunk)], [s["sample_id"] for s in chunk])  # fmt: skip
         rollout.sampler_logps = sampler_logps
         rollout.sample_ids = completion_ids_of(chunk, n)
         rollouts.append(rollout)

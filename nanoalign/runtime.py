@@ -1,8 +1,5 @@
-"""Process group, device, and the handles every algorithm module is given (`Run`).
-
-The same code runs under `torchrun --nproc_per_node N` and as a plain `python train.py`: without
-torchrun we start a one-process group, so FSDP2 and every collective behave identically.
-Backend: NCCL on GPUs, gloo on CPUs.
+"""Process group (NCCL on GPUs, gloo on CPUs), collectives, and the handles every algorithm module gets (`Run`).
+Without torchrun a one-process group is started, so FSDP2 and every collective behave identically.
 """
 
 import math
@@ -62,12 +59,8 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(metrics: dict[str, float], device, counts=()) -> dict[str, float]:
-    """Average each metric over the ranks that measured it (every rank passes the same keys); the keys
-    in `counts` (numbers of skipped samples and the like) are summed instead.
-
-    NaN means "nothing to measure here" (e.g. online DPO on a rank whose pairs were all skipped): that
-    rank is left out of the mean instead of turning it into NaN; a metric no rank measured stays NaN.
-    """
+    """Average each metric over the ranks that measured it (same keys on every rank; `counts` are summed). NaN means
+    "nothing to measure here" (online DPO with every pair skipped): that rank is left out of the mean."""
     keys = sorted(metrics)
     values = [float(metrics[k]) for k in keys]
     measured = [0.0 if math.isnan(v) else 1.0 for v in values]
@@ -95,9 +88,7 @@ class Run:
     reward_funcs: list = field(default_factory=list)  # loaded once from cfg.reward_funcs (RL algorithms)
     ref_logps_table: dict = field(default_factory=dict)  # split -> (N, 2) reference sums (--precompute-ref-logps)
     rollouts: object = None  # the rollout backend (nanoalign/rollout.py): sample(...), sync(step), close()
-    # Tables for the tracker at the next logged step, name -> rows (metrics.sample_table): held-out
-    # answers, RL rollouts. The step's log sends and empties it.
-    tables: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)  # name -> rows (metrics.sample_table) the next logged step sends
     check_sample: object = None  # check_sample(sample) raises BadSampleError if it cannot fit (batch.check_prompt_fits)
 
 
@@ -106,26 +97,18 @@ class OtherRankFailed(RuntimeError):
 
 
 def agree_on_failure(error: Exception | None, device) -> None:
-    """Collective: if any rank caught an error, every rank raises (the failing rank its own error).
-
-    Call it where ranks may fail independently (a bad sample, a raising reward function) and before
-    the next collective, so one failing rank never leaves the others waiting in an all-reduce.
-    """
+    """Collective: if any rank caught an error, every rank raises (the failing one its own). Call it where ranks may
+    fail independently, before the next collective, so one failing rank never leaves the others waiting."""
     (num_failed,) = all_reduce_sum([1.0 if error is not None else 0.0], device)
     if num_failed:
         error = error or OtherRankFailed(f"{int(num_failed)} other rank(s) failed; their error is printed above")
-        # Marked so the loop knows every rank stops here together and may still run collectives
-        # (e.g. save a checkpoint) before it re-raises.
+        # Marked: every rank stops here together, so the loop may still run collectives (save) before re-raising.
         error.raised_on_every_rank = True
         raise error
 
 
 def on_every_rank(fn, device):
-    """fn() on every rank, agreeing on failure: if it raises on any rank, every rank raises.
-
-    For work that ranks do independently and that may fail on one of them (loading its share of the
-    samples); fn itself must run no collective, or a failed rank would leave the others inside it.
-    """
+    """fn() on every rank, agreeing on failure (agree_on_failure); fn itself must run no collective."""
     error = result = None
     try:
         result = fn()

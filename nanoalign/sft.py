@@ -2,16 +2,9 @@
 
     L = - SUM_{rows, t} M_t l_t  /  N          l_t = log p(token_t | tokens_<t, images)
 
-M_t = 1 on assistant tokens only (prompt, image placeholder and pad tokens never count, see
-batch.py) and N = the number of counted tokens in the whole optimizer step: every micro-batch on
-every rank. Normalising by that global count (not per micro-batch) makes gradient accumulation and
-data parallelism give exactly the gradient of one big batch.
-
-Differences from TRL: TRL's VLM SFT trains on image tokens and refuses assistant-only loss for
-VLMs; here only assistant tokens count.
-
-This file is also an algorithm module for train.py: DATA_FORMAT, needs_reference,
-samples_per_round, prepare, loss, evaluate.
+M_t = 1 on assistant tokens only (batch.py) and N = the counted tokens of the whole optimizer step, every
+micro-batch on every rank, so accumulation and data parallelism give exactly the gradient of one big batch.
+Differences from TRL: TRL's VLM SFT trains on image tokens and refuses assistant-only loss for VLMs.
 """
 
 from dataclasses import dataclass
@@ -27,11 +20,8 @@ DATA_FORMAT = "sft"
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
-    """Summed NLL of the counted tokens divided by `num_tokens` (the step's global token count).
-
-    logps, mask: (B, T). Returns (loss, metrics) with metrics["nll_sum"] / ["num_tokens"] for this
-    micro-batch, so callers can compute exact token means over any set of micro-batches.
-    """
+    """Summed NLL of the counted tokens / `num_tokens` (the step's). logps, mask: (B, T). Returns (loss, metrics), metrics
+    "nll_sum" and "num_tokens" of this micro-batch (exact token means over any set of micro-batches)."""
     nll_sum = -(logps * mask).sum()
     return nll_sum / num_tokens, {"nll_sum": nll_sum.detach(), "num_tokens": mask.sum().detach()}
 
@@ -47,15 +37,12 @@ def needs_reference(cfg) -> bool:
 
 
 def samples_per_round(cfg) -> int:
-    """Samples each rank draws per optimizer step."""
     return cfg.batch_size * cfg.grad_accum_steps
 
 
 def encode(samples: list[dict], run: Run) -> Batch:
-    return encode_conversations(
-        run.processor, [s["messages"] for s in samples], [s["images"] for s in samples],
-        [s["sample_id"] for s in samples], max_length=run.cfg.max_length, stop_ids=run.stop_ids,
-    )  # fmt: skip
+    return encode_conversations(run.processor, [s["messages"] for s in samples], [s["images"] for s in samples],
+                                [s["sample_id"] for s in samples], max_length=run.cfg.max_length, stop_ids=run.stop_ids)  # fmt: skip
 
 
 def encode_batches(samples: list[dict], run: Run, slices: list[slice] | None = None) -> list[Batch]:
@@ -81,10 +68,8 @@ def prepare(samples: list[dict], run: Run) -> tuple[list[MicroBatch], dict]:
     # One all-reduce per step gives every rank the global token count (the normaliser N above).
     (num_tokens,) = all_reduce_sum([sum(float(b.mask.sum()) for b in batches)], run.device)
     if num_tokens == 0:
-        raise ValueError(
-            "no assistant token to train on in this step: every row was skipped or truncated away; "
-            "raise --max-length or check the data"
-        )
+        raise ValueError("no assistant token to train on in this step: every row was skipped or truncated away; "
+                         "raise --max-length or check the data")  # fmt: skip
     stats = {"truncated_rows": sum(b.num_truncated for b in batches)}  # rows whose answer was cut at --max-length
     return [MicroBatch(b.to(run.device), num_tokens) for b in batches], stats
 

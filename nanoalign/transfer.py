@@ -1,8 +1,6 @@
-"""What the trainer and nanoalign's vLLM weight-transfer engines share: the dtype weights travel in,
-how tensors are cut into buckets, and the private gloo group they travel through.
-
-Imported on both sides: by nanoalign/vllm_server.py in the trainer and by nanoalign/vllm_engine.py
-inside vLLM's worker processes, which is why it imports nothing but torch.
+"""What the trainer (vllm_server.py) and nanoalign's vLLM weight-transfer engine (vllm_engine.py, inside vLLM's
+workers) share: the dtype weights travel in, how tensors are cut into buckets, and their private gloo group.
+Hence it imports only torch.
 """
 
 from datetime import timedelta
@@ -12,11 +10,8 @@ import torch.distributed as dist
 
 
 def plan_buckets(dtype_names: list[str], shapes: list[list[int]], bucket_bytes: int) -> list[list[int]]:
-    """Cut the announced tensors (indices, in order) into buckets sent as one flat buffer each.
-
-    A bucket holds consecutive tensors of one dtype, at most bucket_bytes in all; a tensor bigger
-    than that travels alone. Trainer and vLLM engine both call this, so they cut at the same places.
-    """
+    """Cut the announced tensors (indices, in order) into buckets of consecutive same-dtype tensors of at most
+    bucket_bytes (a bigger one alone), each sent as one flat buffer; both sides cut at the same places."""
     buckets: list[list[int]] = []
     size = 0
     for i, (dtype_name, shape) in enumerate(zip(dtype_names, shapes)):

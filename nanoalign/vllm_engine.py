@@ -1,30 +1,24 @@
 """A gloo weight-transfer engine for vLLM, so a trainer can push weights into a vLLM server on CPUs.
 
-vLLM's built-in weight-transfer engines are "nccl" (separate GPUs) and "ipc" (CUDA IPC, same GPU);
-neither runs without a GPU. vLLM lets a package add its own engine: at start-up every vLLM process
-calls the functions listed under the `vllm.general_plugins` entry point, and ours (`register`, see
-pyproject.toml) registers the class below as backend "gloo". Start the server with
-`--weight-transfer-config '{"backend":"gloo"}'` (`python -m nanoalign.serve` does this on a CPU).
-
-This file runs INSIDE the vLLM server's worker processes; the trainer's half of the protocol is
-`WeightSync` in nanoalign/vllm_server.py. The protocol is the one vLLM's NCCL engine speaks, on gloo:
+vLLM's own engines are "nccl" and "ipc", neither of which runs without a GPU. At start-up every vLLM process
+calls the `vllm.general_plugins` entry points; ours (`register`, see pyproject.toml) registers the class
+below as backend "gloo" (`--weight-transfer-config '{"backend":"gloo"}'`, as `python -m nanoalign.serve`
+passes on CPUs). This file runs INSIDE the server's workers; the trainer's half is `WeightSync`
+(vllm_server.py). The protocol is the one vLLM's NCCL engine speaks, on gloo:
 
   init      the trainer (rank 0) opens a TCPStore and sends /init_weight_transfer_engine with its
             address; each vLLM worker joins a private gloo group as rank 1 + worker index.
   start     vLLM's layerwise-reload helpers prepare the model to receive checkpoint-format weights.
-  update    /update_weights announces (names, dtypes, shapes). Both sides cut that list into the same
-            buckets (`plan_buckets`), and each bucket is one flat buffer broadcast from rank 0,
-            which this side splits back into HF-named tensors for the model's own `load_weights`.
-  finish    vLLM's helpers run the model's post-load processing (e.g. CPU weight repacking), and we
-            repack layers that share a weight with another (lm_head tied to embed_tokens), which
-            vLLM's helpers skip (see `refresh_tied_layers`).
-A weight the served model cannot load (another architecture, other shapes) does not stop the
-stream: the rest is received and dropped, the old weights are put back, and /update_weights fails
-with the first name that did not load, so the trainer gets a clear error instead of a hung broadcast.
+  update    /update_weights announces (names, dtypes, shapes); both sides cut it into the same buckets
+            (`plan_buckets`), each one flat buffer broadcast from rank 0, split back here into HF-named
+            tensors for the model's own `load_weights`.
+  finish    vLLM's post-load processing (e.g. CPU weight repacking), and our repack of layers that share
+            a weight (lm_head tied to embed_tokens), which vLLM's helpers skip (`refresh_tied_layers`).
+A weight the served model cannot load does not stop the stream: the rest is received and dropped, the
+old weights are put back, and /update_weights fails naming it, instead of a hung broadcast.
 
-Simplifications: the next bucket's receive is posted while the current one loads, nothing deeper;
-every worker receives the whole model (its own `load_weights` keeps the shard it needs under tensor
-parallelism), so the trainer sends each byte once per sync whatever the server's layout.
+Simplifications: one receive posted ahead; every worker receives the whole model (its `load_weights` keeps
+its tensor-parallel shard).
 """
 
 import logging
@@ -78,8 +72,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.bucket_bytes = init_info.bucket_bytes
 
     def start_weight_update(self) -> None:
-        # Imported here, as vLLM's NCCL engine does: this module is loaded in every vLLM process
-        # (plugins are), the model loader is needed only in the workers.
+        # Imported here, as vLLM's NCCL engine does: plugins load in every vLLM process, the loader runs in workers.
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
@@ -110,20 +103,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                 continue  # keep receiving: the trainer broadcasts every bucket whatever happens here
             try:
                 self.model.load_weights(named)
-            except Exception as err:  # noqa: BLE001 -- whatever failed, the stream must be drained
-                # Raising now would leave the trainer blocked in a broadcast nobody receives (until
-                # the timeout); we receive the rest and raise below.
-                error = (named, err)
+            except Exception as err:  # noqa: BLE001 -- raising now would leave the trainer blocked in a broadcast
+                error = (named, err)  # nobody receives: the rest is drained, then we raise below
         if error is not None:
             # Put back the layers that loaded nothing, so the server keeps serving its old weights;
             # after this raise vLLM ends the update itself (no /finish_weight_update needed).
             self.finish_weight_update()
             named, err = error
             tensors = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named[:2]) + (", ..." if len(named) > 2 else "")
-            raise ValueError(
-                f"the served model ({self.model_config.model}) cannot load the trainer's weights [{tensors}]: "
-                f"{type(err).__name__}: {str(err)[:300]}. Serve the trainer's --model: python -m nanoalign.serve --model MODEL"
-            )
+            raise ValueError(f"the served model ({self.model_config.model}) cannot load the trainer's weights [{tensors}]: "
+                             f"{type(err).__name__}: {str(err)[:300]}. Serve the trainer's --model: python -m nanoalign.serve --model MODEL")  # fmt: skip
 
     def finish_weight_update(self) -> None:
         finish_reload(self.model, self.model_config, self.device)
@@ -133,19 +122,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
 
 def loads_nothing_by_design(record: logging.LogRecord) -> bool:
-    """Logging filter: False for vLLM's "<layer>: Failed to load weights" about a layer that gets no
-    weight at any sync, by design: a rotary embedding and the fused image normalisation
-    (FusedMMInputNorm: the processor's mean/std) hold buffers computed at start, in no checkpoint; an
-    lm_head tied to the embedding gets its weight as the embedding's (an untied one is a trainer
-    parameter like any other). Left in, the warning came at every sync on every rank."""
+    """Logging filter: False for vLLM's "<layer>: Failed to load weights" (at every sync, on every rank) about a
+    layer that gets no weight by design: a rotary embedding and FusedMMInputNorm (the processor's mean/std)
+    hold buffers computed at start; a tied lm_head gets its weight as the embedding's."""
     layer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
     by_design = layer.endswith("RotaryEmbedding") or layer in ("ParallelLMHead", "FusedMMInputNorm")
     return not (record.msg.endswith("Failed to load weights") and by_design)
 
 
 def finish_reload(model: torch.nn.Module, model_config, device: torch.device) -> None:
-    """vLLM's post-load processing after a weight sync (server and colocated alike), then on CPUs the
-    repack of tied layers (`refresh_tied_layers`)."""
+    """vLLM's post-load processing after a weight sync (server and colocated), then on CPUs `refresh_tied_layers`."""
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
     reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -159,14 +145,10 @@ def finish_reload(model: torch.nn.Module, model_config, device: torch.device) ->
 
 
 def refresh_tied_layers(model: torch.nn.Module) -> None:
-    """Re-run post-load processing for layers that share a weight with an earlier layer.
-
-    vLLM's layerwise reload processes a shared weight only for the layer that loaded it (a limitation
-    its reload module documents). With tied embeddings that is embed_tokens; lm_head shares the
-    Parameter, but on CPUs its matmul uses a kernel handle packed from the weight at load time, so
-    without this it keeps computing logits with the OLD embedding (measured: log-probs off by ~4).
-    Called on CPUs only, where processing an unquantized layer is a repack, safe to repeat.
-    """
+    """Re-run post-load processing for layers that share a weight with an earlier layer. vLLM's layerwise reload
+    processes a shared weight only for the layer that loaded it (embed_tokens); on CPUs a tied lm_head's matmul
+    uses a kernel handle packed at load time, so it kept the OLD embedding (log-probs off by ~4). CPUs only,
+    where processing an unquantized layer is a repack, safe to repeat."""
     seen: set[int] = set()
     for module in model.modules():
         params = list(module.parameters(recurse=False))
@@ -178,11 +160,8 @@ def refresh_tied_layers(model: torch.nn.Module) -> None:
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: make backend "gloo" available in this vLLM process.
-
-    vLLM calls general plugins once per process; a second call in the same process (e.g. two
-    in-process vLLM engines) finds the name taken, which is fine: it is our own class.
-    """
+    """The `vllm.general_plugins` entry point: backend "gloo" in this vLLM process (a second call, e.g. two
+    in-process engines, finds our own class registered)."""
     try:
         WeightTransferEngineFactory.register_engine(BACKEND, GlooWeightTransferEngine)
     except ValueError:  # already registered in this process

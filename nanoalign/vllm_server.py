@@ -1,40 +1,29 @@
-"""The vLLM-server rollout backend: an HTTP client for a running vLLM server, and pushing the
-trainer's weights into it.
+"""The vLLM-server rollout backend (`--vllm-mode server`): an HTTP client for a running vLLM server, and
+pushing the trainer's weights into it.
 
-Start a server with `python -m nanoalign.serve --model MODEL` (nanoalign/serve.py); train.py with
-`--vllm-mode server --vllm-url URL` then uses the two halves of this file (the conversion of the
-answers into Rollouts lives in nanoalign/rollout.py, shared with the colocated backend):
+Start a server with `python -m nanoalign.serve --model MODEL`, then train with `--vllm-mode server --vllm-url URL`.
+`VLLMServer` is the backend train.py builds from two halves:
 
     client = VLLMClient(url) if rank == 0 else None      # only rank 0 talks HTTP
     sync = WeightSync(policy, client, rank=rank)          # every rank; connects once
     sync.sync(version="0")                                # every rank; before the first rollout, then every k steps
-    gens = client.generate(prompts, images, n=G, max_tokens=256, temperature=1.0, stop_ids=stop_ids)  # rank 0
-    rollout, sampler_logps = rollout.to_rollout(processor, prompts, images, gens)   # what sample_completions returns
+    gens = client.generate(prompts, images, n=G, max_tokens=256, temperature=1.0, stop_ids=stop_ids)
 
-`VLLMServer` wraps the two as a rollout backend (nanoalign/rollout.py), which is what train.py uses.
-
-Generation goes through the OpenAI chat API (images as base64 PNG data URLs) with
-`return_token_ids`: vLLM returns the prompt ids it actually used (image placeholders expanded) and
-each sample's token ids, so the trainer scores exactly what was sampled and never re-tokenises text.
-`to_rollout` (nanoalign/rollout.py) runs the trainer's processor on the same prompt and images and checks that it produces
-the same ids, which also yields the pixel values the trainer's forward needs. The server is started
-with `--logprobs-mode processed_logprobs`, so the returned log-probs are log softmax(z / temperature)
-(after top_p), the distribution the tokens were drawn from.
+Generation goes through the OpenAI chat API (images as base64 PNG data URLs) with `return_token_ids`:
+vLLM returns the prompt ids it used (image placeholders expanded) and each sample's ids, so the trainer
+scores exactly what was sampled (rollout.chunk_rollouts checks the prompt ids against the trainer's
+processor). The server runs with `--logprobs-mode processed_logprobs`: log softmax(z / temperature)
+after top_p, the distribution the tokens were drawn from.
 
 Weight sync uses vLLM's own routes (pause, start_weight_update, update_weights, finish_weight_update,
-cache resets, resume), so no private vLLM internals and no files are shared between the processes.
-The tensors travel through a process group between trainer rank 0 and the vLLM workers:
-  * GPU: vLLM's built-in "nccl" engine, driven by vLLM's own trainer-side engine (needs `vllm` here).
-  * CPU: a gloo group and nanoalign's "gloo" engine (nanoalign/vllm_engine.py, loaded by vLLM as a
-    plugin). Tensors are cut into buckets of consecutive same-dtype tensors (`plan_buckets`), each
-    sent as one flat buffer: one broadcast per bucket, one HTTP round trip per sync.
-Under FSDP2 every rank takes part in a gather of every parameter, in the same order, but only
-rank 0 receives the full tensors (nanoalign/loading.py: gather_full; the others keep nothing but
-their shards) and only rank 0 sends. Failures on rank 0 are shared with the other ranks at the end of `sync`,
-so every rank raises instead of some waiting forever.
+cache resets, resume): no private vLLM internals, no shared files. The tensors travel through a process
+group between trainer rank 0 and the vLLM workers: on GPUs vLLM's "nccl" engine (driven by its own
+trainer-side engine), on CPUs a gloo group and nanoalign's "gloo" engine (nanoalign/vllm_engine.py, a vLLM
+plugin), one flat buffer per bucket of same-dtype tensors (`plan_buckets`). Every rank takes part in a
+gather of every parameter, in the same order, but only rank 0 receives the full tensors (loading.gather_full)
+and sends; its failures are shared at the end of `sync`, so every rank raises instead of some waiting forever.
 
-Simplifications: one server (no data-parallel fan-out of prompts across servers); no LoRA-only sync;
-frozen parameters are sent on every sync like the others.
+Simplifications: one server (no fan-out across servers); no LoRA-only sync; frozen parameters are sent too.
 """
 
 import http.client
@@ -68,11 +57,8 @@ class VLLMError(RuntimeError):
 
 
 class VLLMClient:
-    """A small client for one vLLM server: health, chat generation with images, weight-sync routes.
-
-    Every request has a timeout; requests that are safe to repeat (GETs, generation) are retried a
-    few times on a refused or dropped connection. Errors are VLLMError with the URL and what to do.
-    """
+    """One vLLM server's health, chat generation with images, and weight-sync routes. Every request has a
+    timeout; those safe to repeat (GETs, generation) are retried on a refused or dropped connection."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, timeout: float = 120.0, retries: int = 2):
         self.url = url.rstrip("/")
@@ -81,7 +67,6 @@ class VLLMClient:
         self._answered = False  # once the server has answered, a refused connection means it died
         self._model: str | None = None  # the served model's name, asked once
 
-    # --- plumbing ----------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None, *, retry: bool = False, timeout: float | None = None):
         """One HTTP request; returns the decoded JSON answer (None for an empty body)."""
         data = json.dumps(body).encode() if body is not None else None
@@ -102,24 +87,19 @@ class VLLMClient:
             except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out, ...
                 reason = getattr(err, "reason", err)
                 if isinstance(reason, TimeoutError):
-                    raise VLLMError(
-                        f"vLLM server {self.url} did not answer {method} {path} within {timeout:.0f} s. If it is just "
-                        "slow (a big batch, long completions), raise --vllm-timeout; otherwise check its log."
-                    ) from None
+                    raise VLLMError(f"vLLM server {self.url} did not answer {method} {path} within {timeout:.0f} s. If it is "
+                                    "just slow (a big batch, long completions), raise --vllm-timeout; otherwise check its log.") from None  # fmt: skip
                 if attempt < (self.retries if retry else 0):
                     time.sleep(1.0 + attempt)  # a restarting or briefly overloaded server
                     continue
                 if self._answered:
-                    raise VLLMError(
-                        f"vLLM server {self.url} stopped answering ({reason}) during {method} {path}; it answered "
-                        "before, so it has probably died (out of memory?). Check its log and restart it."
-                    ) from None
+                    raise VLLMError(f"vLLM server {self.url} stopped answering ({reason}) during {method} {path}; it answered "
+                                    "before, so it has probably died (out of memory?). Check its log and restart it.") from None  # fmt: skip
                 raise VLLMError(f"vLLM server {self.url} is not reachable ({reason}); {SERVE_HINT}") from None
 
     def _post(self, path: str, body: dict | None = None, **kwargs):
         return self._request("POST", path, body, **kwargs)
 
-    # --- health -------------------------------------------------------------------------
     def health(self) -> None:
         """Raise VLLMError unless the server answers GET /health."""
         self._request("GET", "/health", retry=True, timeout=min(self.timeout, 10.0))
@@ -144,14 +124,10 @@ class VLLMClient:
             self._model = self._request("GET", "/v1/models", retry=True)["data"][0]["id"]
         return self._model
 
-    # --- generation ---------------------------------------------------------------------
     def generate(self, prompts: list[list[dict]], images: list[list], *, n: int, max_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, stop_ids: set[int] | None = None, seed: int | None = None) -> list[Generation]:  # fmt: skip
-        """n samples for each prompt (chat messages with {"type": "image"} placeholders + its PIL images).
-
-        Plain sampling: top_k, min_p and repetition penalty are switched off explicitly, so the
-        distribution is the one the losses assume. Prompts are sent concurrently (vLLM batches them).
-        """
+        """n samples for each prompt (chat messages with {"type": "image"} placeholders + its PIL images), sent
+        concurrently (vLLM batches them). top_k, min_p and repetition penalty are off: the losses' distribution."""
         if len(prompts) != len(images):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(images)} image lists")
         model = self.served_model()
@@ -174,16 +150,13 @@ class VLLMClient:
             return list(pool.map(one, range(len(prompts))))
 
     # --- the weight-sync routes (also vLLM's VLLMWeightSyncClient protocol, used by its NCCL engine)
-    def get_world_size(self) -> int:
-        """Number of vLLM workers that receive weights (tensor x pipeline x data parallel)."""
+    def get_world_size(self) -> int:  # vLLM workers that receive weights (tensor x pipeline x data parallel)
         return int(self._request("GET", "/get_world_size", retry=True)["world_size"])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._post("/init_weight_transfer_engine", {"init_info": init_info})
 
-    def pause(self) -> None:
-        # mode=abort: the trainer has no request in flight when it syncs, and anything else in flight
-        # was being sampled from the old weights.
+    def pause(self) -> None:  # abort: the trainer has nothing in flight; anything else samples the old weights
         self._post("/pause?mode=abort")
 
     def start_weight_update(self) -> None:
@@ -226,18 +199,12 @@ def parse_generation(response: dict, n: int) -> Generation:
             raise VLLMError(f"vLLM returned {len(tokens)} token ids but {len(lps)} log-probs for sample {i}")
         if c["finish_reason"] not in ("stop", "length"):  # e.g. "abort": cut short by a /pause
             raise VLLMError(f"vLLM ended sample {i} with finish_reason {c['finish_reason']!r}; was the server paused by another trainer?")
-    return Generation(
-        prompt_token_ids=response["prompt_token_ids"],
-        completion_ids=ids,
-        logprobs=logprobs,
-        has_eos=[c["finish_reason"] == "stop" for c in choices],
-        texts=[c["message"]["content"] or "" for c in choices],
-    )
+    return Generation(response["prompt_token_ids"], ids, logprobs, [c["finish_reason"] == "stop" for c in choices],
+                      [c["message"]["content"] or "" for c in choices])  # fmt: skip
 
 
 class VLLMServer:
-    """The rollout backend for a vLLM server (`--vllm-mode server`): every rank sends its own prompts,
-    and every vllm_sync_every steps the policy's weights are pushed into the server (`WeightSync`)."""
+    """The rollout backend: every rank sends its own prompts; every vllm_sync_every steps WeightSync pushes the weights."""
 
     def __init__(self, cfg, policy, processor, *, stop_ids: set[int], rank: int, device, dtype: torch.dtype | None = None):
         self.client = VLLMClient(cfg.vllm_url, timeout=cfg.vllm_timeout)
@@ -250,10 +217,8 @@ class VLLMServer:
         error, rollouts = None, []
         samples = [s for chunk in chunks for s in chunk]
         try:  # one batch of requests for the whole round: the server batches them together
-            generations = self.client.generate(
-                [s["prompt"] for s in samples], [s["images"] for s in samples], n=n, max_tokens=max_tokens,
-                temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
-            )  # fmt: skip
+            generations = self.client.generate([s["prompt"] for s in samples], [s["images"] for s in samples], n=n, max_tokens=max_tokens,
+                                               temperature=temperature, top_p=top_p, stop_ids=self.stop_ids)  # fmt: skip
             rollouts = chunk_rollouts(self.processor, chunks, generations, n)
         except (VLLMError, ValueError) as err:
             error = err
@@ -289,23 +254,16 @@ def free_port() -> int:
 
 
 class WeightSync:
-    """Pushes the trainer's weights into the vLLM server. Build it and call `sync` on EVERY rank.
-
-    `model` is the (FSDP2-sharded) Policy or a plain HF model; HF checkpoint names are its
-    parameters' names (the Policy's "hf." prefix dropped), which vLLM's load_weights maps itself.
-    Only rank 0 gets a client and talks to the server; all ranks join the gathers.
-    `dtype`: what the engine computes in (None: the parameters' own). Floating-point weights travel
-    in it, cast shard by shard before the gather: a bf16 engine gets half the bytes of the fp32
-    master weights, and every gather moves half as much.
-    """
+    """Pushes the trainer's weights into the vLLM server. Build it and call `sync` on EVERY rank; only rank 0
+    has a client. `model`: the (FSDP2-sharded) Policy or an HF model; its parameter names (no "hf.") are the
+    HF checkpoint names vLLM's load_weights maps itself. `dtype`: the engine's (None: the parameters' own);
+    floating-point weights travel in it, cast shard by shard before the gather (bf16: half the bytes)."""
 
     def __init__(self, model, client: VLLMClient | None, *, rank: int, backend: str | None = None,
                  bucket_mb: float = 16.0, timeout: float = 120.0, dtype: torch.dtype | None = None):  # fmt: skip
         if rank == 0 and client is None:
             raise ValueError("WeightSync: rank 0 needs a VLLMClient (the other ranks pass None)")
-        self.hf_model = getattr(model, "hf", model)
-        self.client = client if rank == 0 else None
-        self.rank = rank
+        self.hf_model, self.client, self.rank, self.timeout = getattr(model, "hf", model), client if rank == 0 else None, rank, timeout
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.timeout = timeout
@@ -324,7 +282,6 @@ class WeightSync:
         else:
             raise ValueError(f"WeightSync: backend {self.backend!r} is not 'nccl' or 'gloo'")
 
-    # --- rendezvous (once) ----------------------------------------------------------------
     def _init_gloo(self) -> None:
         """Rank 0 opens a TCPStore; the vLLM workers join a gloo group through it during the HTTP init."""
         world_size = 1 + self.client.get_world_size()
@@ -349,10 +306,9 @@ class WeightSync:
         try:
             self.client.init_weight_transfer_engine(init_info)
         except VLLMError as err:
-            raise VLLMError(
-                f"{err}\nThe server must run nanoalign's gloo engine: start it with `python -m nanoalign.serve` (it passes "
-                "--weight-transfer-config '{\"backend\":\"gloo\"}' on CPUs), with nanoalign installed in the server's environment."
-            ) from None
+            raise VLLMError(f"{err}\nThe server must run nanoalign's gloo engine: start it with `python -m nanoalign.serve` (it "
+                            "passes --weight-transfer-config '{\"backend\":\"gloo\"}' on CPUs), with nanoalign installed in the "
+                            "server's environment.") from None  # fmt: skip
         thread.join(self.timeout)
         if "group" not in joined:
             reason = joined.get("error", "timed out")
@@ -384,17 +340,12 @@ class WeightSync:
         source = EngineDtypeSource(self.hf_model)
         self.nccl_engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=source)
 
-    # --- one sync ---------------------------------------------------------------------------
     def sync(self, version: str | None = None) -> dict[str, float]:
-        """Send every parameter to the server; returns {"vllm/sync_s", "vllm/sync_mb"}. Every rank calls it.
-
-        Rank 0: pause -> start_weight_update -> update_weights (on a thread, while this thread
-        broadcasts) -> finish_weight_update -> reset caches -> resume.
-        """
+        """Send every parameter to the server; returns {"vllm/sync_s", "vllm/sync_mb"}. Every rank calls it. Rank 0:
+        pause -> start_weight_update -> update_weights (on a thread, while this one broadcasts) -> finish -> reset caches -> resume."""
         start = time.perf_counter()
         if self.backend == "nccl":
-            # Rank 0's HTTP calls are agreed on over the default process group before and after the
-            # gathers, so a failed call stops every rank at once instead of leaving them in a NCCL wait.
+            # Rank 0's HTTP calls are agreed on before and after the gathers: a failure stops every rank, not in a NCCL wait.
             self._agree(self._on_sender(self.client.pause) if self.client is not None else None)
             self.nccl_engine.send_weights()  # every rank gathers; the sender also drives start/update/finish
             error = self._on_sender(lambda: (self.client.reset_caches(), self.client.resume())) if self.client is not None else None
@@ -416,15 +367,13 @@ class WeightSync:
             try:
                 self.client.pause()
                 self.client.start_weight_update()
-                # The server's update_weights returns only after it received every bucket, so it runs
-                # on a thread while this one broadcasts.
+                # update_weights returns once the server received every bucket: on a thread while this one broadcasts.
                 update = pool.submit(self.client.update_weights, update_info)
             except VLLMError as err:
                 error = err
         for bucket in plan_buckets(update_info["dtype_names"], update_info["shapes"], self.bucket_bytes):
-            # Every rank gathers, in the same order, even after an error on rank 0: the gathers are
-            # collectives, and a rank that stopped early would leave the others waiting in one.
-            # Only rank 0 receives the full tensors (None elsewhere), at most one bucket at a time.
+            # Every rank gathers, in the same order, even after an error on rank 0: a rank that stopped early would
+            # leave the others waiting in a collective. Only rank 0 receives full tensors, a bucket at a time.
             tensors = [merged_weight(self.hf_model, *params[i], gather_full, wire_dtype(params[i][1], self.dtype)) for i in bucket]
             if self.client is None or error is not None:
                 continue

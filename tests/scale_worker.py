@@ -19,7 +19,8 @@ import torch.distributed as dist
 import parity_worker
 from nanoalign import sft
 from nanoalign.config import Config
-from nanoalign.loading import export_hf, gather_full, hf_state_dict
+from bench.common import hf_state_dict
+from nanoalign.loading import export_hf, gather_full
 from nanoalign.model import build_policy, load_processor
 from nanoalign.runtime import Run, device_mesh, init_distributed
 

@@ -27,8 +27,8 @@ from torch.testing import assert_close
 from nanoalign import sft
 from nanoalign.batch import check_prompt_fits, pack_rows, render
 from nanoalign.data import BadSampleError
-from bench.common import load_hf_model
-from nanoalign.loading import export_hf, hf_state_dict
+from bench.common import hf_state_dict, load_hf_model
+from nanoalign.loading import export_hf
 from nanoalign.model import Policy, chunked_logps, load_processor, shard_policy, vision_module
 from nanoalign.rl import completion_batch
 from nanoalign.rollout import generating, sample_completions

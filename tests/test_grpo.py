@@ -104,8 +104,7 @@ def test_all_none_group_and_nan_aware_std():
 
 
 def test_group_advantages_errors():
-    with pytest.raises(ValueError, match="multiple of num_generations"):
-        group_advantages(t(1.0, 2.0, 3.0), num_generations=2, scale_rewards="group")
+    # whole groups per batch are check_config's rule (test_config: "multiple of --num-generations");
     # the names of --scale-rewards are Config's Literal: refused where the flags are parsed
     with pytest.raises(SystemExit):
         parse_config(["--algo", "grpo", "--scale-rewards", "std"])
@@ -148,21 +147,15 @@ def test_aggregation_and_on_policy_gradient(loss_type, extra, expected_loss, exp
     assert "kl" not in metrics
 
 
-def test_loss_type_inputs_are_required():
-    logps, old = on_policy_logps()
-    with pytest.raises(ValueError, match="normaliser"):
-        loss_fn(logps, old, ADV, MASK, loss_type="dr_grpo")  # no max_completion_length: no normaliser
-    with pytest.raises(ValueError, match="normaliser"):
-        loss_fn(logps, old, ADV, MASK, loss_type="dapo")  # no token count
-    with pytest.raises(ValueError, match="normaliser"):
-        loss_fn(logps, old, ADV, MASK, normaliser=-1.0)
+def test_loss_type_inputs_are_guaranteed_by_the_config():
     # loss_type and importance_sampling_level are Config's Literals: refused where the flags are parsed
     with pytest.raises(SystemExit):
         parse_config(["--algo", "grpo", "--loss-type", "ppo"])
     with pytest.raises(SystemExit):
         parse_config(["--algo", "grpo", "--importance-sampling-level", "tokens"])
-    with pytest.raises(ValueError, match="ref_logps"):
-        loss_fn(logps, old, ADV, MASK, beta=0.1)
+    # beta > 0 loads the frozen reference, whose log-probs grpo_loss's KL term reads
+    assert grpo.needs_reference(dataclasses.replace(PRESETS["grpo"](), beta=0.1))
+    assert not grpo.needs_reference(PRESETS["grpo"]())
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -299,8 +292,8 @@ def test_sampler_correction_modes(mode, cap, expected):
 def test_sampler_correction_errors():
     with pytest.raises(SystemExit):  # the modes are Config's Literal: refused where the flags are parsed
         parse_config(["--algo", "grpo", "--vllm-is-correction", "sequence"])
-    with pytest.raises(ValueError, match="cap"):
-        sampler_correction(OLD_S, SAMPLER, MASK_S, mode="token_truncate", cap=0.0)
+    with pytest.raises(ValueError, match="--vllm-is-cap must be > 0"):  # check_config's rule
+        check_config(dataclasses.replace(PRESETS["grpo"](), vllm_mode="server", vllm_is_cap=0.0))
 
 
 def test_sampler_weights_scale_policy_term_not_kl():

@@ -6,8 +6,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.testing import assert_close
 
+from bench.common import hf_state_dict
 from nanoalign.batch import encode_conversations
-from nanoalign.loading import hf_state_dict
 from nanoalign.model import (
     Policy,
     chunked_logps,
@@ -202,9 +202,8 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(load_fam
 def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_dirs):
     # --freeze-vision: the vision tower gets no gradient and keeps its weights; the rest trains.
     import train
-
-    from nanoalign.config import Config
     from bench.common import load_hf_model
+    from nanoalign.config import Config
 
     out = tmp_path / "run"
     train.train(Config(model="tiny", out_dir=str(out), max_steps=2, batch_size=2, eval_split="", save_every=0, freeze_vision=True))

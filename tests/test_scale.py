@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from bench.common import hf_state_dict
 from nanoalign.config import Config
-from nanoalign.loading import hf_state_dict
 from nanoalign.metrics import read_metrics
 from nanoalign.model import build_policy, decoder_layers, vision_module
 from nanoalign.runtime import device_mesh
