@@ -11,6 +11,7 @@ import torch
 from test_sampler import sharpen
 
 import nanoalign.sampler as sampler_module
+from nanoalign.config import Config
 from nanoalign.rollout import InProcess, sample_completions, sample_round
 from nanoalign.shapes import user_turn
 
@@ -110,8 +111,8 @@ def test_in_process_backend_decodes_the_round_in_one_batch_up_to_the_cap(setup, 
     monkeypatch.setattr("nanoalign.rollout.sample", counting)
     for cap, expected in [(0, [12]), (8, [8, 4]), (4, [4, 4, 4])]:
         calls.clear()
-        backend = InProcess(model, processor, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_token_id, device="cpu",
-                            sampler="nanoalign", rollout_batch_size=cap)  # fmt: skip
+        cfg = Config(sampler="nanoalign", rollout_batch_size=cap)
+        backend = InProcess(cfg, model, processor, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_token_id, device="cpu")
         rollouts = backend.sample(chunks, G, max_tokens=4, temperature=1.0, top_p=1.0)
         assert calls == expected
         assert [r.sample_ids for r in rollouts] == [[f"s{i} (completion {g})" for i in (2 * c, 2 * c + 1) for g in range(G)] for c in range(3)]
