@@ -9,8 +9,10 @@ import contextlib
 import importlib.util
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +152,28 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def kill_at_first_checkpoint(train_args: list[str], out_dir: Path, log_path: Path, timeout: float) -> int:
+    """Start `python train.py TRAIN_ARGS` and SIGKILL it as soon as a checkpoint exists in out_dir (it may be
+    anywhere in a later step); returns its exit code (-SIGKILL unless it ended first)."""
+    from nanoalign.checkpoint import latest_checkpoint
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO, env=subprocess_env(),
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while latest_checkpoint(out_dir) is None:
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def subprocess_env() -> dict:
     """Environment for torchrun / `python train.py` children: this cache (NANOALIGN_CACHE, inherited),
     nanoalign and tests/ importable (workers, toy reward functions), one OpenMP thread per process
@@ -205,8 +229,13 @@ def one_process(tiny_dirs, dist_world):
 @pytest.fixture(scope="session")
 def two_processes(tiny_dirs, tmp_path_factory):
     """2 processes (torchrun, gloo): x:2:1 (rank 0 samples [0, 1], rank 1 [2, 3]) and x:1:2 (2 ranks x 2 micro-batches)."""
-    out = tmp_path_factory.mktemp("parity") / "two_ranks.pt"
-    proc = torchrun(str(TESTS / "parity_worker.py"), str(tiny_dirs["tiny"]), str(out), *TWO_PROCESS_SPECS, timeout=300)
+    return parity_on_two_ranks(str(tiny_dirs["tiny"]), tmp_path_factory.mktemp("parity"), TWO_PROCESS_SPECS, timeout=300)
+
+
+def parity_on_two_ranks(model_dir: str, out_dir: Path, specs, timeout: int) -> dict:
+    """tests/parity_worker.py on 2 ranks (torchrun, gloo): {spec: that step's loss and gradients}."""
+    out = out_dir / "two_ranks.pt"
+    proc = torchrun(str(TESTS / "parity_worker.py"), model_dir, str(out), *specs, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 

@@ -20,17 +20,12 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import family_params, one_thread, subprocess_env, torchrun
+from conftest import family_params, kill_at_first_checkpoint, one_thread, torchrun
 from lora_worker import RANK, lora_policy, lora_step, set_B
 from parity_worker import parity_samples
 from safetensors.torch import load_file
@@ -278,20 +273,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_dirs, tmp_path):
                 "--batch-size", "2", "--num-shapes-samples", "64", "--no-export"]  # fmt: skip
 
     killed = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(TESTS.parent / "train.py"), *argv(killed, 10_000)], cwd=TESTS.parent,
-                                env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 300
-            while latest_checkpoint(killed) is None:
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    kill_at_first_checkpoint(argv(killed, 10_000), killed, tmp_path / "killed.log", timeout=300)
     resumed_from = int(latest_checkpoint(killed).name.removeprefix("step_"))
     end = resumed_from + 2
     train_module.train(train_module.parse_config(argv(killed, end)))

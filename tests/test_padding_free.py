@@ -14,14 +14,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import (
-    FAMILIES,
-    TESTS,
-    assert_same_step,
-    family_params,
-    one_thread,
-    torchrun,
-)
+from conftest import FAMILIES, TESTS, assert_same_step, family_params, one_thread, parity_on_two_ranks, torchrun
 from parity_worker import parity_step
 from test_algorithms import run_train, steps
 from test_grpo import FixedRollouts, one_step
@@ -139,10 +132,7 @@ PARITY_SPECS = ("sft:1:2:pf", "sft:2:1:pf", "dpo:1:2:pf", "mpo:1:2:pf", "sft:2:1
 @pytest.fixture(scope="module")
 def two_ranks_padding_free(tiny_dirs, tmp_path_factory):
     """2 FSDP ranks (torchrun, gloo), padding-free: each spec's step on the 4 parity samples."""
-    out = tmp_path_factory.mktemp("padding_free") / "two_ranks.pt"
-    proc = torchrun(str(TESTS / "parity_worker.py"), str(tiny_dirs["tiny"]), str(out), *PARITY_SPECS, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out)
+    return parity_on_two_ranks(str(tiny_dirs["tiny"]), tmp_path_factory.mktemp("padding_free"), PARITY_SPECS, timeout=600)
 
 
 @pytest.mark.parametrize("spec, reference", [("sft:1:2:pf", "sft:4:1"), ("sft:2:1:pf", "sft:4:1"), ("dpo:1:2:pf", "dpo:4:1"),

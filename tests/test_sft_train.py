@@ -8,11 +8,9 @@
 """
 
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from nanoalign.model import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 import train as train_module  # noqa: E402
-from conftest import CORE_FAMILIES, assert_same_step, subprocess_env  # noqa: E402
+from conftest import CORE_FAMILIES, assert_same_step, kill_at_first_checkpoint, subprocess_env  # noqa: E402
 from parity_worker import parity_samples  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
 from test_algorithms import run_train  # noqa: E402
 
@@ -177,24 +175,9 @@ def test_resume_after_sigkill(tmp_path, tiny_dirs):
     # floor ratio 1) makes the run's length irrelevant, so the kill needs no precise timing.
     common = {"warmup-steps": 0, "min-lr-ratio": 1.0, "no-export": None, "save-every": 2}
     killed_dir = tmp_path / "killed"
-    log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *flags(killed_dir, **{**common, "max-steps": 10_000})],
-        cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while latest_checkpoint(killed_dir) is None:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL
+    returncode = kill_at_first_checkpoint(flags(killed_dir, **{**common, "max-steps": 10_000}), killed_dir,
+                                          tmp_path / "killed.log", timeout=180)  # fmt: skip
+    assert returncode == -signal.SIGKILL
     resumed_from = int(latest_checkpoint(killed_dir).name.removeprefix("step_"))  # read after the kill
     end = resumed_from + 3
 
