@@ -529,7 +529,10 @@ def warm_start_configs() -> list[Config]:
     reward (RL) or correct/incorrect pairs (DPO, MPO) can fix: what the demos of those methods show.
     """
     root = cache_dir() / f"tiny-sft-{TINY_VERSION}"
-    quiet = dict(eval_every=0, save_every=0, seed=0)
+    # 16 samples a step, as the README's 2-rank runs, whatever the world size: tiny-sft is then the same
+    # model however it is first built (python, torchrun, python -m nanoalign.tiny build).
+    per_rank = max(1, 16 // int(os.environ.get("WORLD_SIZE", "1")))
+    quiet = dict(eval_every=0, save_every=0, seed=0, batch_size=min(8, per_rank), grad_accum_steps=max(1, per_rank // 8))
     clean = dataclasses.replace(PRESETS["sft"](), out_dir=str(root / "clean"), **quiet)
     biased = dataclasses.replace(
         PRESETS["sft"](), model=str(root / "clean" / "final"), out_dir=str(root / "biased"), max_steps=100, lr=5e-4,

@@ -94,3 +94,13 @@ def test_tiny_sft_stages_are_train_py_command_lines():
     assert "--shapes-overcount" in stage_flags(stages[1])  # the biased teacher: a field that differs is said
     with pytest.raises(SystemExit, match="usage: python -m nanoalign.tiny build"):
         main(["build", "tiny-ssft"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_tiny_sft_stages_draw_16_samples_a_step_on_any_world_size(world_size, monkeypatch):
+    # tiny-sft must be the same model whether a 1-process run, torchrun or `nanoalign.tiny build` builds it first
+    from nanoalign.tiny import warm_start_configs
+
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    for stage in warm_start_configs():
+        assert stage.batch_size * stage.grad_accum_steps * world_size == 16
