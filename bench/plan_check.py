@@ -1,7 +1,8 @@
 """nanoalign.plan's prediction against the measured peak of real runs on CPUs (2 ranks).
 
-    python bench/plan_check.py                       # every configuration below, ~10 minutes on 2 cores
+    python bench/plan_check.py                       # every configuration below, ~15 minutes on 2 cores
     python bench/plan_check.py --configs small-sft   # one of them
+    python bench/plan_check.py --configs real-sft real-sft-ckpt real-grpo --out bench/results/plan_check-real.json
 
 Each configuration is a short train.train run (2 optimizer steps, no evaluation, no checkpoint) under
 its own `torchrun --nproc_per_node 2`. A rank's measured peak is its resident memory's high-water
