@@ -2,6 +2,7 @@
 
     python bench/lora.py                          # the small model (~70M, bench/common.py), sft and dpo, 2 ranks
     python bench/lora.py --model tiny --algos sft --steps 4
+    python bench/lora.py --model real --algos sft dpo --steps 3 --warmup 1 --batch-size 2   # Qwen2.5-VL-3B's widths
 
 Each configuration is one `train.py` run (train.train) under torchrun with 2 ranks, in its own
 processes: --lora-rank 0 (full) and --lora-rank R (LoRA on every linear layer of the language model),
@@ -94,7 +95,12 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-lora")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/lora-MODEL.json)")
     args = parser.parse_args()
-    model_dir = model_from_args(args)
+    if args.model == "real":  # Qwen2.5-VL-3B's widths and vocabulary at 2 + 2 layers (bench/real_shapes.py)
+        from bench.real_shapes import build_real_model
+
+        model_dir = str(build_real_model("3b"))
+    else:
+        model_dir = model_from_args(args)
     rows = []
     for algo in args.algos:
         for rank in (0, args.lora_rank):
@@ -103,7 +109,7 @@ def main() -> None:
     table = print_table(rows, [("algo", "algo", ""), ("LoRA rank", "lora_rank", ""), ("peak RSS / rank (MiB)", "peak_rss_mib", ".0f"),
                                ("checkpoint (MiB)", "checkpoint_mib", ".3g"), ("vLLM sync (MiB)", "sync_mib", ".3g"),
                                ("step (s)", "step_s", ".3g")], title=f"LoRA vs full fine-tuning, {args.model}, 2 ranks")  # fmt: skip
-    out = args.out or f"bench/results/lora-{args.model if args.model in ('tiny', 'small') else 'custom'}.json"
+    out = args.out or f"bench/results/lora-{args.model if args.model in ('tiny', 'small', 'real') else 'custom'}.json"
     write_json(out, {"args": vars(args), "model_dir": model_dir, "machine": machine_info(), "rows": rows, "table": table})
 
 

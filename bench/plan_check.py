@@ -1,7 +1,8 @@
 """nanoalign.plan's prediction against the measured peak of real runs on CPUs (2 ranks).
 
-    python bench/plan_check.py                       # every configuration below, ~10 minutes on 2 cores
+    python bench/plan_check.py                       # every configuration below, ~15 minutes on 2 cores
     python bench/plan_check.py --configs small-sft   # one of them
+    python bench/plan_check.py --configs real-sft real-sft-ckpt real-grpo --out bench/results/plan_check-real.json
 
 Each configuration is a short train.train run (2 optimizer steps, no evaluation, no checkpoint) under
 its own `torchrun --nproc_per_node 2`. A rank's measured peak is its resident memory's high-water
@@ -17,9 +18,11 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,8 +42,22 @@ CONFIGS = {  # name: (model size, algo, Config overrides)
     "small-grpo": ("small", "grpo", {**RL, "batch_size": 8, "beta": 0.04}),
     "small-grpo-noref": ("small", "grpo", {**RL, "batch_size": 8}),
     "medium-grpo-ckpt": ("medium", "grpo", {**RL, "batch_size": 8, "activation_checkpointing": True}),
+    # The realistic-shape model (bench/real_shapes.py: Qwen2.5-VL-3B's widths and 151,936-row vocabulary,
+    # 2 text + 2 vision layers, 543M parameters): small batches, as 2 ranks of it share 24 GiB here.
+    "real-sft": ("real", "sft", {"batch_size": 4}),
+    "real-sft-ckpt": ("real", "sft", {"batch_size": 4, "activation_checkpointing": True}),
+    "real-grpo": ("real", "grpo", {**RL, "num_generations": 2, "max_completion_length": 8, "batch_size": 4}),
 }
 SIZES_HERE = {"small": SIZES["small"], "medium": MEDIUM}
+
+
+def config_model(size: str) -> str:
+    """The directory of a configuration's model: a bench/common.py size, or "real" (the 3B-shaped one)."""
+    if size == "real":
+        from real_shapes import build_real_model
+
+        return str(build_real_model("3b"))
+    return model_dir("small", SIZES_HERE[size])
 
 
 def vm_kib(field: str) -> int:
@@ -116,15 +133,18 @@ def child(spec: dict) -> None:
 
 def measure(name: str) -> dict:
     size, algo, overrides = CONFIGS[name]
-    path = model_dir("small", SIZES_HERE[size])
+    path = config_model(size)
     spec = {"model": path, "algo": algo, "overrides": overrides, "out_dir": tempfile.mkdtemp(prefix="plan_check_")}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, "--child", json.dumps(spec)]
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800, check=False)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cost = {"wall_s": time.perf_counter() - start, "cpu_s": used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime}
     lines = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("PLAN_RESULT ")]
     if proc.returncode != 0 or len(lines) != 2:
         raise RuntimeError(f"{name}: torchrun failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-20:]))
-    return {"model": path, "algo": algo, "overrides": overrides, "ranks": lines}
+    return {"model": path, "algo": algo, "overrides": overrides, "ranks": lines, **cost}
 
 
 def predict(run: dict) -> dict:
@@ -153,16 +173,17 @@ def main() -> None:
     for name in stored or args.configs:
         run = stored[name] if stored else measure(name)
         size, _, overrides = CONFIGS[name.split(" ")[0]]  # "small-grpo (2nd run)": a repeat of small-grpo
-        run["model"], run["overrides"] = run.get("model") or model_dir("small", SIZES_HERE[size]), run.get("overrides", overrides)
+        run["model"], run["overrides"] = run.get("model") or config_model(size), run.get("overrides", overrides)
         predicted = predict(run)
         measured = max(r["peak_bytes"] for r in run["ranks"])
         row = {"config": name, "algo": run["algo"], "model": run["model"], "overrides": run["overrides"],
                "width": max(r["width"] for r in run["ranks"]),
                "measured_mib": measured / 2**20, "predicted_mib": predicted["peak"] / 2**20,
-               "error": predicted["peak"] / measured - 1, "ranks": run["ranks"],
+               "error": predicted["peak"] / measured - 1, "ranks": run["ranks"], "wall_s": run.get("wall_s"), "cpu_s": run.get("cpu_s"),
                "components_mib": {k: v / 2**20 for k, v in predicted.items()}}  # fmt: skip
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "components_mib"}), flush=True)
+        write_json(args.out, {"machine": machine_info(), "rows": rows})  # what is measured survives a later failure
     table = print_table(rows, [("config", "config", ""), ("row tokens", "width", "d"), ("measured MiB", "measured_mib", ".0f"),
                                ("predicted MiB", "predicted_mib", ".0f"), ("error", "error", "+.1%")],
                         "nanoalign.plan vs measured peak per rank (CPU, 2 ranks)")  # fmt: skip
