@@ -141,7 +141,9 @@ def plan(shape: Shape, cfg, *, gpus: int, device: str, row_length: int, prompt_l
     # shard, the last unit's full gradient being reduced).
     held = c["parameters"] + c["optimizer"] + gathered + pixels
     start_of_backward = activations + logps + (c["gradients"] if cfg.grad_accum_steps > 1 else 0)
-    end_of_backward = c["gradients"] + reduce
+    # FSDP2 frees a unit's gathered weights before it reduces that unit's gradient (post_backward), so the
+    # unit being reduced is not also counted gathered: it matters when the root is the largest unit.
+    end_of_backward = c["gradients"] + reduce - b * max(shape.layer, shape.block, shape.root)
     train_peak = held + max(start_of_backward, end_of_backward)
     c.update({"gathered units": gathered, "gradient reduction": reduce, "activations": activations, "log-prob chunks": logps,
               "inputs": pixels})  # fmt: skip
