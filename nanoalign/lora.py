@@ -53,11 +53,14 @@ def target_layers(hf_model, target_modules: tuple[str, ...] = (), vision: bool =
     layers = {f"{prefix}.{name}": m for name, m in scope.named_modules() if isinstance(m, nn.Linear)}
     if not target_modules:
         return layers
+    def matches(name: str, target: str) -> bool:  # PEFT's rule: the whole name, or its last dotted parts
+        return name == target or name.endswith("." + target)
+
     for target in target_modules:  # a name that matches nothing is a typo, not an empty adapter
-        if not any(name == target or name.endswith("." + target) for name in layers):
+        if not any(matches(name, target) for name in layers):
             raise ValueError(f"--lora-target-modules {target}: no linear layer of the {'model' if vision else 'language model'}"
                              f" is called that (e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in layers})[:8])})")  # fmt: skip
-    return {name: m for name, m in layers.items() if any(name == t or name.endswith("." + t) for t in target_modules)}
+    return {name: m for name, m in layers.items() if any(matches(name, t) for t in target_modules)}
 
 
 def _lora_forward(layer: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -67,15 +70,11 @@ def _lora_forward(layer: nn.Linear, args: tuple, output: torch.Tensor) -> torch.
     return output + layer.lora_B(layer.lora_A(layer.lora_dropout(args[0]))) * layer.lora_scale
 
 
-def add_adapters(hf_model, cfg, base_dtype: torch.dtype) -> dict[str, nn.Linear]:
-    """Freeze every weight, kept in base_dtype (the compute dtype: bf16 halves the base's memory and
-    changes no number, FSDP2 would cast it to that for every forward anyway), and give each target
-    layer A (r, in) and B (out, r), fp32 like any trained weight. Call it on the model built on the
-    meta device, before FSDP2 wraps it (the adapters are then sharded with their layer);
-    `init_adapters` fills them once the shards exist. Returns the adapted layers."""
-    hf_model.requires_grad_(False)
-    for param in hf_model.parameters():
-        param.data = param.data.to(base_dtype)
+def add_adapters(hf_model, cfg) -> dict[str, nn.Linear]:
+    """Give each target layer A (r, in) and B (out, r), fp32 like any trained weight, on a model whose base
+    is frozen (model.freeze). Call it on the model built on the meta device, before FSDP2 wraps it (the
+    adapters are then sharded with their layer); `init_adapters` fills them once the shards exist.
+    Returns the adapted layers."""
     layers = target_layers(hf_model, cfg.lora_target_modules, cfg.lora_vision)
     for layer in layers.values():
         layer.lora_A = nn.Linear(layer.in_features, cfg.lora_rank, bias=False, device=layer.weight.device)

@@ -306,6 +306,15 @@ def gathered_for_generation(policy: Policy):
             unit.set_reshard_after_forward(unit is not policy, recurse=False)
 
 
+def freeze(hf_model, dtype: torch.dtype) -> None:
+    """Frozen weights (the reference model, a LoRA run's base) only compute: no gradient, and kept in the compute
+    dtype, not fp32 shards cast at every gather (bf16: half the memory, the same numbers). Parameters only:
+    buffers such as rotary inv_freq stay fp32."""
+    hf_model.requires_grad_(False)
+    for param in hf_model.parameters():
+        param.data = param.data.to(dtype)
+
+
 def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool) -> Policy:
     """Build the model on meta, shard it (shard_policy), then fill the shards: rank 0 reads the checkpoint, every
     rank receives only its rows (loading.py). No rank ever holds a full copy of the model."""
@@ -320,12 +329,10 @@ def build_policy(model_dir: str, cfg: Config, mesh, bf16: bool, trainable: bool)
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if cfg.lora_rank:  # after the dropout switch-off: --lora-dropout is the adapters' own
-            lora.add_adapters(hf_model, cfg, base_dtype=torch.bfloat16 if bf16 else torch.float32)
+            freeze(hf_model, torch.bfloat16 if bf16 else torch.float32)
+            lora.add_adapters(hf_model, cfg)
     else:  # the frozen reference: same sharding, never updated, no activation checkpoints
-        hf_model.requires_grad_(False).eval()
-        if bf16:  # it only computes: kept in the compute dtype, not fp32 shards cast at every gather (half the memory)
-            for param in hf_model.parameters():  # parameters only: buffers such as rotary inv_freq stay fp32
-                param.data = param.data.to(torch.bfloat16)
+        freeze(hf_model.eval(), torch.bfloat16 if bf16 else torch.float32)
     policy = Policy(hf_model, logps_chunk_size(cfg.logps_chunk_size, mesh.device_type), cfg.padding_free)
     policy = shard_policy(policy, mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
     load_hf_weights(policy, model_dir, mesh.device_type)

@@ -98,7 +98,7 @@ def test_sync_sends_the_adapted_layers_and_their_linear_siblings(load_family):
     # vLLM fuses q/k/v (and gate/up) into one weight: adapting q_proj alone must still send k_proj and v_proj
     _, model, _ = load_family("tiny")
     assert len(lora.sync_parameters(model)) == len(list(model.parameters()))  # full fine-tuning: everything
-    lora.add_adapters(model, Config(lora_rank=2, lora_target_modules=("q_proj",)), base_dtype=torch.float32)
+    lora.add_adapters(model, Config(lora_rank=2, lora_target_modules=("q_proj",)))
     sent = [name for name, _ in lora.sync_parameters(model)]
     attention = [f"{n}.weight" for n, m in model.get_decoder().named_modules()
                  if isinstance(m, torch.nn.Linear) and ".self_attn." in n and not lora.is_adapter(n + ".")]  # fmt: skip
@@ -110,7 +110,7 @@ def test_server_sync_over_nccl_is_refused_with_lora(load_family):
     from nanoalign.vllm_server import WeightSync
 
     _, model, _ = load_family("tiny")
-    lora.add_adapters(model, Config(lora_rank=2), base_dtype=torch.float32)
+    lora.add_adapters(model, Config(lora_rank=2))
     with pytest.raises(ValueError, match="--lora-rank with --vllm-mode server: vLLM's NCCL weight transfer"):
         WeightSync(model, None, rank=1, backend="nccl")
 
