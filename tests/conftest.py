@@ -152,6 +152,28 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+class Crash(Exception):
+    """What crash_after_checkpoint raises: a run that dies between two steps."""
+
+
+def crash_after_checkpoint(monkeypatch, crash_step: int, train_args: list[str]) -> None:
+    """train.train(TRAIN_ARGS), stopped by an exception right after it writes the checkpoint of crash_step."""
+    import train as train_module
+
+    save = train_module.save_checkpoint
+
+    def save_then_crash(out_dir, step, *args, **kwargs):
+        path = save(out_dir, step, *args, **kwargs)
+        if step == crash_step:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train_module.train(train_module.parse_config(train_args))
+    monkeypatch.undo()
+
+
 def kill_at_first_checkpoint(train_args: list[str], out_dir: Path, log_path: Path, timeout: float) -> int:
     """Start `python train.py TRAIN_ARGS` and SIGKILL it as soon as a checkpoint exists in out_dir (it may be
     anywhere in a later step); returns its exit code (-SIGKILL unless it ended first)."""

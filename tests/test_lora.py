@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import family_params, kill_at_first_checkpoint, one_thread, torchrun
+from conftest import crash_after_checkpoint, family_params, kill_at_first_checkpoint, one_thread, torchrun
 from lora_worker import RANK, lora_policy, lora_step, set_B
 from parity_worker import parity_samples
 from safetensors.torch import load_file
@@ -237,21 +237,7 @@ def test_resume_after_crash_continues_exactly_from_an_adapter_checkpoint(tiny_di
                 "--num-shapes-samples", "64", "--no-export"]  # fmt: skip
 
     train_module.train(train_module.parse_config(argv(tmp_path / "full")))
-    save = train_module.save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(out_dir, step, *args, **kwargs):
-        path = save(out_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train_module.train(train_module.parse_config(argv(tmp_path / "cut")))
-    monkeypatch.undo()
+    crash_after_checkpoint(monkeypatch, 2, argv(tmp_path / "cut"))
     ckpt = latest_checkpoint(tmp_path / "cut")
     saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]

@@ -25,7 +25,7 @@ from nanoalign.model import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 import train as train_module  # noqa: E402
-from conftest import CORE_FAMILIES, assert_same_step, kill_at_first_checkpoint, subprocess_env  # noqa: E402
+from conftest import CORE_FAMILIES, assert_same_step, crash_after_checkpoint, kill_at_first_checkpoint, subprocess_env  # noqa: E402
 from parity_worker import parity_samples  # noqa: E402  (tests/ is on pythonpath, pyproject.toml)
 from test_algorithms import run_train  # noqa: E402
 
@@ -121,10 +121,6 @@ def losses(path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(path)}
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", CORE_FAMILIES)
 def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_dirs, monkeypatch):
     # (LLaVA too: its vision post_layernorm never gets a gradient, so AdamW has no state for it.)
@@ -137,18 +133,7 @@ def test_resume_after_crash_reproduces_uninterrupted_run(name, tmp_path, tiny_di
 
     # Interrupted: the same run dies right after writing the step-3 checkpoint (the schedule is the
     # 6-step one, so the resumed LR must come from the restored scheduler, not a fresh one) ...
-    save = train_module.save_checkpoint
-
-    def save_then_crash(out_dir, step, *args, **kwargs):
-        path = save(out_dir, step, *args, **kwargs)
-        if step == 3:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train_module.train(train_module.parse_config(flags(tmp_path / "cut", **common)))
-    monkeypatch.undo()
+    crash_after_checkpoint(monkeypatch, 3, flags(tmp_path / "cut", **common))
     assert latest_checkpoint(tmp_path / "cut").name == "step_000003"
     # ... and a fresh process-level call of train() on the same out_dir resumes and finishes.
     train_module.train(train_module.parse_config(flags(tmp_path / "cut", **common)))
