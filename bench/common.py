@@ -53,7 +53,7 @@ SIZES = {"small": ModelSize()}  # "tiny" is nanoalign's own built-in model
 
 def add_model_flags(parser) -> None:
     """--model tiny|small|DIR, and the size flags that override "small"."""
-    parser.add_argument("--model", default="tiny", help="tiny (built-in, ~1M params), small (~70M, built here) or a model directory")
+    parser.add_argument("--model", default="tiny", help="tiny (built-in, ~1M params), small (~70M, built here), real3b (alias real) / real7b (bench/real_shapes.py) or a model directory")
     for f in dataclasses.fields(ModelSize):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help=f"small model: {f.name} (default {f.default})")
 
@@ -69,7 +69,13 @@ def add_step_flags(parser, algos: list[str]) -> None:
 
 
 def model_from_args(args) -> str:
-    """The directory of the model the flags describe (built on first use)."""
+    """The directory of the model the flags describe (built on first use): tiny, small (+ size flags),
+    real3b (or real) / real7b (bench/real_shapes.py: the real widths and vocabulary, 2 text + 2 vision
+    layers) or a directory."""
+    if args.model in ("real", "real3b", "real7b"):
+        from bench.real_shapes import build_real_model
+
+        return str(build_real_model("7b" if args.model == "real7b" else "3b"))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelSize) if getattr(args, f.name) is not None}
     if args.model == "tiny" and not overrides:
         return model_dir("tiny")
@@ -228,14 +234,17 @@ def current_rss_bytes() -> int:
 
 
 def emit(result: dict) -> None:
-    """Child side: print the result line the parent parses (peak memory added)."""
-    result = {**result, "peak_mem_bytes": peak_memory_bytes()}
+    """Child side: print the result line the parent parses (peak memory and rank added)."""
+    result = {**result, "peak_mem_bytes": peak_memory_bytes(), "rank": int(os.environ.get("RANK", 0))}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(script: str, spec: dict, *, python: str | None = None, timeout: float = 1800, verbose: bool = False) -> dict:
+def run_child(script: str, spec: dict, *, python: str | None = None, timeout: float = 1800, verbose: bool = False,
+              nproc: int = 1) -> dict:  # fmt: skip
     """Run `script --child SPEC` in a fresh interpreter and return the dict it emitted.
 
+    nproc > 1: under torchrun, `nproc` ranks on this machine; the result is rank 0's dict with
+    peak_mem_bytes the highest of any rank's (and every rank's in peak_mem_bytes_per_rank).
     A child that fails returns {"error": last lines of its output} instead of raising, so one broken
     configuration does not lose the rest of a table.
     """
@@ -246,19 +255,22 @@ def run_child(script: str, spec: dict, *, python: str | None = None, timeout: fl
     # threads that lose their core make every parallel region wait for them: 2-thread steps were
     # 5-20x slower and erratic without this, and no slower with it on an idle machine.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.pop("RANK", None)  # one process, whatever launched us
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # the child's own world, whatever launched us
     if spec.get("mmap_threshold"):  # glibc: serve blocks above this from mmap, returned on free
         env["MALLOC_MMAP_THRESHOLD_"] = str(spec["mmap_threshold"])
-    cmd = [python or sys.executable, script, "--child", json.dumps(spec)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [python or sys.executable, *launcher, script, "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     if verbose:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
+    results = [json.loads(line[len(RESULT_PREFIX) :]) for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if len(results) == nproc:
+        peaks = [r["peak_mem_bytes"] for r in sorted(results, key=lambda r: r["rank"])]
+        return {**next(r for r in results if r["rank"] == 0), "peak_mem_bytes": max(peaks), "peak_mem_bytes_per_rank": peaks}
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     return {"error": "\n".join(tail)}
 

@@ -95,12 +95,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-lora")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/lora-MODEL.json)")
     args = parser.parse_args()
-    if args.model == "real":  # Qwen2.5-VL-3B's widths and vocabulary at 2 + 2 layers (bench/real_shapes.py)
-        from bench.real_shapes import build_real_model
-
-        model_dir = str(build_real_model("3b"))
-    else:
-        model_dir = model_from_args(args)
+    model_dir = model_from_args(args)  # "real": Qwen2.5-VL-3B's widths and vocabulary at 2 + 2 layers
     rows = []
     for algo in args.algos:
         for rank in (0, args.lora_rank):

@@ -12,6 +12,8 @@ sft.loss + backward on every micro-batch of the step, the same samples in the sa
     padded+budget   --max-tokens-per-micro-batch B, counted as rows x longest row
     padding-free    --padding-free, 4 rows per micro-batch
     pf+budget       --padding-free --max-tokens-per-micro-batch B, counted as real tokens
+    trl             TRL 1.16's SFTTrainer on the same rows (prompt-completion), --batch-size rows per
+                    micro-batch, padded as TRL builds VLM batches (--trl-python: an interpreter with trl)
 
 tokens/s = real (non-pad) tokens of the step / seconds of forward + backward (encoding is timed
 apart: `encode_s`); seconds are the child's CPU seconds on CPU (time.process_time, one thread: the
@@ -31,6 +33,7 @@ import dataclasses
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,11 +131,60 @@ def child(spec: dict) -> None:
     emit({"steps": steps, "machine": machine_info()})
 
 
+def child_trl(spec: dict) -> None:
+    """The same samples through TRL's SFTTrainer (prompt-completion rows: completion-only loss, padded
+    batches of --batch-size rows, as TRL 1.16 builds VLM batches), timed like `child`: CPU seconds of
+    its training_step (forward + backward of one micro-batch; the collator runs before it)."""
+    import datasets
+    import torch
+    import trl
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
+    torch.set_num_threads(spec["threads"])
+    total_steps = spec["warmup"] + spec["steps"]
+    samples = length_mix(spec["samples_per_step"] * total_steps, spec.get("mix", "sft"))
+    rows = [{"prompt": s["messages"][:1], "completion": s["messages"][1:], "images": s["images"]} for s in samples]
+    processor = AutoProcessor.from_pretrained(spec["model_dir"])
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
+    model = AutoModelForImageTextToText.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    args = trl.SFTConfig(
+        output_dir=spec["work"], max_steps=total_steps, per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["samples_per_step"] // spec["batch_size"], max_length=4096,
+        train_sampling_strategy="sequential", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        report_to="none", gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+    steps, current = [], {"train_s": 0.0, "real_tokens": 0, "computed_tokens": 0, "micro_batches": 0, "row_lengths": []}
+    training_step = trainer.training_step
+
+    def timed_training_step(model, inputs, *args, **kwargs):
+        t0 = time.process_time()
+        out = training_step(model, inputs, *args, **kwargs)
+        current["train_s"] += time.process_time() - t0
+        current["real_tokens"] += int(inputs["attention_mask"].sum())
+        current["computed_tokens"] += inputs["input_ids"].numel()
+        current["micro_batches"] += 1
+        current["row_lengths"] += inputs["attention_mask"].sum(1).tolist()
+        return out
+
+    class EveryStep(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            steps.append(dict(current, encode_s=0.0))
+            current.update(train_s=0.0, real_tokens=0, computed_tokens=0, micro_batches=0, row_lengths=[])
+
+    trainer.training_step = timed_training_step
+    trainer.add_callback(EveryStep())
+    trainer.train()
+    emit({"steps": steps[spec["warmup"] :], "machine": machine_info(), "trl": trl.__version__})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
     parser.set_defaults(model="small")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, "trl"], help="trl: TRL's SFTTrainer on the same rows (needs --trl-python)")
+    parser.add_argument("--trl-python", default="/work/venv-trl/bin/python", help="interpreter with trl installed, for --modes trl")
     parser.add_argument("--mix", default="sft", choices=["sft", "rl"], help="the length mix (module docstring)")
     parser.add_argument("--samples-per-step", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch without a budget")
@@ -147,7 +199,11 @@ def main() -> None:
     for mode in args.modes:
         spec = {"mode": mode, "model_dir": model_dir, "threads": args.threads, "samples_per_step": args.samples_per_step,
                 "batch_size": args.batch_size, "budget": args.budget, "steps": args.steps, "warmup": args.warmup, "mix": args.mix}  # fmt: skip
-        result = run_child(__file__, spec, timeout=3600)
+        if mode == "trl":
+            with tempfile.TemporaryDirectory() as work:
+                result = run_child(__file__, {**spec, "side": "trl", "work": work}, python=args.trl_python, timeout=3600)
+        else:
+            result = run_child(__file__, spec, timeout=3600)
         if "error" in result:
             print(f"{mode}: {result['error']}", flush=True)
             rows.append({"mode": mode, "error": result["error"]})
@@ -177,6 +233,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if (spec := child_spec(sys.argv)) is not None:
-        child(spec)
+        child_trl(spec) if spec.get("side") == "trl" else child(spec)
     else:
         main()

@@ -205,7 +205,8 @@ def child(spec: dict) -> None:
 
     vision_module(hf).register_forward_hook(mark_vision_backward)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=True)
+    # --no-optimizer: forward and backward only, for a model whose two AdamW moments do not fit here
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=True) if spec.get("optimizer", True) else None
     num_tokens = float(batch.mask.sum())
     for step in range(spec["steps"]):
         totals.clear()
@@ -215,9 +216,10 @@ def child(spec: dict) -> None:
         with phases.measure("backward"):
             loss.backward()
             end = clocks()
-        with phases.measure("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            with phases.measure("optimizer"):
+                optimizer.step()
+        policy.zero_grad(set_to_none=True)
         del logps, loss
     def span(wall_cpu):
         return {"s": wall_cpu[0], "cpu_s": wall_cpu[1]}
@@ -254,6 +256,7 @@ def main(argv=None) -> None:
     parser.add_argument("--logps-chunk-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1, help="training steps; the last is reported")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-optimizer", dest="optimizer", action="store_false", help="forward and backward only (7B widths: AdamW's moments do not fit 24 GiB)")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/step_breakdown-<model dir name>.json)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -261,7 +264,7 @@ def main(argv=None) -> None:
     results = {}
     for variant in args.variants:
         spec = {k: getattr(args, k) for k in ("model", "prompts", "num_generations", "image_size", "completion_tokens",
-                                              "decode_tokens", "logps_chunk_size", "steps", "threads")}  # fmt: skip
+                                              "decode_tokens", "logps_chunk_size", "steps", "threads", "optimizer")}  # fmt: skip
         spec["variant"] = variant
         spec["mmap_threshold"] = 2**20
         start = time.perf_counter()

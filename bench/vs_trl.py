@@ -3,6 +3,9 @@
     python bench/vs_trl.py                                   # tiny model: sft dpo mpo grpo gspo
     python bench/vs_trl.py --model small --algos sft dpo     # the ~70M config
     python bench/vs_trl.py --trl-python /work/venv-trl/bin/python
+    python bench/vs_trl.py --model real3b --image-size 448 --batch-size 8 --num-generations 4 \
+        --completion-tokens 128 --steps 2 --warmup 1 --rounds 1   # Qwen2.5-VL-3B's widths (bench/real_shapes.py)
+    python bench/vs_trl.py --nproc 2 --threads 1               # 2 ranks each (torchrun): peak = the highest rank's
 
 TRL is optional: it runs in the interpreter given by --trl-python (default: this one if it can
 import trl, else /work/venv-trl/bin/python if present); without it the TRL columns are skipped
@@ -23,6 +26,10 @@ Same setup on both sides, each in a fresh single process with the same torch thr
                suppressed in sampling on both sides (TRL does it; nanoalign is patched here)
     optimizer  AdamW (betas 0.9/0.95, no weight decay), grad clipping 1.0, no gradient
                checkpointing, a log line every step
+    images     --image-size px a side (default 112, the built-in task's; 448 = 256 image tokens)
+    ranks      --nproc N: both stacks under torchrun, --batch-size rows per rank. nanoalign shards with
+               FSDP2; TRL gets what accelerate does on CPU, DDP (it applies FSDP only on accelerators),
+               so each TRL rank holds whole weights, gradients and Adam moments. No first-step check.
 
 Step time: nanoalign's `step_time` from metrics.jsonl; TRL's the time between two consecutive
 on_step_end callbacks (data collation, generation, forward, backward and optimizer included on
@@ -47,7 +54,9 @@ So a third fresh process ("check") recomputes, from the same initial weights:
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,25 +85,33 @@ def variety_reward(completions: list[str], **_) -> list[float]:
     return [len(set(text)) / 10 for text in completions]
 
 
-def nanoalign_config(algo: str, model: str, out_dir: str, steps: int, batch_size: int | None):
-    """nanoalign's preset for `algo`, with the settings both stacks share (module docstring)."""
+def nanoalign_config(spec: dict, out_dir: str, steps: int):
+    """nanoalign's preset for spec["algo"], with the settings both stacks share (module docstring) and
+    the spec's overrides (batch size, completion tokens, generations)."""
     from nanoalign.config import PRESETS
 
+    algo = spec["algo"]
     cfg = dataclasses.replace(
-        PRESETS[algo](), model=model, out_dir=out_dir, max_steps=steps, eval_split="", save_every=0, export=False,
-        resume=False, log_every=10**6, seed=0, num_shapes_samples=NUM_SHAPES, steps_per_generation=1,
-        grad_accum_steps=1, weight_decay=0.0, adam_betas=(0.9, 0.95), max_grad_norm=1.0,
-        reward_funcs=("accuracy", "format", "bench.vs_trl:variety_reward"), reward_weights=(1.0, 0.2, 1.0),
+        PRESETS[algo](), model=spec["model"], out_dir=out_dir, max_steps=steps, eval_split="", save_every=0,
+        export=False, resume=False, log_every=10**6, seed=0, num_shapes_samples=NUM_SHAPES, grad_accum_steps=1,
+        weight_decay=0.0, adam_betas=(0.9, 0.95), max_grad_norm=1.0,
     )  # fmt: skip
-    return dataclasses.replace(cfg, batch_size=batch_size) if batch_size else cfg
+    overrides = {"batch_size": spec.get("batch_size")}
+    if FORMATS[algo] == "rl":  # train.py refuses RL flags on the other methods
+        overrides.update(
+            steps_per_generation=1, reward_funcs=("accuracy", "format", "bench.vs_trl:variety_reward"),
+            reward_weights=(1.0, 0.2, 1.0), max_completion_length=spec.get("completion_tokens"),
+            num_generations=spec.get("num_generations"),
+        )  # fmt: skip
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v})
 
 
-def first_samples(algo: str, count: int) -> list[dict]:
+def first_samples(algo: str, count: int, image_size: int) -> list[dict]:
     """The first `count` samples of nanoalign's data stream (seed 0), as raw shapes rows."""
     from nanoalign.data import stream_indices
     from nanoalign.shapes import shapes_sample
 
-    return [shapes_sample("train", i, FORMATS[algo]) for i in stream_indices(0, count, NUM_SHAPES, 0)]
+    return [shapes_sample("train", i, FORMATS[algo], image_size=image_size) for i in stream_indices(0, count, NUM_SHAPES, 0)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,11 +122,15 @@ def child_nanoalign(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    import nanoalign.data
     import train as loop
 
     suppress_image_token_in_rollouts(spec["model"])
-    with tempfile.TemporaryDirectory() as out_dir:
-        cfg = nanoalign_config(spec["algo"], spec["model"], out_dir, spec["steps"], spec["batch_size"])
+    # the built-in task draws 112-px images; both stacks get spec["image_size"] px ones
+    nanoalign.data.shapes_sample = functools.partial(nanoalign.data.shapes_sample, image_size=spec["image_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = spec.get("out_dir") or tmp  # under torchrun the parent's, one for every rank
+        cfg = nanoalign_config(spec, out_dir, spec["steps"])
         algo = loop.ALGOS[cfg.algo]
         setup = {}
         prepare = algo.prepare
@@ -121,6 +142,9 @@ def child_nanoalign(spec: dict) -> None:
         algo.prepare = marking_prepare
         marks = cpu_marks_after_optimizer_steps()
         loop.train(cfg)
+        if int(os.environ.get("RANK", 0)) != 0:  # rank 0 writes metrics.jsonl; the others report their peak
+            emit({"cpu_times": marks[1:]})
+            return
         lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     emit({"step_times": [m["step_time"] for m in lines], "first_loss": lines[0]["loss"], "cpu_times": marks[1:],
           "first_grad_norm": lines[0]["grad_norm"], "setup_rss": setup.get("rss")})  # fmt: skip
@@ -152,12 +176,12 @@ def cpu_marks_after_optimizer_steps() -> list[float]:
 # TRL child: SFTTrainer / DPOTrainer / GRPOTrainer
 
 
-def trl_dataset(algo: str, count: int):
+def trl_dataset(algo: str, count: int, image_size: int):
     """TRL's vision dataset formats, rows in nanoalign's stream order."""
     import datasets
 
     rows = []
-    for s in first_samples(algo, count):
+    for s in first_samples(algo, count, image_size):
         if algo == "sft":  # prompt-completion: TRL then trains on the completion only, like nanoalign
             rows.append({"prompt": s["messages"][:1], "completion": s["messages"][1:], "images": s["images"]})
         else:
@@ -190,7 +214,7 @@ def child_trl(spec: dict) -> None:
 
     algo, steps = spec["algo"], spec["steps"]
     out_dir = tempfile.mkdtemp()
-    cfg = nanoalign_config(algo, spec["model"], out_dir, steps, spec["batch_size"])
+    cfg = nanoalign_config(spec, out_dir, steps)
     processor = AutoProcessor.from_pretrained(spec["model"])
     model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=torch.float32)
     gpu = torch.cuda.is_available()
@@ -203,14 +227,14 @@ def child_trl(spec: dict) -> None:
     )  # fmt: skip
     if algo == "sft":
         args = trl.SFTConfig(**common, max_length=cfg.max_length, train_sampling_strategy="sequential")
-        dataset = trl_dataset(algo, cfg.batch_size * steps)
+        dataset = trl_dataset(algo, cfg.batch_size * steps * spec.get("nproc", 1), spec["image_size"])
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     elif algo in ("dpo", "mpo"):
         args = trl.DPOConfig(
             **common, max_length=cfg.max_length, beta=cfg.beta, loss_type=list(cfg.loss_types),
             loss_weights=list(cfg.loss_weights), train_sampling_strategy="sequential",
         )  # fmt: skip
-        dataset = trl_dataset(algo, cfg.batch_size * steps)
+        dataset = trl_dataset(algo, cfg.batch_size * steps * spec.get("nproc", 1), spec["image_size"])
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     else:
         args = trl.GRPOConfig(
@@ -221,7 +245,7 @@ def child_trl(spec: dict) -> None:
             reward_weights=list(cfg.reward_weights), mask_truncated_completions=cfg.mask_truncated_completions,
             use_vllm=False, log_completions=False,
         )  # fmt: skip
-        dataset = trl_dataset(algo, cfg.batch_size // cfg.num_generations * steps)
+        dataset = trl_dataset(algo, cfg.batch_size // cfg.num_generations * steps * spec.get("nproc", 1), spec["image_size"])
         trainer = trl.GRPOTrainer(
             model=model, reward_funcs=trl_reward_funcs(), args=args, train_dataset=dataset, processing_class=processor
         )
@@ -248,7 +272,8 @@ def child_trl(spec: dict) -> None:
             loss = result[0] if isinstance(result, tuple) else result
             first["loss"] = float(loss.detach())
             saved = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-            torch.save(saved, spec["batch_file"])
+            if int(os.environ.get("RANK", 0)) == 0:
+                torch.save(saved, spec["batch_file"])
         return result
 
     trainer.compute_loss = recording_compute_loss
@@ -273,7 +298,7 @@ def child_check(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     algo = spec["algo"]
-    cfg = nanoalign_config(algo, spec["model"], "unused", 1, spec["batch_size"])
+    cfg = nanoalign_config(spec, "unused", 1)
     policy = Policy(load_hf_model(spec["model"]), logps_chunk_size(cfg.logps_chunk_size, "cpu"))  # initial weights, trainable
     processor = load_processor(spec["model"])
     batch = torch.load(spec["batch_file"], weights_only=False)
@@ -282,7 +307,7 @@ def child_check(spec: dict) -> None:
         # TRL's label (sft) / completion_mask (dpo) at token t marks log p(token t | < t) as counted.
         mask = (batch["labels"] != -100).float() if algo == "sft" else batch["completion_mask"].float()
         result = loss_and_grad_norm(policy, lambda: offline_loss(algo, policy(batch["input_ids"], batch["attention_mask"], **mm)[0], mask, cfg), "on_trl_batch")
-        result.update(own_batch_losses(algo, policy, processor, cfg))
+        result.update(own_batch_losses(algo, policy, processor, cfg, spec["image_size"]))
     else:
         result = rl_check(batch, policy, processor, cfg, spec)
     emit(result)
@@ -319,14 +344,14 @@ def offline_loss(algo: str, logps, mask, cfg):
     return loss
 
 
-def own_batch_losses(algo, policy, processor, cfg) -> dict:
+def own_batch_losses(algo, policy, processor, cfg, image_size: int) -> dict:
     """nanoalign's own rows for the first step's samples: its mask, and TRL's mask convention."""
     from nanoalign.batch import encode_conversations
     from nanoalign.data import prepare_sample
 
     eos = policy.hf.generation_config.eos_token_id
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    raw = first_samples(algo, cfg.batch_size)
+    raw = first_samples(algo, cfg.batch_size, spec["image_size"])
     samples = [prepare_sample(r, FORMATS[algo], f"sample {i}") for i, r in enumerate(raw)]
     if algo == "sft":
         convs, images, last_only = [s["messages"] for s in samples], [s["images"] for s in samples], False
@@ -377,7 +402,7 @@ def rl_check(batch, policy, processor, cfg, spec) -> dict:
     # prompt is found again by its image: the hash of its pixel_values rows.
     ids = [row[m.bool()].tolist() for row, m in zip(completion_ids, batch["completion_mask"])]
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    raw = first_samples(spec["algo"], cfg.batch_size // cfg.num_generations)
+    raw = first_samples(spec["algo"], cfg.batch_size // cfg.num_generations, spec["image_size"])
     keys = [hash(processor.image_processor(images=r["images"], return_tensors="pt")["pixel_values"].numpy().tobytes()) for r in raw]
     patches_per_row = [int(t.sum()) for t in batch["image_grid_thw"].prod(-1).split(list(batch["num_images"]))]
     row_keys = [hash(p.numpy().tobytes()) for p in batch["pixel_values"].split(patches_per_row)]
@@ -412,14 +437,17 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
     """--rounds alternating runs of both stacks (so a burst of load from other jobs hits both), then
     one check run on TRL's first batch."""
     steps = args.warmup + args.steps
-    spec = {"algo": algo, "model": model, "steps": steps, "threads": args.threads, "batch_size": args.batch_size}
+    spec = {"algo": algo, "model": model, "steps": steps, "threads": args.threads, "batch_size": args.batch_size,
+            "image_size": args.image_size, "completion_tokens": args.completion_tokens, "num_generations": args.num_generations,
+            "nproc": args.nproc}  # fmt: skip
     row = {"algo": algo}
     kept = slice(args.warmup, None)
     runs = {"na": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         batch_file = str(Path(tmp) / "first_batch.pt")
-        for _ in range(args.rounds):
-            ours = run_child(__file__, {**spec, "side": "nanoalign"}, verbose=args.verbose)
+        for i in range(args.rounds):
+            out_dir = str(Path(tmp) / f"nanoalign-{i}")
+            ours = run_child(__file__, {**spec, "side": "nanoalign", "out_dir": out_dir}, verbose=args.verbose, nproc=args.nproc)
             if "error" in ours:
                 print(f"{algo} nanoalign FAILED:\n{ours['error']}", flush=True)
                 row["error"] = ours["error"]
@@ -427,7 +455,8 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
             runs["na"].append(ours)
             if trl_python is None:
                 continue
-            theirs = run_child(__file__, {**spec, "side": "trl", "batch_file": batch_file}, python=trl_python, verbose=args.verbose)
+            theirs = run_child(__file__, {**spec, "side": "trl", "batch_file": batch_file}, python=trl_python, verbose=args.verbose,
+                               nproc=args.nproc)  # fmt: skip
             if "error" in theirs:
                 print(f"{algo} TRL FAILED:\n{theirs['error']}", flush=True)
                 row["trl_error"] = theirs["error"]
@@ -452,6 +481,8 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
         row["time_ratio"] = row["na_step_s"] / row["trl_step_s"]
         row["cpu_ratio"] = row["na_cpu_s"] / row["trl_cpu_s"]
         row["mem_ratio"] = row["na_peak_mib"] / row["trl_peak_mib"]
+        if args.nproc > 1:  # the first-step check is a one-process comparison (module docstring)
+            return row
         check = run_child(__file__, {**spec, "side": "check", "batch_file": batch_file}, verbose=args.verbose)
     if "error" in check:
         print(f"{algo} check FAILED:\n{check['error']}", flush=True)
@@ -475,6 +506,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each stack (medians pool their steps)")
     parser.add_argument("--trl-python", default=None, help="interpreter with trl installed")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/vs_trl-<model>.json)")
+    parser.add_argument("--image-size", type=int, default=112, help="px a side of each sample's image (448 = 256 tokens for Qwen2.5-VL)")
+    parser.add_argument("--completion-tokens", type=int, default=None, help="RL: max_completion_length (default: the preset's)")
+    parser.add_argument("--num-generations", type=int, default=None, help="RL: completions per prompt (default: the preset's)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per stack (torchrun): nanoalign FSDP2, TRL what accelerate does on CPU (DDP)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     model = model_from_args(args)
@@ -487,7 +522,7 @@ def main() -> None:
     for algo in args.algos:
         rows.append(compare(algo, model, args, trl_python))
         print(algo, json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("step_times")}, default=str), flush=True)
-    name = args.model if args.model in ("tiny", "small") else Path(model).name
+    name = args.model if args.model in ("tiny", "small", "real", "real3b", "real7b") else Path(model).name
     print_table(rows, [
         ("algo", "algo", "s"), ("nanoalign step (s)", "na_step_s", ".3f"), ("TRL step (s)", "trl_step_s", ".3f"),
         ("ratio", "time_ratio", ".2f"), ("nanoalign CPU s/step", "na_cpu_s", ".3f"), ("TRL CPU s/step", "trl_cpu_s", ".3f"),
