@@ -3,6 +3,7 @@ checkpoint; resume refuses a changed config or world size, on every rank."""
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from conftest import REPO, torchrun  # noqa: E402
 from parity_worker import sharded_policy  # noqa: E402
 from test_algorithms import run_train, steps  # noqa: E402
@@ -39,6 +40,23 @@ def test_a_second_save_of_a_step_never_writes_into_an_existing_checkpoint(tiny_d
     again = save_checkpoint(tmp_path, 2, policy, optimizer, scheduler, {"step": 2, "num_drawn": 32}, 0)
     assert again.name == "step_000002.1" and latest_checkpoint(tmp_path) == again
     assert {p: p.stat().st_mtime_ns for p in first.iterdir()} == stamps  # untouched
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_tied_embedding_is_saved_once(tiny_dirs, dist_world, tmp_path):
+    # The tiny Qwen2.5-VL ties lm_head.weight to the embedding, as Qwen2.5-VL-3B does (311M parameters
+    # there): the checkpoint holds it under its first name only; resuming a tied model exactly is
+    # test_sft_train.test_resume_after_crash_reproduces_uninterrupted_run's.
+    policy = sharded_policy(str(tiny_dirs["tiny"]), 1, torch.device("cpu"))
+    every_name = [name for name, _ in policy.named_parameters(remove_duplicate=False)]
+    unique = {name for name, _ in policy.named_parameters()}
+    aliases = set(every_name) - unique
+    assert any(name.endswith("lm_head.weight") for name in aliases)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = save_checkpoint(tmp_path, 1, policy, optimizer, scheduler, {"step": 1, "num_drawn": 8}, 0)
+    saved = {key.removeprefix("model.") for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
+    assert unique <= saved and not aliases & saved
 
 
 @pytest.mark.usefixtures("single_thread")  # in-process training: one OpenMP thread (conftest.one_thread)
