@@ -491,7 +491,7 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
     row["na_on_trl_batch"] = check["on_trl_batch"]
     row["diff_on_trl_batch"] = abs(check["on_trl_batch"] - row["trl_first_loss"])
     row["na_on_trl_batch_grad_norm"] = check["on_trl_batch_grad_norm"]
-    if row.get("trl_first_grad_norm") is not None:
+    if row.get("trl_first_grad_norm"):  # 0 when every advantage of TRL's first batch is 0
         row["grad_norm_rel_diff"] = abs(check["on_trl_batch_grad_norm"] / row["trl_first_grad_norm"] - 1)
     if "own_batch_trl_mask" in check:
         row["na_own_trl_mask"] = check["own_batch_trl_mask"]
