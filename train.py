@@ -262,7 +262,8 @@ def train(cfg: Config) -> dict:
                 samples, num_skipped = on_every_rank(fetch, device)  # a bad sample stops every rank, at a step boundary
                 num_drawn += per_rank * world_size
                 buffer, prepared_metrics = algo.prepare(samples, run)
-                round_metrics.update(prepared_metrics, skipped_samples=num_skipped)
+                # prepare_time: seconds of the round before training (sync, data, RL rollouts + rewards + scoring)
+                round_metrics.update(prepared_metrics, skipped_samples=num_skipped, prepare_time=time.perf_counter() - t0)
             except Exception as err:  # a bad sample, a raising reward function, a dead vLLM server, ...
                 save_before_stopping(err, out_dir, resume_state(step, drawn_before_round, cfg), policy, optimizer, scheduler, rank)
                 raise

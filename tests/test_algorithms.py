@@ -162,6 +162,9 @@ def test_gspo_reward_goes_up_and_clips_off_policy_sequences(warm_model, tmp_path
     assert all(r["clip_ratio/region_mean"] > 0.3 for r in records[1:4])  # seen: 0.8-1.0
     rewards = [r["reward"] for r in rounds]
     assert went_up(rewards, 1, 1), rewards  # seen: 0.4 -> 0.85 -> 0.9
+    # the rollout share of a round's first step is logged with it; the steps that only train have none
+    assert all(0 < r["prepare_time"] < r["step_time"] for r in rounds)
+    assert not any("prepare_time" in r for i, r in enumerate(records) if i % 4)
 
 
 def test_rloo_reward_goes_up_with_kl_in_the_reward(warm_model, tmp_path):
