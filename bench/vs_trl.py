@@ -470,6 +470,7 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
                 f"{side}_step_s": median([t for r in results for t in r["step_times"][kept]]),
                 f"{side}_cpu_s": median([t for r in results for t in r["cpu_times"][kept]]),
                 f"{side}_peak_mib": median([mib(r["peak_mem_bytes"]) for r in results]),
+                f"{side}_peak_mib_per_rank": [[mib(b) for b in r.get("peak_mem_bytes_per_rank", [r["peak_mem_bytes"]])] for r in results],
                 f"{side}_setup_mib": median([mib(r["setup_rss"]) for r in results]),
                 # the last run's: the check below uses the first batch the last TRL run saved
                 f"{side}_first_loss": results[-1]["first_loss"], f"{side}_first_grad_norm": results[-1]["first_grad_norm"],
