@@ -152,7 +152,7 @@ def child_trl(spec: dict) -> None:
         gradient_accumulation_steps=spec["samples_per_step"] // spec["batch_size"], max_length=4096,
         train_sampling_strategy="sequential", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
         report_to="none", gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True,
-        disable_tqdm=True,
+        disable_tqdm=True, bf16=False,  # TRL's configs default to bf16 autocast; nanoalign's side is fp32
     )  # fmt: skip
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     steps, current = [], {"train_s": 0.0, "real_tokens": 0, "computed_tokens": 0, "micro_batches": 0, "row_lengths": []}
