@@ -147,6 +147,7 @@ def child_nanoalign(spec: dict) -> None:
             return
         lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     emit({"step_times": [m["step_time"] for m in lines], "first_loss": lines[0]["loss"], "cpu_times": marks[1:],
+          "prepare_times": [m.get("prepare_time") for m in lines],  # RL: rollouts + rewards, within step_times
           "first_grad_norm": lines[0]["grad_norm"], "setup_rss": setup.get("rss")})  # fmt: skip
 
 
@@ -475,6 +476,7 @@ def compare(algo: str, model: str, args, trl_python: str | None) -> dict:
                 # the last run's: the check below uses the first batch the last TRL run saved
                 f"{side}_first_loss": results[-1]["first_loss"], f"{side}_first_grad_norm": results[-1]["first_grad_norm"],
                 f"{side}_step_times": [r["step_times"] for r in results], f"{side}_cpu_times": [r["cpu_times"] for r in results],
+                f"{side}_prepare_times": [r.get("prepare_times") for r in results],
             })  # fmt: skip
         if not runs["trl"]:
             return row
