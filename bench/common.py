@@ -164,6 +164,18 @@ def hf_state_dict(policy) -> dict:
     return state
 
 
+def trl_training_args(output_dir: str) -> dict:
+    """The TrainingArguments every benchmark gives TRL besides its batch and step counts: a constant LR, a
+    log line every step, no checkpoints, tracker, gradient checkpointing or dataloader workers, and
+    nanoalign's precision: bf16 on a GPU, fp32 on a CPU (TRL's configs default to bf16 autocast, which
+    on a CPU with bf16 matrix instructions ran 1.9x the fp32 rate: BENCHMARKS.md section 12)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return dict(output_dir=output_dir, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                bf16=gpu, use_cpu=not gpu, gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True)  # fmt: skip
+
+
 def trl_normaliser(loss_type: str, mask, max_completion_length=None, num_items=None):
     """The grpo_loss normaliser that gives TRL's formula of `loss_type` on one micro-batch in one process
     (mask: (B, T)); None when the loss type needs an argument it was not given (tests, vs_trl.py)."""

@@ -39,9 +39,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    add_model_flags, child_spec, emit, machine_info, median, mib, model_from_args, print_table, run_child, write_json,
+    add_model_flags, child_spec, emit, machine_info, median, mib, model_from_args, print_table, run_child,
+    trl_training_args, write_json,
 )  # fmt: skip
 
+IMAGE_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}  # the processor's limits on both sides
 IMAGE_SIZES = [((112, 112), 1), ((224, 224), 3), ((336, 252), 3), ((448, 336), 2), ((448, 448), 1)]
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "shapes", "the", "image", "is", "there", "are", "sides"]
 MODES = {
@@ -50,6 +52,14 @@ MODES = {
     "padding-free": {"padding_free": True, "budget": False},
     "pf+budget": {"padding_free": True, "budget": True},
 }
+
+
+def step_clock() -> float:
+    """Seconds for the step timings: this process's CPU seconds on CPU (whatever else shares the cores),
+    wall seconds on GPU."""
+    import torch
+
+    return time.perf_counter() if torch.cuda.is_available() else time.process_time()
 
 
 def lognormal_int(rng: random.Random, median_value: float, sigma: float, low: int, high: int) -> int:
@@ -104,24 +114,22 @@ def child(spec: dict) -> None:
         logps_chunk_size=256,
     )  # fmt: skip
     processor = load_processor(spec["model_dir"])
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
+    processor.image_processor.size = IMAGE_PIXELS
     policy = build_policy(spec["model_dir"], cfg, device_mesh(world_size, device), bf16=device.type == "cuda", trainable=True)
     stop_ids, pad_id = stop_and_pad_ids(processor, policy.hf)
     run = Run(cfg, processor, policy, None, rank, world_size, device, stop_ids, pad_id)
     samples = length_mix(spec["samples_per_step"] * (spec["warmup"] + spec["steps"]), spec.get("mix", "sft"))
     steps = []
     for step in range(spec["warmup"] + spec["steps"]):
-        # CPU seconds on CPU (this process's own, whatever else shares the cores), wall seconds on GPU
-        clock = time.perf_counter if device.type == "cuda" else time.process_time
-        t0 = clock()
+        t0 = step_clock()
         micro, _ = sft.prepare(samples[step * spec["samples_per_step"] : (step + 1) * spec["samples_per_step"]], run)
-        t1 = clock()
+        t1 = step_clock()
         for m in micro:
             loss, _ = sft.loss(m, run)
             loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t2 = clock()
+        t2 = step_clock()
         policy.zero_grad(set_to_none=True)
         real = sum(int(m.batch.attention_mask.sum()) for m in micro)
         computed = real if mode["padding_free"] else sum(m.batch.input_ids.numel() for m in micro)
@@ -145,23 +153,23 @@ def child_trl(spec: dict) -> None:
     samples = length_mix(spec["samples_per_step"] * total_steps, spec.get("mix", "sft"))
     rows = [{"prompt": s["messages"][:1], "completion": s["messages"][1:], "images": s["images"]} for s in samples]
     processor = AutoProcessor.from_pretrained(spec["model_dir"])
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
+    processor.image_processor.size = IMAGE_PIXELS
     model = AutoModelForImageTextToText.from_pretrained(spec["model_dir"], dtype=torch.float32)
     args = trl.SFTConfig(
-        output_dir=spec["work"], max_steps=total_steps, per_device_train_batch_size=spec["batch_size"],
+        **trl_training_args(spec["work"]), max_steps=total_steps, per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["samples_per_step"] // spec["batch_size"], max_length=4096,
-        train_sampling_strategy="sequential", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to="none", gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True,
-        disable_tqdm=True, bf16=False,  # TRL's configs default to bf16 autocast; nanoalign's side is fp32
+        train_sampling_strategy="sequential",
     )  # fmt: skip
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     steps, current = [], {"train_s": 0.0, "real_tokens": 0, "computed_tokens": 0, "micro_batches": 0, "row_lengths": []}
     training_step = trainer.training_step
 
     def timed_training_step(model, inputs, *args, **kwargs):
-        t0 = time.process_time()
+        t0 = step_clock()
         out = training_step(model, inputs, *args, **kwargs)
-        current["train_s"] += time.process_time() - t0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        current["train_s"] += step_clock() - t0
         current["real_tokens"] += int(inputs["attention_mask"].sum())
         current["computed_tokens"] += inputs["input_ids"].numel()
         current["micro_batches"] += 1

@@ -67,7 +67,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     add_step_flags, child_spec, current_rss_bytes, emit, load_hf_model, machine_info, median, mib, model_from_args,
-    num_params, print_table, run_child, suppress_image_token_in_rollouts, trl_normaliser, write_json,
+    num_params, print_table, run_child, suppress_image_token_in_rollouts, trl_normaliser, trl_training_args, write_json,
 )  # fmt: skip
 
 ALGOS = ["sft", "dpo", "mpo", "grpo", "gspo"]
@@ -218,13 +218,10 @@ def child_trl(spec: dict) -> None:
     cfg = nanoalign_config(spec, out_dir, steps)
     processor = AutoProcessor.from_pretrained(spec["model"])
     model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=torch.float32)
-    gpu = torch.cuda.is_available()
     common = dict(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
-        learning_rate=cfg.lr, adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1], weight_decay=0.0,
-        max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to="none", bf16=gpu, gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
-        remove_unused_columns=False, use_cpu=not gpu, disable_tqdm=True,
+        **trl_training_args(out_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1, learning_rate=cfg.lr, adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1],
+        weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, remove_unused_columns=False,
     )  # fmt: skip
     if algo == "sft":
         args = trl.SFTConfig(**common, max_length=cfg.max_length, train_sampling_strategy="sequential")
@@ -352,7 +349,7 @@ def own_batch_losses(algo, policy, processor, cfg, image_size: int) -> dict:
 
     eos = policy.hf.generation_config.eos_token_id
     stop_ids = {processor.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    raw = first_samples(algo, cfg.batch_size, spec["image_size"])
+    raw = first_samples(algo, cfg.batch_size, image_size)
     samples = [prepare_sample(r, FORMATS[algo], f"sample {i}") for i, r in enumerate(raw)]
     if algo == "sft":
         convs, images, last_only = [s["messages"] for s in samples], [s["images"] for s in samples], False
