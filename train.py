@@ -236,14 +236,14 @@ def train(cfg: Config) -> dict:
     log = MetricsLog(out_dir, rank, cfg.log_every, tracker, run.tables)
     if cfg.precompute_ref_logps:  # the reference's scores, computed once, replace a second model
         run.ref_logps_table.update(reference_table(run, out_dir / "ref_logps.pt", resumed=step > 0))
+    metrics: dict = {}  # the last logged step's (step 0's evaluation until a step runs: --max-steps 0 only evaluates)
     if step == 0 and eval_data is not None:
-        first_eval = {**evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips}
-        log.log(0, first_eval, force_print=True)
+        metrics = {**evaluate(algo, run, algo_eval, accuracy_eval), **eval_skips}
+        log.log(0, metrics, force_print=True)
 
     # ---------------------------------------------------------------- the loop
     per_rank = algo.samples_per_round(cfg)
     buffer: list = []  # micro-batches prepared but not yet trained on (RL generation batches span steps)
-    metrics: dict = {}
     # Periodic checkpoints: the first step at or after each multiple of save_every that ends a round (no rollout state).
     next_save = (step // cfg.save_every + 1) * cfg.save_every if cfg.save_every else None
     progress = tqdm(total=cfg.max_steps, initial=step, desc=cfg.algo, disable=rank != 0, dynamic_ncols=True)

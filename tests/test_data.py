@@ -350,7 +350,11 @@ def test_bad_held_out_image_stops_both_ranks_naming_it(warm_model, rl_data, tmp_
     proc = torchrun(*rl_argv(warm_model, rl_data / "data_bad_eval", tmp_path, "--max-steps", "0", "--num-eval-samples", "8",
                              "--skip-bad-samples"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/skipped_samples"] == 1
+    (evaluation,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert evaluation["eval/skipped_samples"] == 1
+    # --max-steps 0 only evaluates: that evaluation is the start and the end of the summary (was "end nan")
+    accuracy = evaluation["eval/accuracy"]
+    assert f"eval accuracy: start {accuracy:.3f} -> end {accuracy:.3f}" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_bad_held_out_sft_sample_stops_both_ranks_naming_it(tmp_path):
