@@ -56,7 +56,9 @@ from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
 from nanoalign.preference import reference_table
 from nanoalign.rewards import accuracy, load_reward_funcs
 from nanoalign.rollout import InProcess
-from nanoalign.runtime import Run, agree_on_failure, all_reduce_sum, device_mesh, init_distributed, mean_over_ranks, on_every_rank
+from nanoalign.runtime import (
+    Run, agree_on_failure, all_reduce_sum, device_mesh, end_distributed, init_distributed, mean_over_ranks, on_every_rank,
+)
 from nanoalign.tiny import BUILDERS, ensure_tiny, tiny_sft_dir, tiny_sft_stages
 from nanoalign.vllm_server import VLLMServer
 
@@ -357,4 +359,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     main(sys.argv[1:])
     if dist.is_initialized():  # a colocated vLLM engine's shutdown (at the end of train()) already ended it
-        dist.destroy_process_group()
+        end_distributed()

@@ -79,7 +79,7 @@ def child(spec: dict) -> None:
     from nanoalign.config import Config
     from nanoalign.loading import export_hf
     from nanoalign.model import Policy, load_processor, shard_policy
-    from nanoalign.runtime import device_mesh, init_distributed
+    from nanoalign.runtime import device_mesh, end_distributed, init_distributed
 
     torch.set_num_threads(1)
     rank, world_size, device = init_distributed()
@@ -103,7 +103,7 @@ def child(spec: dict) -> None:
     result = {"rank": rank, "baseline": baseline, "load_peak": load_peak, "after_load": after_load, "export_peak": export_peak,
               "load_s": load_s, "export_s": export_s}  # fmt: skip
     print(RESULT_PREFIX + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def run(model: str, model_path: str, world_size: int, path: str, timeout: float) -> list[dict]:

@@ -36,6 +36,7 @@ def child(spec: dict) -> None:
     import torch.distributed as dist
 
     import train
+    from nanoalign.runtime import end_distributed
 
     argv = ["--algo", spec["algo"], "--model", spec["model"], "--out-dir", spec["out_dir"], "--max-steps", str(spec["steps"]),
             "--batch-size", str(spec["batch_size"]), "--warmup-steps", "1", "--eval-split", "", "--save-every", "0",
@@ -46,8 +47,7 @@ def child(spec: dict) -> None:
     dist.all_gather(peaks, peak)
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps({"peak_rss_bytes": [int(p.item()) for p in peaks]}))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def sync_bytes(model_dir: str, lora_rank: int) -> int:

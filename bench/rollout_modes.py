@@ -33,12 +33,14 @@ def rank_main(spec: dict) -> None:
     """One torchrun rank: train() as train.py would run it, then this rank's peak memory."""
     import torch.distributed as dist
 
+    from nanoalign.runtime import end_distributed
+
     import train
 
     train.train(train.parse_config(spec["argv"]))
     print(RESULT_PREFIX + json.dumps({"rank": int(os.environ.get("RANK", 0)), "peak_mem_bytes": peak_memory_bytes()}), flush=True)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        end_distributed()
 
 
 def tree_peak_bytes(pid: int) -> int:

@@ -40,6 +40,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def end_distributed() -> None:
+    """Every rank leaves together, then the process group ends: the last call of a torchrun script.
+
+    A rank that exits right after a collective can abort at interpreter exit ("terminate called without an
+    active exception"): gloo's worker thread still holds that collective's tensors and needs the GIL to
+    release them, which finalisation no longer gives. Waiting in the barrier hands the worker the GIL first.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def device_mesh(world_size: int, device: torch.device):
     return init_device_mesh(device.type, (world_size,))
 

@@ -81,10 +81,14 @@ def tiny_dirs(nanoalign_cache):
 
 @pytest.fixture(scope="session")
 def dist_world():
-    """The one-process gloo group train() would create (created once; train() reuses it)."""
-    from nanoalign.runtime import init_distributed
+    """The one-process gloo group train() would create (created once; train() reuses it), ended with the session."""
+    import torch.distributed as dist
 
-    return init_distributed()
+    from nanoalign.runtime import end_distributed, init_distributed
+
+    yield init_distributed()
+    if dist.is_initialized():  # a colocated vLLM engine's shutdown ends it
+        end_distributed()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nanoalign.runtime import end_distributed
 from parity_worker import parity_step, parse_spec  # tests/ is on PYTHONPATH (subprocess_env)
 
 if __name__ == "__main__":
@@ -20,5 +21,4 @@ if __name__ == "__main__":
     results = {model_dir: parity_step(model_dir, *spec) for model_dir in model_dirs}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()

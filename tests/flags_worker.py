@@ -20,7 +20,7 @@ from nanoalign.config import PRESETS  # noqa: E402
 from nanoalign.data import prepare_sample  # noqa: E402
 from nanoalign.model import build_policy, load_processor  # noqa: E402
 from nanoalign.rollout import generating, sample_completions  # noqa: E402
-from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
+from nanoalign.runtime import device_mesh, end_distributed, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 
 # Flags that change how training runs, never what the model computes: generation must not see them.
@@ -63,5 +63,4 @@ if __name__ == "__main__":
         results[name] = every_rank
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from nanoalign import lora, mpo, sft
 from nanoalign.config import PRESETS
 from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
-from nanoalign.runtime import Run, device_mesh, init_distributed, mean_over_ranks
+from nanoalign.runtime import Run, device_mesh, end_distributed, init_distributed, mean_over_ranks
 
 RANK = 4
 
@@ -73,5 +73,4 @@ if __name__ == "__main__":
     results = {algo: lora_step(model_dir, algo) for algo in algos}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()

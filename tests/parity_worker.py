@@ -23,7 +23,7 @@ from nanoalign.config import PRESETS
 from nanoalign.data import prepare_sample
 from bench.common import load_hf_model
 from nanoalign.model import Policy, load_processor, shard_policy
-from nanoalign.runtime import Run, device_mesh, init_distributed, mean_over_ranks
+from nanoalign.runtime import Run, device_mesh, end_distributed, init_distributed, mean_over_ranks
 from nanoalign.shapes import shapes_sample
 
 # Answers of clearly different lengths, so the rows (and any split of them) have different numbers
@@ -109,5 +109,4 @@ if __name__ == "__main__":
     )
     if rank == 0:
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()

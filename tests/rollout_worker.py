@@ -21,6 +21,7 @@ sys.path.insert(0, str(TESTS))  # toy_rewards
 import train as train_module  # noqa: E402
 from nanoalign.data import prepare_sample  # noqa: E402
 from nanoalign.rollout import InProcess  # noqa: E402
+from nanoalign.runtime import end_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 
 PROBE_GENERATIONS = 4
@@ -62,8 +63,7 @@ def main(model_dir: str, out_root: str) -> None:
                 "--save-every", "0", "--no-export", "--reward-funcs", "toy_rewards:shorter", "--reward-weights", "1.0",
                 *flags]  # fmt: skip
         train_module.train(train_module.parse_config(argv))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

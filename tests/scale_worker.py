@@ -22,7 +22,7 @@ from nanoalign.config import Config
 from bench.common import hf_state_dict
 from nanoalign.loading import export_hf, gather_full
 from nanoalign.model import build_policy, load_processor
-from nanoalign.runtime import Run, device_mesh, init_distributed
+from nanoalign.runtime import Run, device_mesh, end_distributed, init_distributed
 
 
 
@@ -67,8 +67,7 @@ def main(model_dir: str, out_dir: str) -> None:
     result["model_inputs"] = batch.model_inputs()
     if rank == 0:
         torch.save(result, f"{out_dir}/result.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

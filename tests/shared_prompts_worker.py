@@ -19,7 +19,7 @@ from nanoalign.data import prepare_sample
 from nanoalign.model import load_processor
 from nanoalign.rl import completion_batch
 from nanoalign.rollout import Rollout
-from nanoalign.runtime import init_distributed
+from nanoalign.runtime import end_distributed, init_distributed
 from nanoalign.shapes import shapes_sample
 from parity_worker import sharded_policy  # tests/ is on PYTHONPATH (subprocess_env)
 
@@ -49,7 +49,7 @@ def main(model_dir: str, out: str) -> None:
         result[path] = {"logps": logps.detach(), "grads": grads}
     if rank == 0:
         torch.save({"world_size": world_size, **result}, out)
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

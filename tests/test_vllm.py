@@ -26,7 +26,7 @@ from conftest import subprocess_env, torchrun  # noqa: E402
 from nanoalign.batch import image_token_ids, pack_rows  # noqa: E402
 from bench.common import load_hf_model  # noqa: E402
 from nanoalign.model import Policy, load_processor, shard_policy  # noqa: E402
-from nanoalign.runtime import device_mesh, init_distributed  # noqa: E402
+from nanoalign.runtime import device_mesh, end_distributed, init_distributed  # noqa: E402
 from nanoalign.shapes import shapes_sample  # noqa: E402
 from nanoalign.tiny import build_tiny  # noqa: E402
 from nanoalign.transfer import plan_buckets  # noqa: E402
@@ -204,7 +204,7 @@ def two_rank_trainer(rank: int, port: int, model_dir: str, url: str, results) ->
     if rank == 0:
         results.put({"before": before, "after": after, **metrics})
     sync.close()
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def test_sync_from_two_fsdp_ranks(server, model_dir):

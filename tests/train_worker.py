@@ -11,15 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py
 import train as train_module  # noqa: E402
+from nanoalign.runtime import end_distributed  # noqa: E402
 
 if __name__ == "__main__":
     train_module.plot_metrics = lambda *args: []
     train_module.save_checkpoint = lambda *args, **kwargs: None
     for argv in json.loads(Path(sys.argv[1]).read_text()):
         train_module.train(train_module.parse_config(argv))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()
