@@ -51,7 +51,7 @@ from nanoalign.checkpoint import (
 from nanoalign.config import PRESETS, Config, check_config
 from nanoalign.data import accuracy_prompts, fetch_samples, load_split, stream_indices
 from nanoalign.loading import export_hf
-from nanoalign.metrics import COUNTS, MetricsLog, Tracker, first_logged, plot_metrics, sample_table
+from nanoalign.metrics import COUNTS, MetricsLog, Tracker, logged, plot_metrics, sample_table
 from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
 from nanoalign.preference import reference_table
 from nanoalign.rewards import accuracy, load_reward_funcs
@@ -335,8 +335,8 @@ def train(cfg: Config) -> dict:
             what = f"model ({out_dir / 'final'})" if merged else f"adapter ({out_dir / 'adapter'})"
             print(f"exported {what}{checked}", flush=True)
     if rank == 0:
-        if (first_eval_accuracy := first_logged(out_dir, "eval/accuracy")) is not None:  # 0.0 is a start too
-            print(f"eval accuracy: start {first_eval_accuracy:.3f} -> end {metrics.get('eval/accuracy', float('nan')):.3f}")
+        if accuracies := logged(out_dir, "eval/accuracy"):  # from the file: a run resumed at its last step evaluates nothing
+            print(f"eval accuracy: start {accuracies[0]:.3f} -> end {accuracies[-1]:.3f}")
         plotted = plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(f"plots of {', '.join(plotted)} -> {out_dir / 'curves.png'}", flush=True)
     log.close()

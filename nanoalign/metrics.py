@@ -126,9 +126,7 @@ def plot_metrics(jsonl_path, png_path) -> list[str]:
     return keys
 
 
-def first_logged(out_dir: Path, key: str) -> float | None:
-    """The first logged value of `key` in this run's metrics.jsonl."""
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        if (value := json.loads(line).get(key)) is not None:
-            return value
-    return None
+def logged(out_dir: Path, key: str) -> list[float]:
+    """Every logged value of `key` in this run's metrics.jsonl, in step order (a resumed run's too)."""
+    records = (json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines())
+    return [record[key] for record in records if record.get(key) is not None]

@@ -150,7 +150,11 @@ def test_summary_line_reports_a_start_accuracy_of_zero(tmp_path, tiny_dirs, caps
     argv = flags(tmp_path, **{"max-steps": 1, "save-every": 0, "eval-split": "eval", "num-eval-samples": 4, "no-export": None})
     metrics = train_module.train(train_module.parse_config(argv))
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/accuracy"] == 0.0
-    assert f"eval accuracy: start 0.000 -> end {metrics['eval/accuracy']:.3f}" in capsys.readouterr().out
+    summary = f"eval accuracy: start 0.000 -> end {metrics['eval/accuracy']:.3f}"
+    assert summary in capsys.readouterr().out
+    # Resumed at its last step, a run evaluates nothing: the summary reads the logged evaluations (was "end nan").
+    assert train_module.train(train_module.parse_config(argv)) == {}
+    assert summary in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # a half-written one may be rewritten
