@@ -143,8 +143,10 @@ class VLLMColocate:
         return num_bytes, error
 
     def close(self) -> None:
-        """Shut the engine down, last: it also destroys the default process group (vLLM's EngineCore.shutdown)."""
+        """Shut the engine down, last: it also destroys the default process group (vLLM's EngineCore.shutdown),
+        so every rank waits at a barrier first, as runtime.end_distributed does (its docstring says why)."""
         if self.llm is not None:
+            dist.barrier()
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
