@@ -492,7 +492,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from nanoalign.runtime import device_mesh, init_distributed
+    from nanoalign.runtime import device_mesh, end_distributed, init_distributed
 
     _, world_size, device = init_distributed()
     ctx = types.SimpleNamespace(args=args, device=device, mesh=device_mesh(world_size, device), peak=float("nan"))
@@ -530,6 +530,7 @@ def main() -> None:
         shown = {k: v for k, v in results[name].items() if k not in ("pass", "threshold")}
         print(f"{verdict} {name}: {json.dumps(shown)} | threshold: {results[name].get('threshold', '-')}", flush=True)
         write_json(args.out, {"machine": machine_info(), "notes": notes, "cpu_variant": cpu, "budget_s": budget, "results": results})
+    end_distributed()
     if any(r["pass"] is False for r in results.values()):
         sys.exit(1)
 

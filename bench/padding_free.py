@@ -103,7 +103,7 @@ def child(spec: dict) -> None:
     from nanoalign import sft
     from nanoalign.config import PRESETS
     from nanoalign.model import build_policy, load_processor, stop_and_pad_ids
-    from nanoalign.runtime import Run, device_mesh, init_distributed
+    from nanoalign.runtime import Run, device_mesh, end_distributed, init_distributed
 
     torch.set_num_threads(spec["threads"])
     rank, world_size, device = init_distributed()
@@ -137,6 +137,7 @@ def child(spec: dict) -> None:
             steps.append({"encode_s": t1 - t0, "train_s": t2 - t1, "real_tokens": real, "computed_tokens": computed,
                           "micro_batches": len(micro), "row_lengths": [n for m in micro for n in m.batch.attention_mask.sum(1).tolist()]})  # fmt: skip
     emit({"steps": steps, "machine": machine_info()})
+    end_distributed()
 
 
 def child_trl(spec: dict) -> None:
