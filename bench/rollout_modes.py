@@ -33,9 +33,8 @@ def rank_main(spec: dict) -> None:
     """One torchrun rank: train() as train.py would run it, then this rank's peak memory."""
     import torch.distributed as dist
 
-    from nanoalign.runtime import end_distributed
-
     import train
+    from nanoalign.runtime import end_distributed
 
     train.train(train.parse_config(spec["argv"]))
     print(RESULT_PREFIX + json.dumps({"rank": int(os.environ.get("RANK", 0)), "peak_mem_bytes": peak_memory_bytes()}), flush=True)

@@ -128,5 +128,4 @@ def plot_metrics(jsonl_path, png_path) -> list[str]:
 
 def logged(out_dir: Path, key: str) -> list[float]:
     """Every logged value of `key` in this run's metrics.jsonl, in step order (a resumed run's too)."""
-    records = (json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines())
-    return [record[key] for record in records if record.get(key) is not None]
+    return [record[key] for record in read_metrics(out_dir / "metrics.jsonl") if record.get(key) is not None]
